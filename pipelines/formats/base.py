@@ -1,0 +1,106 @@
+"""The writer base class every shard format shares.
+
+A writer owns one shard: it writes under temporary names and only `close()` renames the files to
+their final names, so a killed conversion never leaves a half-written shard that looks finished.
+Byte-identical output for identical input is part of the contract (the converter's determinism
+and resume tests compare files), so writers must not embed times, hostnames or random ids.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+from pipelines.schema import Sample
+
+TMP_SUFFIX = ".tmp"
+
+
+def shard_stem(index: int) -> str:
+    return f"{index:06d}"
+
+
+@dataclass
+class ShardFiles:
+    """What one closed shard left on disk: file name -> (bytes, sha256)."""
+
+    stem: str
+    samples: int
+    files: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def bytes(self) -> int:
+        return sum(f["bytes"] for f in self.files.values())
+
+
+def file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class ShardWriter(ABC):
+    """Write the samples of one shard. Subclasses set `suffixes` (first = the data file)."""
+
+    format: str = ""
+    suffixes: tuple[str, ...] = ()
+
+    def __init__(self, folder: str, index: int, with_tokens: bool = False):
+        self.folder = folder
+        self.stem = shard_stem(index)
+        self.with_tokens = with_tokens
+        self.count = 0
+        os.makedirs(folder, exist_ok=True)
+
+    def path(self, suffix: str, tmp: bool = False) -> str:
+        return os.path.join(self.folder, f"{self.stem}{suffix}" + (TMP_SUFFIX if tmp else ""))
+
+    def write(self, sample: Sample) -> None:
+        if self.with_tokens and sample.tokens is None:
+            raise ValueError(f"{self.path(self.suffixes[0])}: sample {sample.key} has no tokens "
+                             "but the shard was opened with tokens")
+        self._write(sample)
+        self.count += 1
+
+    @abstractmethod
+    def _write(self, sample: Sample) -> None: ...
+
+    @abstractmethod
+    def _finish(self) -> None:
+        """Flush and close the temporary files."""
+
+    def close(self) -> ShardFiles:
+        """Finish the shard and move it to its final names. An empty shard leaves no files."""
+        self._finish()
+        out = ShardFiles(self.stem, self.count)
+        for suffix in self.suffixes:
+            tmp = self.path(suffix, tmp=True)
+            if self.count == 0:
+                os.remove(tmp)
+                continue
+            # Data file last: a reader that sees the data file also finds its index.
+            final = self.path(suffix)
+            out.files[os.path.basename(final)] = {"bytes": os.path.getsize(tmp), "sha256": file_digest(tmp)}
+        if self.count:
+            for suffix in self.suffixes[1:] + self.suffixes[:1]:
+                os.replace(self.path(suffix, tmp=True), self.path(suffix))
+        return out
+
+    def abort(self) -> None:
+        try:
+            self._finish()
+        except Exception:  # noqa: BLE001 - aborting after an error; the original error matters
+            pass
+        for suffix in self.suffixes:
+            if os.path.exists(self.path(suffix, tmp=True)):
+                os.remove(self.path(suffix, tmp=True))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()

@@ -1,0 +1,140 @@
+"""MXNet RecordIO shards (`NNNNNN.rec` + `NNNNNN.idx`) in ALIP's layout, plus a JSONL text sidecar.
+
+Byte-compatible with `mxnet.recordio.MXIndexedRecordIO` and DALI's `fn.readers.mxnet`:
+record  = magic 0xced7230a (uint32 LE) | lrecord (uint32: upper 3 bits continuation flag,
+          lower 29 bits payload length) | payload | zero padding to a multiple of 4 bytes
+payload = IRHeader struct('IfQQ') (flag = label count, label, id, id2) | float32[flag] | image
+ALIP stores 154 token ids (77 raw + 77 synthetic) as the float32 label; ids < 2^24 are exact.
+The per-shard `.idx` has one `id\\toffset` line per record (what MXIndexedRecordIO reads);
+`all.idx` indexes every shard at once for DALI (see `combined_index_lines`). Strings the label
+cannot hold (key, raw text, synthetic captions, meta) go to `NNNNNN.jsonl`, one line per record,
+keyed by the same id.
+mxnet itself is retired (it pins numpy<1.24), so the format is written here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Iterator
+
+import numpy as np
+
+from pipelines.formats.base import ShardWriter
+from pipelines.schema import CONTEXT_LENGTH, TOKENS_PER_SAMPLE, Sample
+
+MAGIC = 0xCED7230A
+_IR_HEADER = struct.Struct("IfQQ")
+_LENGTH_MASK = (1 << 29) - 1
+_FLOAT_EXACT = 1 << 24
+
+
+def pack_record(record_id: int, tokens: np.ndarray, image: bytes) -> bytes:
+    """One framed record: header, 154 float32 token ids, image bytes, padding."""
+    label = np.asarray(tokens, dtype=np.int64).reshape(-1)
+    if label.size != TOKENS_PER_SAMPLE or label.min() < 0 or label.max() >= _FLOAT_EXACT:
+        raise ValueError(f"record {record_id}: expected {TOKENS_PER_SAMPLE} token ids in [0, 2^24)")
+    payload = _IR_HEADER.pack(label.size, 0.0, record_id, 0) + label.astype("<f4").tobytes() + image
+    if len(payload) > _LENGTH_MASK:
+        raise ValueError(f"record {record_id}: {len(payload)} bytes exceeds RecordIO's 2^29 limit")
+    pad = -len(payload) % 4
+    return struct.pack("<II", MAGIC, len(payload)) + payload + b"\0" * pad
+
+
+def unpack_payload(payload: bytes) -> tuple[int, np.ndarray, bytes]:
+    """(id, label float32 array, image bytes) of one record payload."""
+    flag, label, record_id, _ = _IR_HEADER.unpack_from(payload)
+    start = _IR_HEADER.size
+    if flag == 0:
+        return record_id, np.array([label], np.float32), payload[start:]
+    end = start + 4 * flag
+    return record_id, np.frombuffer(payload[start:end], "<f4"), payload[end:]
+
+
+class RecordIOWriter(ShardWriter):
+    format = "rec"
+    suffixes = (".rec", ".idx", ".jsonl")
+
+    def __init__(self, folder: str, index: int, with_tokens: bool = True, id_base: int = 0):
+        """`id_base`: first record id of this shard, so ids stay unique across a dataset's shards."""
+        if not with_tokens:
+            raise ValueError("RecordIO shards carry token ids as their label: tokenize to write them")
+        super().__init__(folder, index, with_tokens)
+        self.id_base = id_base
+        self._rec = open(self.path(".rec", tmp=True), "wb")
+        self._idx = open(self.path(".idx", tmp=True), "w")
+        self._txt = open(self.path(".jsonl", tmp=True), "w", encoding="utf-8")
+
+    def _write(self, sample: Sample) -> None:
+        record_id = self.id_base + self.count
+        self._idx.write(f"{record_id}\t{self._rec.tell()}\n")
+        self._rec.write(pack_record(record_id, sample.tokens, sample.image))
+        row = {"id": record_id, "key": sample.key, "txt": sample.txt, "syn": sample.syn, "meta": sample.meta}
+        self._txt.write(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n")
+
+    def _finish(self) -> None:
+        for f in (self._rec, self._idx, self._txt):
+            f.close()
+
+
+def read_index(idx_path: str) -> list[tuple[int, int]]:
+    """(id, offset) per record, in file order."""
+    with open(idx_path) as f:
+        return [(int(a), int(b)) for a, b in (line.split("\t") for line in f if line.strip())]
+
+
+def read_record(f, offset: int) -> bytes:
+    """The payload of the record at `offset` of an open .rec file."""
+    f.seek(offset)
+    head = f.read(8)
+    if len(head) < 8:
+        raise ValueError(f"{f.name}: record at offset {offset} is truncated")
+    magic, lrecord = struct.unpack("<II", head)
+    if magic != MAGIC:
+        raise ValueError(f"{f.name}: bad RecordIO magic at offset {offset}")
+    if lrecord >> 29:
+        raise ValueError(f"{f.name}: multi-part record at offset {offset} is not supported")
+    payload = f.read(lrecord & _LENGTH_MASK)
+    if len(payload) != lrecord & _LENGTH_MASK:
+        raise ValueError(f"{f.name}: record at offset {offset} is truncated")
+    return payload
+
+
+def iter_samples(rec_path: str) -> Iterator[Sample]:
+    """Read a shard back through its index and text sidecar (paths derived from `rec_path`)."""
+    stem = rec_path[: -len(".rec")]
+    index = read_index(stem + ".idx")
+    with open(stem + ".jsonl", encoding="utf-8") as f:
+        texts = {row["id"]: row for row in map(json.loads, f)}
+    with open(rec_path, "rb") as f:
+        for record_id, offset in index:
+            rid, label, image = unpack_payload(read_record(f, offset))
+            if rid != record_id:
+                raise ValueError(f"{rec_path}: index says id {record_id} at {offset}, record says {rid}")
+            row = texts[rid]
+            yield Sample(
+                key=row["key"], image=image, txt=row["txt"], syn=row["syn"], meta=row["meta"],
+                tokens=label.astype(np.int32).reshape(2, CONTEXT_LENGTH),
+                image_ext=row["meta"].get("image_format", "jpg"),
+            )
+
+
+COMBINED_INDEX = "all.idx"
+
+
+def combined_index_lines(folder: str, rec_names: list[str]) -> list[str]:
+    """Index over the concatenation of `rec_names`: DALI's `fn.readers.mxnet` takes many .rec
+    files but one index whose offsets run across all of them, in the order given."""
+    lines, base = [], 0
+    for name in rec_names:
+        path = f"{folder}/{name}"
+        lines += [f"{rid}\t{base + off}\n" for rid, off in read_index(path[: -len('.rec')] + ".idx")]
+        base += os.path.getsize(path)
+    return lines
+
+
+def write_combined_index(folder: str, rec_names: list[str]) -> str:
+    path = f"{folder}/{COMBINED_INDEX}"
+    with open(path, "w") as f:
+        f.writelines(combined_index_lines(folder, rec_names))
+    return path

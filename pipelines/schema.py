@@ -1,0 +1,46 @@
+"""The sample contract shared by the converter (writers) and the loaders (readers).
+
+See DESIGN.md section 3. A `Sample` is what every shard format stores; each format module in
+`pipelines/formats/` writes and reads exactly these fields.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+CONTEXT_LENGTH = 77
+# ALIP's RecordIO label: raw tokens followed by synthetic-caption tokens.
+TOKENS_PER_SAMPLE = 2 * CONTEXT_LENGTH
+
+IMAGE_EXTS = ("jpg", "png", "webp")
+
+
+@dataclass
+class Sample:
+    """One image-text pair as stored in a shard.
+
+    key:    unique, filesystem- and webdataset-safe (no dots, no slashes).
+    image:  encoded image bytes; `image_ext` names their format (jpg unless passed through).
+    txt:    raw/alt text, ftfy-fixed and whitespace-normalized.
+    syn:    synthetic captions, possibly empty.
+    meta:   JSON-serializable source metadata (source id, original width/height, url, license).
+    tokens: optional int32 [2, 77]: CLIP BPE ids of (txt, first synthetic caption or txt if none).
+    """
+
+    key: str
+    image: bytes
+    txt: str
+    syn: list[str] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+    tokens: np.ndarray | None = None
+    image_ext: str = "jpg"
+
+    def __post_init__(self):
+        if not self.key or any(c in self.key for c in "./\\ \n"):
+            raise ValueError(f"sample key {self.key!r} must be non-empty and free of '.', '/', spaces")
+        if self.image_ext not in IMAGE_EXTS:
+            raise ValueError(f"sample {self.key}: image_ext {self.image_ext!r} not in {IMAGE_EXTS}")
+        if self.tokens is not None:
+            self.tokens = np.asarray(self.tokens, dtype=np.int32).reshape(2, CONTEXT_LENGTH)

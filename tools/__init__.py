@@ -1,0 +1,1 @@
+"""Offline tools: conversion to shards, verification, synthetic data and benchmarks."""

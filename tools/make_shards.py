@@ -1,0 +1,297 @@
+"""make-shards: convert an image-caption dataset into WebDataset, Arrow and/or RecordIO shards.
+
+    make-shards --source coco --input captions_train2017.json --format wds,arrow,rec --out shards/coco
+
+The input is listed by a source adapter (tools/sources/), expanded into samples (one per caption
+or one per image), cut into fixed slices of --samples-per-shard input samples, and each slice is
+converted by a worker process into every requested format at once (tools/shard_worker.py).
+Output: `OUT/<format>/` holding the shards, `manifest.json`, `stats.json` (and `sizes.json` for
+wds) and `.parts/` (the plan and per-shard completion records that --resume trusts).
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import itertools
+import json
+import multiprocessing as mp
+import os
+import random
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, fields
+from typing import Iterator
+
+from tqdm import tqdm
+
+from pipelines.formats import recordio
+from pipelines.formats.base import TMP_SUFFIX
+from pipelines.formats.registry import FORMATS
+from pipelines.schema import SCHEMA_VERSION
+from pipelines.text import TOKENIZER_NAME, clean_text
+from tools.caption import CaptionSidecar, load_sidecar
+from tools.image_policy import DEFAULT_MAX_PIXELS, ImagePolicy
+from tools.shard_worker import PARTS_DIR, ShardJob, WorkItem, convert_shard, shard_is_complete
+from tools.sources import SOURCES, get_source
+from tools.sources.base import SourceError, SourceOptions, SourceRecord
+
+TOOL_VERSION = "0.1.0"
+PLAN_FILE = "plan.json"
+
+
+class UsageError(Exception):
+    """A bad invocation: one line naming the problem and the fix, exit code 2."""
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    """Every argument that decides the shards' bytes; saved as the plan that --resume must match."""
+
+    source: str
+    input: str
+    formats: tuple[str, ...]
+    images_root: str | None = None
+    synthetic_captions: str | None = None
+    samples_per_shard: int = 10_000
+    resize: int | None = None
+    quality: int = 95
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    tokenize: bool = False
+    captions_per_image: str = "all"
+    keep_uncaptioned: bool = False
+    seed: int = 0
+    image_column: str | None = None
+    caption_column: str | None = None
+    yfcc_caption: str = "title+description"
+    split: str | None = None
+
+    def policy(self) -> ImagePolicy:
+        return ImagePolicy(self.resize, self.quality, self.max_pixels)
+
+    def source_options(self) -> SourceOptions:
+        return SourceOptions(images_root=self.images_root, image_column=self.image_column,
+                             caption_column=self.caption_column, yfcc_caption=self.yfcc_caption,
+                             split=self.split)
+
+
+def expand(records: Iterator[SourceRecord], cfg: ConvertConfig,
+           sidecar: CaptionSidecar | None) -> Iterator[WorkItem]:
+    """Records (one per image) → work items (one per sample), numbered in input order."""
+    index = itertools.count()
+    for rec in records:
+        captions = [c for c in (clean_text(c) for c in rec.captions) if c]
+        syn = [c for c in (clean_text(c) for c in sidecar.lookup(rec)) if c] if sidecar else []
+        if not captions:
+            yield WorkItem(next(index), rec, None, syn)
+        elif cfg.captions_per_image == "all":
+            for c in captions:
+                yield WorkItem(next(index), rec, c, syn)
+        else:
+            i = 0 if cfg.captions_per_image == "first" else \
+                random.Random(f"{cfg.seed}:{rec.source_key}").randrange(len(captions))
+            yield WorkItem(next(index), rec, captions[i], syn, captions[:i] + captions[i + 1:])
+
+
+def chunks(items: Iterator[WorkItem], size: int) -> Iterator[list[WorkItem]]:
+    while chunk := list(itertools.islice(items, size)):
+        yield chunk
+
+
+def prepare_output(out: str, cfg: ConvertConfig, resume: bool, overwrite: bool) -> None:
+    """Check each format folder against the plan it was written with; clear leftovers of a kill."""
+    plan = json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k != "formats"}))
+    for fmt in cfg.formats:
+        folder = os.path.join(out, fmt)
+        plan_path = os.path.join(folder, PARTS_DIR, PLAN_FILE)
+        if os.path.isdir(folder) and os.listdir(folder):
+            if overwrite:
+                shutil.rmtree(folder)
+            elif not os.path.exists(plan_path):
+                raise UsageError(f"{folder} already holds files that make-shards did not write; "
+                                 "choose another --out or pass --overwrite")
+            else:
+                with open(plan_path) as f:
+                    previous = json.load(f)
+                if previous != plan:
+                    diff = sorted(k for k in plan if plan[k] != previous.get(k))
+                    raise UsageError(f"{folder} holds another conversion (differs in {', '.join(diff)}); "
+                                     "pass --overwrite to replace it or choose another --out")
+                if not resume:
+                    raise UsageError(f"{folder} already holds this conversion; pass --resume to finish "
+                                     "it or --overwrite to redo it")
+        os.makedirs(os.path.join(folder, PARTS_DIR), exist_ok=True)
+        for name in os.listdir(folder):
+            if name.endswith(TMP_SUFFIX):
+                os.remove(os.path.join(folder, name))
+        with open(plan_path, "w") as f:
+            json.dump(plan, f, indent=1, sort_keys=True)
+
+
+def run(cfg: ConvertConfig, out: str, workers: int, resume: bool = False, overwrite: bool = False,
+        progress: bool = True) -> dict:
+    """Convert; return the stats. Raises UsageError / SourceError on bad input."""
+    prepare_output(out, cfg, resume, overwrite)
+    sidecar = load_sidecar(cfg.synthetic_captions) if cfg.synthetic_captions else None
+    job = ShardJob(out=out, formats=cfg.formats, policy=cfg.policy(), tokenize=cfg.tokenize,
+                   keep_uncaptioned=cfg.keep_uncaptioned, source=cfg.source)
+    records = get_source(cfg.source)(cfg.input, cfg.source_options())
+    plan = enumerate(chunks(expand(records, cfg, sidecar), cfg.samples_per_shard))
+    results: dict[int, dict] = {}
+    start = time.perf_counter()
+    bar = tqdm(desc=f"make-shards → {out}", unit=" samples", disable=not progress, smoothing=0.1)
+
+    def done(record: dict) -> None:
+        results[int(record["shard"])] = record
+        bar.update(record["read"])
+        bar.set_postfix(written=sum(r["written"] for r in results.values()), refresh=False)
+
+    reused = 0
+    if workers <= 1:
+        for shard, items in plan:
+            existing = shard_is_complete(out, cfg.formats, shard) if resume else None
+            reused += existing is not None
+            done(existing or convert_shard(shard, items, job))
+    else:
+        # fork: workers inherit the imported modules; the main process never imports torch.
+        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+            pending: set[cf.Future] = set()
+            for shard, items in plan:
+                if resume and (existing := shard_is_complete(out, cfg.formats, shard)):
+                    reused += 1
+                    done(existing)
+                    continue
+                pending.add(pool.submit(convert_shard, shard, items, job))
+                if len(pending) >= 2 * workers:  # bound the items held in memory
+                    finished, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                    for fut in finished:
+                        done(fut.result())
+            for fut in cf.as_completed(pending):
+                done(fut.result())
+    bar.close()
+    elapsed = time.perf_counter() - start
+    return finalize(out, cfg, [results[k] for k in sorted(results)], elapsed, reused)
+
+
+def finalize(out: str, cfg: ConvertConfig, parts: list[dict], elapsed: float, reused: int) -> dict:
+    skipped: Counter = Counter()
+    examples: dict[str, str] = {}
+    for p in parts:
+        skipped.update(p["skipped"])
+        for reason, ex in p["examples"].items():
+            examples.setdefault(reason, ex)
+    read, written = sum(p["read"] for p in parts), sum(p["written"] for p in parts)
+    stats = {
+        "read": read, "written": written, "skipped": sum(skipped.values()),
+        "skipped_by_reason": dict(sorted(skipped.items())), "skip_examples": examples,
+        "with_synthetic_caption": sum(p["with_syn"] for p in parts),
+        "shards": sum(1 for p in parts if p["written"]), "shards_reused": reused,
+        "seconds": round(elapsed, 3), "samples_per_second": round(read / elapsed, 1) if elapsed else None,
+    }
+    if read != written + stats["skipped"]:
+        raise RuntimeError(f"{out}: read {read} != written {written} + skipped {stats['skipped']}")
+    for fmt in cfg.formats:
+        shards = sorted(({"name": name, "samples": p["files"][fmt]["samples"], **info}
+                         for p in parts for name, info in p["files"][fmt]["files"].items()),
+                        key=lambda f: f["name"])
+        manifest = {
+            "format": fmt, "schema_version": SCHEMA_VERSION, "tool": "make-shards",
+            "tool_version": TOOL_VERSION, "samples": written,
+            "tokenizer": TOKENIZER_NAME if (cfg.tokenize or fmt == "rec") else None,
+            "image_policy": cfg.policy().as_dict(), "source": {"name": cfg.source, "input": cfg.input},
+            "arguments": asdict(cfg), "files": shards,
+        }
+        folder = os.path.join(out, fmt)
+        if fmt == "rec":
+            rec_names = [f["name"] for f in shards if f["name"].endswith(".rec")]
+            manifest["dali_index"] = os.path.basename(recordio.write_combined_index(folder, rec_names))
+        _write_json(os.path.join(folder, "manifest.json"), manifest)
+        _write_json(os.path.join(folder, "stats.json"), stats)
+        if fmt == "wds":
+            sizes = {f["name"]: f["samples"] for f in shards if f["name"].endswith(".tar")}
+            _write_json(os.path.join(folder, "sizes.json"), sizes)
+    return stats
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not a usage dump
+        raise UsageError(f"{message} (see make-shards --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="make-shards", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--source", required=True, choices=sorted(SOURCES))
+    p.add_argument("--input", required=True, help="dataset file or folder, as the source expects")
+    p.add_argument("--images-root", help="folder the input's image paths are relative to")
+    p.add_argument("--synthetic-captions", help="JSONL/TSV sidecar of synthetic captions")
+    p.add_argument("--format", default="wds", help="comma-separated: wds, arrow, rec")
+    p.add_argument("--out", required=True, help="output folder; one subfolder per format")
+    p.add_argument("--samples-per-shard", type=int, default=10_000)
+    p.add_argument("--resize", type=int, metavar="SHORT_SIDE", help="shorter side; never upscales")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="skip larger images")
+    p.add_argument("--tokenize", action="store_true", help="store CLIP BPE tokens (rec always does)")
+    p.add_argument("--captions-per-image", choices=("all", "first", "random"), default="all",
+                   help="all: one sample per caption; first/random: one per image, rest in meta")
+    p.add_argument("--keep-uncaptioned", action="store_true", help="keep caption-less images, empty text")
+    p.add_argument("--image-column", help="table source: the image path column")
+    p.add_argument("--caption-column", help="table source: the caption column")
+    p.add_argument("--yfcc-caption", default="title+description",
+                   choices=("title", "description", "tags", "title+description", "all"))
+    p.add_argument("--split", help="Karpathy JSON inputs: keep only this split")
+    p.add_argument("--seed", type=int, default=0, help="seed of --captions-per-image random")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--resume", action="store_true", help="keep finished shards, redo the rest")
+    p.add_argument("--overwrite", action="store_true", help="replace whatever --out holds")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ConvertConfig:
+    formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise UsageError(f"unknown --format {','.join(unknown) or args.format!r}; "
+                         f"use a comma-separated subset of {','.join(FORMATS)}")
+    if not os.path.exists(args.input):
+        raise UsageError(f"--input {args.input} does not exist; pass the dataset's file or folder")
+    if args.images_root and not os.path.isdir(args.images_root):
+        raise UsageError(f"--images-root {args.images_root} is not a folder")
+    if args.synthetic_captions and not os.path.isfile(args.synthetic_captions):
+        raise UsageError(f"--synthetic-captions {args.synthetic_captions} does not exist")
+    if args.samples_per_shard < 1 or (args.resize is not None and args.resize < 1):
+        raise UsageError("--samples-per-shard and --resize must be positive")
+    if not 1 <= args.quality <= 100:
+        raise UsageError("--quality must be within 1..100")
+    values = {f.name: getattr(args, f.name) for f in fields(ConvertConfig) if hasattr(args, f.name)}
+    values.update(formats=formats, input=os.path.abspath(args.input),
+                  images_root=args.images_root and os.path.abspath(args.images_root),
+                  synthetic_captions=args.synthetic_captions and os.path.abspath(args.synthetic_captions))
+    return ConvertConfig(**values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        cfg = config_from_args(args)
+        stats = run(cfg, args.out, args.workers, args.resume, args.overwrite, progress=not args.quiet)
+    except (UsageError, SourceError, FileNotFoundError) as e:
+        print(f"make-shards: error: {e}", file=sys.stderr)
+        return 2
+    reasons = ", ".join(f"{k} {v}" for k, v in stats["skipped_by_reason"].items()) or "none"
+    print(f"make-shards: read {stats['read']}, written {stats['written']}, skipped {stats['skipped']} "
+          f"({reasons}); {stats['with_synthetic_caption']} with synthetic captions; "
+          f"{stats['samples_per_second']} samples/s → {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

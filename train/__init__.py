@@ -1,0 +1,1 @@
+"""The trainer: model, losses, distributed loop, checkpoints and evaluation."""
