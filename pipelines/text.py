@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
+import os
 import re
+import sys
 
 import ftfy
 import numpy as np
@@ -20,10 +23,23 @@ def clean_text(text: str) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _tokenizer():
-    # Imported lazily: open_clip pulls in torch, which conversion without tokens never needs.
-    from open_clip.tokenizer import SimpleTokenizer
-
+    """open_clip's own SimpleTokenizer, loaded without `open_clip/__init__`: that imports every
+    model (torchvision, dynamo; ~4 s per process) where the tokenizer needs only its module."""
+    if "open_clip" in sys.modules:
+        from open_clip.tokenizer import SimpleTokenizer
+    else:
+        spec = importlib.util.find_spec("open_clip")
+        path = os.path.join(spec.submodule_search_locations[0], "tokenizer.py")
+        module_spec = importlib.util.spec_from_file_location("_open_clip_tokenizer", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        SimpleTokenizer = module.SimpleTokenizer
     return SimpleTokenizer(context_length=CONTEXT_LENGTH)
+
+
+def load_tokenizer() -> None:
+    """Load the tokenizer now (e.g. before forking workers, so they share it)."""
+    _tokenizer()
 
 
 def tokenize(texts: list[str]) -> np.ndarray:

@@ -30,7 +30,7 @@ from pipelines.formats import recordio
 from pipelines.formats.base import TMP_SUFFIX
 from pipelines.formats.registry import FORMATS
 from pipelines.schema import SCHEMA_VERSION
-from pipelines.text import TOKENIZER_NAME, clean_text
+from pipelines.text import TOKENIZER_NAME, clean_text, load_tokenizer
 from tools.caption import CaptionSidecar, load_sidecar
 from tools.image_policy import DEFAULT_MAX_PIXELS, ImagePolicy
 from tools.shard_worker import PARTS_DIR, ShardJob, WorkItem, convert_shard, shard_is_complete
@@ -154,7 +154,9 @@ def run(cfg: ConvertConfig, out: str, workers: int, resume: bool = False, overwr
             reused += existing is not None
             done(existing or convert_shard(shard, items, job))
     else:
-        # fork: workers inherit the imported modules; the main process never imports torch.
+        if cfg.tokenize or "rec" in cfg.formats:
+            load_tokenizer()  # once, before the fork, instead of once per worker
+        # fork: workers inherit what the main process has loaded.
         with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
             pending: set[cf.Future] = set()
             for shard, items in plan:
