@@ -44,3 +44,25 @@ class Sample:
             raise ValueError(f"sample {self.key}: image_ext {self.image_ext!r} not in {IMAGE_EXTS}")
         if self.tokens is not None:
             self.tokens = np.asarray(self.tokens, dtype=np.int32).reshape(2, CONTEXT_LENGTH)
+
+
+@dataclass
+class Batch:
+    """What every loader yields (DESIGN.md section 5), whatever its backend and format.
+
+    images:     float32 [B, 3, H, W], normalized with the CLIP mean/std, on the loader's device.
+    raw_tokens: int64 [B, 77], CLIP BPE of the raw text.
+    syn_tokens: int64 [B, 77], of one synthetic caption chosen per epoch, or of the raw text
+                when the sample has none.
+    has_syn:    bool [B], False where syn_tokens fell back to the raw text.
+    keys:       the samples' keys, in batch order.
+    """
+
+    images: "torch.Tensor"  # noqa: F821 - torch stays out of the converter's imports
+    raw_tokens: "torch.Tensor"  # noqa: F821
+    syn_tokens: "torch.Tensor"  # noqa: F821
+    has_syn: "torch.Tensor"  # noqa: F821
+    keys: list[str]
+
+    def __len__(self) -> int:
+        return len(self.keys)

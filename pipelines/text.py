@@ -45,3 +45,37 @@ def load_tokenizer() -> None:
 def tokenize(texts: list[str]) -> np.ndarray:
     """int32 [len(texts), 77] CLIP BPE ids, exactly as `open_clip.tokenize` produces them."""
     return _tokenizer()(list(texts)).numpy().astype(np.int32)
+
+
+def choose_caption(n_syn: int, seed: int, epoch: int, gid: int) -> int:
+    """Which synthetic caption sample `gid` uses this epoch: the same in every backend and worker."""
+    from pipelines.sampling import mix
+
+    return mix(seed, epoch, gid) % n_syn if n_syn > 1 else 0
+
+
+def sample_tokens(samples, gids, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(raw int64 [B,77], syn int64 [B,77], has_syn bool [B]) for Samples, using their stored
+    tokens where they cover the chosen caption and tokenizing the rest in one call."""
+    n = len(samples)
+    raw = np.zeros((n, CONTEXT_LENGTH), np.int64)
+    syn = np.zeros((n, CONTEXT_LENGTH), np.int64)
+    has_syn = np.zeros(n, bool)
+    todo, slots = [], []
+    for i, (s, gid) in enumerate(zip(samples, gids)):
+        has_syn[i] = bool(s.syn)
+        choice = choose_caption(len(s.syn), seed, epoch, int(gid))
+        if s.tokens is not None:
+            raw[i] = s.tokens[0]
+        else:
+            todo.append(s.txt)
+            slots.append((raw, i))
+        if s.tokens is not None and choice == 0:
+            syn[i] = s.tokens[1] if s.syn else s.tokens[0]
+        else:
+            todo.append(s.syn[choice] if s.syn else s.txt)
+            slots.append((syn, i))
+    if todo:
+        for (array, i), tok in zip(slots, tokenize(todo)):
+            array[i] = tok
+    return raw, syn, has_syn

@@ -92,3 +92,24 @@ def iter_samples(path: str) -> Iterator[Sample]:
     table = open_table(path)
     for i in range(table.num_rows):
         yield row_to_sample(table, i)
+
+
+class ArrowShard:
+    """Random access to one memory-mapped IPC file; opened lazily in each worker process."""
+
+    def __init__(self, path: str):
+        self.path = path
+        with pa.memory_map(path, "r") as source:
+            self._len = pa.ipc.open_file(source).read_all().num_rows
+        self._table: pa.Table | None = None
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getstate__(self):
+        return {**self.__dict__, "_table": None}
+
+    def get(self, i: int) -> Sample:
+        if self._table is None:
+            self._table = open_table(self.path)
+        return row_to_sample(self._table, i)

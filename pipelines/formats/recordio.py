@@ -138,3 +138,34 @@ def write_combined_index(folder: str, rec_names: list[str]) -> str:
     with open(path, "w") as f:
         f.writelines(combined_index_lines(folder, rec_names))
     return path
+
+
+class RecShard:
+    """Random access to one .rec through its .idx, texts from its JSONL sidecar."""
+
+    def __init__(self, rec_path: str):
+        self.path = rec_path
+        stem = rec_path[: -len(".rec")]
+        self.index = read_index(stem + ".idx")
+        with open(stem + ".jsonl", encoding="utf-8") as f:
+            texts = {row["id"]: row for row in map(json.loads, f)}
+        missing = [rid for rid, _ in self.index if rid not in texts]
+        if missing:
+            raise ValueError(f"{stem}.jsonl: no text for record ids {missing[:5]}; reconvert this shard")
+        self.texts = [texts[rid] for rid, _ in self.index]
+        self._f = None
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_f": None}
+
+    def get(self, i: int) -> Sample:
+        if self._f is None:
+            self._f = open(self.path, "rb")
+        _, label, image = unpack_payload(read_record(self._f, self.index[i][1]))
+        row = self.texts[i]
+        return Sample(key=row["key"], image=image, txt=row["txt"], syn=row["syn"], meta=row["meta"],
+                      tokens=label.astype(np.int32).reshape(2, CONTEXT_LENGTH),
+                      image_ext=row["meta"].get("image_format", "jpg"))

@@ -129,3 +129,46 @@ def iter_samples(tar_path: str) -> Iterator[Sample]:
             parts[ext] = tar.extractfile(member).read()
     if parts:
         yield decode_sample(key, parts)
+
+
+def index_tar(tar_path: str) -> list[list[tuple[str, int, int, str]]]:
+    """Index a tar that came without `.idx` (img2dataset, open_clip-style): one full scan."""
+    samples: list[list[tuple[str, int, int, str]]] = []
+    key = None
+    with tarfile.open(tar_path, "r") as tar:
+        for m in tar:
+            if not m.isfile():
+                continue
+            k, ext = split_name(m.name)
+            if k != key:
+                samples.append([])
+                key = k
+            samples[-1].append((ext, m.offset_data, m.size, m.name))
+    return samples
+
+
+class WdsShard:
+    """Random access to one tar through its DALI index: a sample is a few `pread`s."""
+
+    def __init__(self, tar_path: str, idx_path: str | None):
+        self.path = tar_path
+        self.index = read_index(idx_path) if idx_path else index_tar(tar_path)
+        self.size = os.path.getsize(tar_path)
+        self._fd: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getstate__(self):  # file descriptors do not cross process boundaries
+        return {**self.__dict__, "_fd": None}
+
+    def get(self, i: int) -> Sample:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        parts = {}
+        for ext, offset, size, name in self.index[i]:
+            if offset + size > self.size:
+                raise ValueError(f"{self.path}: member {name} ends past the end of the file "
+                                 "(truncated tar); reconvert or drop this shard")
+            parts[ext] = os.pread(self._fd, size, offset)
+        return decode_sample(split_name(self.index[i][0][3])[0], parts)
