@@ -18,7 +18,7 @@ import webdataset as wds
 from PIL import Image
 from torchvision import transforms as T
 
-from pipelines.sampling import EpochPlan
+from pipelines.sampling import EpochPlan, mix
 from pipelines.schema import Batch
 from pipelines.shardset import ShardSet
 from pipelines.text import sample_tokens
@@ -44,16 +44,19 @@ def worker_batches(plan: EpochPlan, start: int) -> Iterator[np.ndarray]:
     wid, nw = (info.id, info.num_workers) if info else (0, 1)
     for j, ids in enumerate(plan.batches(start)):
         if j % nw == wid:
-            yield ids
+            yield start + j, ids
 
 
 def read_samples(src, shardset: ShardSet):
-    for ids in src:
-        yield ids, [shardset.get(int(g)) for g in ids]
+    for j, ids in src:
+        yield j, ids, [shardset.get(int(g)) for g in ids]
 
 
-def decode_augment(src, transform):
-    for ids, samples in src:
+def decode_augment(src, transform, seed: int, epoch: int):
+    for j, ids, samples in src:
+        # Crops depend on (seed, epoch, batch), not on which worker runs the batch or when the
+        # DataLoader was created: a resumed run sees the same augmentation.
+        torch.manual_seed(mix(seed, epoch, j))
         images = []
         for s in samples:
             try:
@@ -74,7 +77,7 @@ def iterate_torch(cfg, shardset: ShardSet, plan: EpochPlan, start: int) -> Itera
     pipeline = wds.DataPipeline(
         functools.partial(worker_batches, plan, start),
         wds.pipelinefilter(read_samples)(shardset),
-        wds.pipelinefilter(decode_augment)(torchvision_transform(cfg.augment())),
+        wds.pipelinefilter(decode_augment)(torchvision_transform(cfg.augment()), cfg.seed, plan.epoch),
         wds.pipelinefilter(tokenize_batch)(cfg.seed, plan.epoch),
     )
     n = plan.num_batches - start

@@ -1,10 +1,10 @@
 """bench-convert: resize + re-encode throughput of make-shards against img2dataset, same files, same cores.
 
-    bench-convert --out bench_out/convert.json            # ~5,000 images, 3 repeats each
-    bench-convert --quick --out /tmp/convert.json         # 200 images, 1 repeat, seconds
+    bench-convert --out bench_out/convert.json            # 5,000 images, 3 repeats each
+    bench-convert --quick --out /tmp/convert.json         # 200 images, 1 repeat
 
 Both tools run as subprocesses timed from launch to exit (start-up included, as a user pays it),
-writing webdataset shards to the same scratch disk, with the same worker count, shard size,
+writing webdataset shards to the same scratch disk with the same worker count, shard size,
 short-side resize (never upscaling) and JPEG quality. img2dataset reads the files by `file://`
 URL; its thread count is chosen by a small sweep so the baseline is its best, not its default.
 The bound is Pillow's own decode + resize + encode in one process: what one core can do at most.
@@ -18,6 +18,8 @@ import json
 import math
 import os
 import platform
+import random
+import resource
 import shutil
 import statistics
 import subprocess
@@ -35,11 +37,8 @@ DATA = REPO.parent / "shared" / "data"
 DEFAULT_IMAGES = [DATA / "flickr8k-1k" / "images", DATA / "coco-mini" / "train2017",
                   DATA / "coco-mini" / "val2017"]
 PACKAGES = ("img2dataset", "pillow", "opencv-python-headless", "albumentations", "pyarrow", "tqdm")
-# img2dataset's defaults hash every image and parse its EXIF, work make-shards does not do: turn
-# both off so the baseline does the same job. skip_reencode passes an unresized JPEG through as
-# make-shards does. It still decodes every image (its resizer decodes before deciding).
 I2D_SCRIPT = "import json, sys; from img2dataset import download; download(**json.loads(sys.argv[1]))"
-# Quiet third-party start-up: no update check (network) from albumentations, no wandb.
+# No update check (network) from albumentations, no wandb, no deprecation chatter in the logs.
 QUIET_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
 
 
@@ -52,10 +51,13 @@ def log(msg: str) -> None:
 
 
 def find_jpegs(dirs: list[Path]) -> list[Path]:
-    files = sorted(p for d in dirs for p in d.iterdir()
-                   if p.is_file() and p.suffix.lower() in (".jpg", ".jpeg"))
+    if missing := [str(d) for d in dirs if not d.is_dir()]:
+        raise BenchError(f"no such image folder: {', '.join(missing)}")
+    files = sorted(p for d in dirs for p in d.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
     if not files:
         raise BenchError(f"no JPEG files in {', '.join(map(str, dirs))}")
+    # A fixed shuffle, so that the sweep's and --quick's prefixes mix the sets as the whole does.
+    random.Random(0).shuffle(files)
     return files
 
 
@@ -66,7 +68,7 @@ def stage(sources: list[Path], count: int, folder: Path) -> list[tuple[Path, Pat
     pairs = []
     for i in range(count):
         src = sources[i % len(sources)]
-        dst = folder / f"{i:07d}_{src.name}"
+        dst = folder / f"{i:07d}_{src.name}"  # distinct names: both tools key samples by name
         if not dst.exists():
             try:
                 os.link(src, dst)
@@ -85,119 +87,125 @@ def write_lists(files: list[Path], folder: Path) -> tuple[Path, Path]:
         writer.writerow(["url", "caption"])
         for f in files:
             caption = f"a photo named {f.stem}"
-            t.write(json.dumps({"image": str(f), "caption": caption}) + "\n")
+            t.write(json.dumps({"image": str(f.resolve()), "caption": caption}) + "\n")
             writer.writerow([f.resolve().as_uri(), caption])
     return table, urls
 
 
-def timed(cmd: list[str], logfile: Path) -> float:
-    """Wall-clock seconds from launch to exit; the tool's output goes to `logfile`."""
-    env = {**os.environ, **QUIET_ENV}
+def timed(cmd: list[str], logfile: Path) -> tuple[float, float]:
+    """(wall seconds from launch to exit, CPU seconds of the tool and all its processes)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(logfile, "w") as fh:
         start = time.perf_counter()
-        rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
-        seconds = time.perf_counter() - start
+        rc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **QUIET_ENV}, stdout=fh,
+                            stderr=subprocess.STDOUT).returncode
+        wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
     if rc != 0:
-        tail = logfile.read_text(errors="replace")[-2000:]
-        raise BenchError(f"{cmd[2]} exited {rc}; log {logfile}:\n{tail}")
-    return seconds
+        raise BenchError(f"{' '.join(cmd[:3])} exited {rc}; log {logfile}:\n"
+                         f"{logfile.read_text(errors='replace')[-2000:]}")
+    return wall, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
 
 
-def run_make_shards(table: Path, out: Path, n: int, a: argparse.Namespace, spp: int) -> float:
+def run_make_shards(table: Path, out: Path, n: int, a: argparse.Namespace, spp: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "tools.make_shards", "--source", "table", "--input", str(table),
            "--image-column", "image", "--caption-column", "caption", "--format", "wds",
            "--out", str(out), "--resize", str(a.resize), "--quality", str(a.quality),
            "--workers", str(a.workers), "--samples-per-shard", str(spp), "--quiet", "--overwrite"]
-    seconds = timed(cmd, out.parent / f"{out.name}.log")
+    wall, cpu = timed(cmd, out.parent / f"{out.name}.log")
     stats_path = out / "wds" / "stats.json"
-    written = json.loads(stats_path.read_text())["written"] if stats_path.exists() else 0
-    if written != n:
-        raise BenchError(f"make-shards wrote {written} of {n} images ({stats_path})")
-    return seconds
+    if (stats := json.loads(stats_path.read_text()) if stats_path.exists() else {"written": 0})["written"] != n:
+        raise BenchError(f"make-shards wrote {stats['written']} of {n} images ({stats_path})")
+    return {"wall_s": wall, "cpu_s": cpu, "in_tool_s": stats["seconds"]}
 
 
 def run_img2dataset(urls: Path, out: Path, n: int, a: argparse.Namespace, spp: int,
-                    threads: int) -> float:
+                    threads: int) -> dict:
     # An empty folder, not incremental_mode="overwrite": in 1.47 that deletes the _tmp folder it
-    # has just made inside the output and every worker then fails.
+    # has just made inside the output, and every worker then fails.
     shutil.rmtree(out, ignore_errors=True)
+    # Its defaults also hash every image and parse its EXIF, work make-shards does not do: both off,
+    # so the baseline does the same job. skip_reencode passes an unresized JPEG through as
+    # make-shards does (img2dataset still decodes it first: its resizer decodes before deciding).
     kwargs = dict(url_list=str(urls), input_format="csv", url_col="url", caption_col="caption",
                   output_folder=str(out), output_format="webdataset", processes_count=a.workers,
                   thread_count=threads, image_size=a.resize, resize_mode="keep_ratio",
                   resize_only_if_bigger=True, encode_format="jpg", encode_quality=a.quality,
                   skip_reencode=True, number_sample_per_shard=spp, compute_hash=None,
                   extract_exif=False, enable_wandb=False, timeout=10, retries=0)
-    seconds = timed([sys.executable, "-c", I2D_SCRIPT, json.dumps(kwargs)], out.parent / f"{out.name}.log")
-    ok = sum(json.loads(p.read_text())["successes"] for p in out.glob("*_stats.json"))
-    if ok != n:
+    wall, cpu = timed([sys.executable, "-c", I2D_SCRIPT, json.dumps(kwargs)], out.parent / f"{out.name}.log")
+    stats = [json.loads(p.read_text()) for p in out.glob("*_stats.json")]
+    if (ok := sum(s["successes"] for s in stats)) != n:
         raise BenchError(f"img2dataset converted {ok} of {n} images ({out}/*_stats.json)")
-    return seconds
+    # From the first shard's start to the last one's end: its conversion without interpreter,
+    # import and first worker start-up (worker restarts, maxtasksperchild=5, stay in).
+    in_tool = max(s["end_time"] for s in stats) - min(s["start_time"] for s in stats)
+    return {"wall_s": wall, "cpu_s": cpu, "in_tool_s": in_tool}
 
 
 def pillow_bound(pairs: list[tuple[Path, Path]], size: int, quality: int) -> dict:
-    """One process, bytes already in memory: the images that need it are decoded (at the largest
-    JPEG DCT scale that still covers `size`), resized and encoded; the rest pass through as both
-    tools pass them. Per-image timers split the two kinds."""
+    """One process, bytes in memory, CPU time (robust to other load on the machine). Images that
+    need it are decoded (at the largest JPEG DCT scale still covering `size`), resized, encoded;
+    the rest pass through, as both tools pass them."""
     blobs = {src: src.read_bytes() for src in {s for _, s in pairs}}
-    spent = {"resized": 0.0, "passed": 0.0}
-    counts = {"resized": 0, "passed": 0}
-    for _, src in tqdm(pairs, desc="Pillow bound", unit=" img", leave=False):
-        t0 = time.perf_counter()
+    spent, counts = {"resized": 0.0, "passed": 0.0}, {"resized": 0, "passed": 0}
+    for _, src in tqdm(pairs, desc="Pillow bound", unit=" img", mininterval=2, file=sys.stderr):
+        t0 = time.process_time()
         im = Image.open(io.BytesIO(blobs[src]))
-        short = min(im.size)
-        kind = "resized" if short > size else "passed"
+        kind = "resized" if min(im.size) > size else "passed"
         if kind == "resized":
             im.draft("RGB", (size, size))
-            im = im.convert("RGB")
+            im = im.convert("RGB") if im.mode != "RGB" else im
             scale = size / min(im.size)
             im = im.resize((round(im.size[0] * scale), round(im.size[1] * scale)), Image.BICUBIC,
                            reducing_gap=3.0)
             im.save(io.BytesIO(), "JPEG", quality=quality)
-        spent[kind] += time.perf_counter() - t0
+        spent[kind] += time.process_time() - t0
         counts[kind] += 1
     total = sum(spent.values())
-    return {"images": len(pairs), **{f"{k}_images": v for k, v in counts.items()},
-            "seconds": round(total, 3), "images_per_s_per_core": round(len(pairs) / total, 1),
-            "resized_images_per_s_per_core": round(counts["resized"] / spent["resized"], 1)
-            if counts["resized"] else None}
+    return {"images": len(pairs), "resized": counts["resized"], "passed_through": counts["passed"],
+            "cpu_s": round(total, 3), "images_per_cpu_s": round(len(pairs) / total, 1),
+            "resized_per_cpu_s": round(counts["resized"] / spent["resized"], 1) if counts["resized"] else None}
 
 
 def machine() -> dict:
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
-                  if line.startswith("model name")), platform.processor())
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return {"cpu_model": model, "nproc": len(os.sched_getaffinity(0)), "cpu_count": os.cpu_count(),
-            "python": platform.python_version(), "platform": platform.platform(), "packages": versions}
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    cpu = {k.strip(): v.strip() for k, v in (ln.split(":", 1) for ln in text.split("\n\n")[0]
+                                              .splitlines() if ":" in ln)}
+    # VMs often name only the vendor line ("AMD EPYC"): family/model pin the generation.
+    model = (f"{cpu.get('model name', platform.processor())} (family {cpu.get('cpu family')}, "
+             f"model {cpu.get('model')}, {cpu.get('cpu MHz')} MHz)")
+    versions = {d.metadata["Name"].lower(): d.version for d in metadata.distributions()
+                if d.metadata["Name"].lower() in PACKAGES}
+    return {"cpu_model": model, "nproc": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+            "platform": platform.platform(), "packages": versions}
 
 
-def median_rate(seconds: list[float], n: int) -> dict:
-    med = statistics.median(seconds)
-    return {"images": n, "seconds": [round(s, 3) for s in seconds], "median_s": round(med, 3),
-            "images_per_s": round(n / med, 1)}
+def summarize(runs: list[dict], n: int) -> dict:
+    med = {k: statistics.median(r[k] for r in runs) for k in ("wall_s", "cpu_s", "in_tool_s")}
+    return {"images": n, "runs": [{k: round(v, 3) for k, v in r.items()} for r in runs],
+            "median_s": round(med["wall_s"], 3), "images_per_s": round(n / med["wall_s"], 1),
+            "images_per_s_excl_startup": round(n / med["in_tool_s"], 1),
+            "images_per_cpu_s": round(n / med["cpu_s"], 1)}
 
 
-def table(results: dict) -> str:
-    base = results["tools"]["img2dataset"]["images_per_s"]
-    rows = ["| tool | images | median s | images/s | × img2dataset |", "|---|---:|---:|---:|---:|"]
-    for name, r in results["tools"].items():
-        label = f"{name} (threads={results['img2dataset_threads']})" if name == "img2dataset" else name
+def table(res: dict) -> str:
+    base = res["tools"]["img2dataset"]["images_per_s"]
+    rows = ["| tool | images | median s | images/s | × img2dataset | images/s excl. start-up "
+            "| images per CPU-s |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in res["tools"].items():
+        label = f"img2dataset (threads={res['img2dataset_threads']})" if name == "img2dataset" else name
         rows.append(f"| {label} | {r['images']} | {r['median_s']:.2f} | {r['images_per_s']:.0f} | "
-                    f"{r['images_per_s'] / base:.2f} |")
-    b, w = results["bound"], results["config"]["workers"]
-    rows.append("")
-    rows.append(f"Pillow bound (1 process, bytes in memory): {b['images_per_s_per_core']:.0f} images/s "
-                f"per core ({b['resized_images']} resized at {b['resized_images_per_s_per_core'] or 0:.0f}"
-                f"/s, {b['passed_images']} passed through); × {w} workers = "
-                f"{b['images_per_s_per_core'] * w:.0f}/s")
-    for name, r in results["tools"].items():
-        rows.append(f"- {name}: {r['fraction_of_bound']:.0%} of the bound × workers")
+                    f"{r['images_per_s'] / base:.2f} | {r['images_per_s_excl_startup']:.0f} | "
+                    f"{r['images_per_cpu_s']:.0f} |")
+    b, w = res["bound"], res["config"]["workers"]
+    rows += ["", f"Pillow bound (1 process, bytes in memory): {b['images_per_cpu_s']:.0f} images per "
+             f"CPU-s ({b['resized']} resized at {b['resized_per_cpu_s'] or 0:.0f}/s, "
+             f"{b['passed_through']} passed through); × {w} workers = {b['images_per_cpu_s'] * w:.0f}/s"]
+    rows += [f"- {k}: {r['fraction_of_bound']:.0%} of bound × workers" for k, r in res["tools"].items()]
+    if sweep := res["thread_sweep"]:
+        rows += ["", f"img2dataset thread sweep ({sweep[0]['images']} images): " + ", ".join(
+            f"{s['threads']}: {s['images_per_s']:.0f}/s" for s in sweep) + f" → {res['img2dataset_threads']}"]
     return "\n".join(rows)
 
 
@@ -211,76 +219,79 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--samples-per-shard", type=int, help="default: 4 shards per worker")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", default="4,16,64", help="img2dataset thread_count values to sweep")
+    p.add_argument("--threads", help="img2dataset thread_count sweep, one value: none (4,16,64; --quick: 16)")
     p.add_argument("--sweep-count", type=int, help="images per sweep run (default: count/5, ≥ 200)")
-    p.add_argument("--scratch", type=Path, help="work folder (default: a temporary one, removed)")
+    p.add_argument("--scratch", type=Path, help="work folder, kept (default: a temporary one)")
     p.add_argument("--out", type=Path, default=Path("bench_out/convert.json"))
-    p.add_argument("--quick", action="store_true", help="200 images, 1 repeat, 2-point sweep")
+    p.add_argument("--quick", action="store_true", help="200 images, 1 repeat, no sweep")
     return p
+
+
+def measure(a: argparse.Namespace, scratch: Path) -> dict:
+    threads = [int(t) for t in a.threads.split(",")]
+    spp = a.samples_per_shard or math.ceil(a.count / (4 * a.workers))
+    pairs = stage(find_jpegs(a.images), a.count, scratch / "images")
+    files = [f for f, _ in pairs]
+    lists = write_lists(files, scratch)
+    for f in files:  # warm the page cache so neither tool pays the first read
+        f.read_bytes()
+    sweep, best = [], threads[0]
+    if len(threads) > 1:
+        n = min(a.count, a.sweep_count or max(200, a.count // 5))
+        sweep_lists, sweep_spp = write_lists(files[:n], scratch / "sweep"), math.ceil(n / (4 * a.workers))
+        # Also warms make-shards' imports before anything is timed; img2dataset's runs warm its own.
+        run_make_shards(sweep_lists[0], scratch / "ms_warmup", n, a, sweep_spp)
+        for t in threads:
+            log(f"img2dataset thread sweep: thread_count={t} on {n} images")
+            r = run_img2dataset(sweep_lists[1], scratch / f"i2d_sweep_{t}", n, a, sweep_spp, t)
+            sweep.append({"threads": t, "images": n, "wall_s": round(r["wall_s"], 3),
+                          "images_per_s": round(n / r["wall_s"], 1)})
+        best = min(sweep, key=lambda s: s["wall_s"])["threads"]
+    runs: dict[str, list[dict]] = {"make-shards": [], "img2dataset": []}
+    load = {"before": os.getloadavg()}  # other users of the machine show here
+    for rep in range(a.repeats):
+        # Alternate which tool goes first so drift (noisy neighbours, heat) hits both alike.
+        for name in (("make-shards", "img2dataset") if rep % 2 == 0 else ("img2dataset", "make-shards")):
+            log(f"repeat {rep + 1}/{a.repeats}: {name}, {a.count} images, {a.workers} workers")
+            runs[name].append(run_make_shards(lists[0], scratch / "ms_out", a.count, a, spp)
+                              if name == "make-shards" else
+                              run_img2dataset(lists[1], scratch / "i2d_out", a.count, a, spp, best))
+            log(f"  {runs[name][-1]['wall_s']:.2f} s")
+    load["after"] = os.getloadavg()
+    log(f"Pillow bound on the same {a.count} images")
+    bound = pillow_bound(pairs, a.resize, a.quality)
+    tools = {k: summarize(v, a.count) for k, v in runs.items()}
+    for r in tools.values():
+        r["ratio_to_img2dataset"] = round(r["images_per_s"] / tools["img2dataset"]["images_per_s"], 3)
+        r["fraction_of_bound"] = round(r["images_per_s"] / (bound["images_per_cpu_s"] * a.workers), 3)
+    return {"date": time.strftime("%Y-%m-%d"), "machine": machine(),
+            "config": {"count": a.count, "distinct_images": len(set(s for _, s in pairs)),
+                       "resize": a.resize, "quality": a.quality, "workers": a.workers,
+                       "samples_per_shard": spp, "repeats": a.repeats,
+                       "images": [str(d) for d in a.images]},
+            "load_average": load,
+            "thread_sweep": sweep, "img2dataset_threads": best, "tools": tools, "bound": bound,
+            "ratio": tools["make-shards"]["ratio_to_img2dataset"]}
 
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     if a.quick:
         a.count, a.repeats = min(a.count, 200), 1
-        a.threads = ",".join(a.threads.split(",")[:2])
-    threads = [int(t) for t in a.threads.split(",")]
-    spp = a.samples_per_shard or math.ceil(a.count / (4 * a.workers))
-    sweep_n = min(a.count, a.sweep_count or max(200, a.count // 5))
+    a.threads = a.threads or ("16" if a.quick else "4,16,64")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     # Scratch beside the results: inputs and both tools' outputs on one disk.
     scratch = a.scratch or Path(tempfile.mkdtemp(prefix="bench_convert_", dir=a.out.parent))
     try:
-        pairs = stage(find_jpegs(a.images), a.count, scratch / "images")
-        files = [f for f, _ in pairs]
-        lists = write_lists(files, scratch)
-        sweep_lists = write_lists(files[:sweep_n], scratch / "sweep")
-        for f in files:  # warm the page cache so neither tool pays the first read
-            f.read_bytes()
-        sweep = []
-        # The sweep also warms both tools' imports (.pyc) before anything is timed.
-        run_make_shards(sweep_lists[0], scratch / "ms_warmup", sweep_n, a, math.ceil(sweep_n / (4 * a.workers)))
-        for t in threads:
-            log(f"img2dataset thread sweep: threads={t} on {sweep_n} images")
-            s = run_img2dataset(sweep_lists[1], scratch / f"i2d_sweep_{t}", sweep_n, a,
-                                math.ceil(sweep_n / (4 * a.workers)), t)
-            sweep.append({"threads": t, "images": sweep_n, "seconds": round(s, 3),
-                          "images_per_s": round(sweep_n / s, 1)})
-        best = min(sweep, key=lambda r: r["seconds"])["threads"]
-        times: dict[str, list[float]] = {"make-shards": [], "img2dataset": []}
-        for r in range(a.repeats):
-            # Alternate which tool goes first so drift (thermal, noisy neighbours) hits both.
-            for name in (("make-shards", "img2dataset") if r % 2 == 0 else ("img2dataset", "make-shards")):
-                log(f"repeat {r + 1}/{a.repeats}: {name} on {a.count} images, {a.workers} workers")
-                times[name].append(
-                    run_make_shards(lists[0], scratch / "ms_out", a.count, a, spp) if name == "make-shards"
-                    else run_img2dataset(lists[1], scratch / "i2d_out", a.count, a, spp, best))
-                log(f"  {times[name][-1]:.2f} s")
-        log(f"Pillow bound on the same {a.count} images")
-        bound = pillow_bound(pairs, a.resize, a.quality)
+        res = measure(a, scratch)
     except BenchError as e:
         print(f"bench-convert: error: {e}", file=sys.stderr)
         return 1
     finally:
         if a.scratch is None:
             shutil.rmtree(scratch, ignore_errors=True)
-    tools = {k: median_rate(v, a.count) for k, v in times.items()}
-    for r in tools.values():
-        r["ratio_to_img2dataset"] = round(r["images_per_s"] / tools["img2dataset"]["images_per_s"], 3)
-        r["fraction_of_bound"] = round(r["images_per_s"] / (bound["images_per_s_per_core"] * a.workers), 3)
-    results = {
-        "date": time.strftime("%Y-%m-%d"), "machine": machine(),
-        "config": {"count": a.count, "distinct_images": len({s for _, s in pairs}), "resize": a.resize,
-                   "quality": a.quality, "workers": a.workers, "samples_per_shard": spp,
-                   "repeats": a.repeats, "images": [str(d) for d in a.images]},
-        "thread_sweep": sweep, "img2dataset_threads": best, "tools": tools, "bound": bound,
-        "ratio": tools["make-shards"]["ratio_to_img2dataset"],
-    }
-    a.out.write_text(json.dumps(results, indent=1) + "\n")
-    print(table(results))
-    print(f"\nimg2dataset thread sweep ({sweep_n} images): "
-          + ", ".join(f"{s['threads']}: {s['images_per_s']:.0f}/s" for s in sweep) + f" → {best}")
-    print(f"raw timings → {a.out}")
+    a.out.write_text(json.dumps(res, indent=1) + "\n")
+    print(table(res) + f"\nraw timings → {a.out}")
     return 0
 
 

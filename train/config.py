@@ -1,0 +1,177 @@
+"""Typed run configuration: dataclasses filled from YAML (stating only what differs from the
+defaults), then dotted `key=value` overrides. Unknown keys are errors naming the key."""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = ""  # a make-shards format folder, e.g. shards/demo/train/wds
+    format: str = "wds"
+    backend: str = "torch"  # torch | dali
+    device: str = "auto"  # auto (gpu when CUDA is present) | gpu | cpu
+    batch_size: int = 64  # per rank
+    image_size: int = 224
+    workers: int = 2
+    flip: bool = True
+    hw_decoder_load: float = 0.65
+
+
+@dataclass
+class ModelConfig:
+    name: str = "ViT-B-32"  # any open_clip config name, or ours in train/model_configs/
+    pretrained: str | None = None  # an open_clip checkpoint file; None = random init
+    grad_checkpointing: bool = False
+    compile: bool = False
+
+
+@dataclass
+class LossConfig:
+    mode: str = "alip"  # clip-raw | clip-both | alip
+    local_loss: bool = False
+    gather_with_grad: bool = False
+    momentum: float = 0.99
+    gamma_sample: float = 2.0
+    gamma_pair: float = 2.0
+    normalize: str = "mean"  # mean (ALIP) | weight_sum
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    decay_all: bool = False  # True reproduces ALIP: decay on every parameter
+    schedule: str = "cosine"  # cosine (linear warm-up) | onecycle (ALIP, 10 % warm-up)
+    warmup_steps: int = 100
+    epochs: int = 1
+    max_steps: int | None = None  # stop early (demo, benchmarks)
+    accum_steps: int = 1
+    clip_grad: float | None = 1.0
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+
+
+@dataclass
+class EvalConfig:
+    retrieval_json: str | None = None  # Karpathy-style test list
+    images_root: str | None = None
+    caption_prefix: str = ""
+    batch_size: int = 64
+    every_epochs: int = 0  # 0: only at the end
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs"
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 200  # steps; also at every epoch end and at the end
+    keep_checkpoints: int = 2
+    resume: str | None = None  # latest | a checkpoint path
+    plots: bool = True
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> "TrainConfig":
+        checks = [("loss.mode", self.loss.mode, ("clip-raw", "clip-both", "alip")),
+                  ("optim.schedule", self.optim.schedule, ("cosine", "onecycle")),
+                  ("optim.precision", self.optim.precision, ("auto", "fp32", "bf16", "fp16")),
+                  ("data.backend", self.data.backend, ("torch", "dali")),
+                  ("data.device", self.data.device, ("auto", "gpu", "cpu")),
+                  ("data.format", self.data.format, ("wds", "arrow", "rec")),
+                  ("loss.normalize", self.loss.normalize, ("mean", "weight_sum"))]
+        for key, value, allowed in checks:
+            if value not in allowed:
+                raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+        if not self.data.train_shards:
+            raise ConfigError("data.train_shards: required (a make-shards format folder)")
+        if self.optim.accum_steps < 1:
+            raise ConfigError("optim.accum_steps: must be ≥ 1")
+        return self
+
+
+def _coerce(value, tp, key: str):
+    """YAML value → the field's declared type, or a ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if tp is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:  # YAML reads "1e-3" (no dot) as a string
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp in (int, float, str, bool) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _merge(obj, values: dict, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for k, v in values.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            raise ConfigError(f"unknown config key {key!r}; valid keys here: {', '.join(sorted(names))}")
+        current = getattr(obj, k)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{key}: expected a mapping")
+            _merge(current, v, key + ".")
+        else:
+            setattr(obj, k, _coerce(v, hints[k], key))
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    cfg = TrainConfig()
+    if path:
+        with open(path) as f:
+            _merge(cfg, yaml.safe_load(f) or {})
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.lr=1e-3")
+        key, raw = item.split("=", 1)
+        nested: dict = {}
+        cursor = nested
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            cursor = cursor.setdefault(p, {})
+        cursor[leaf] = yaml.safe_load(raw)
+        _merge(cfg, nested)
+    return cfg.validate()
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,52 @@
+"""ALIP's Language and Description Consistency Gates (Yang et al., ICCV 2023; DESIGN.md §6).
+
+Per sample i over the global batch, with features L2-normalized:
+    S_tc = <t_i, c_i>   raw text vs synthetic caption
+    S_xt = <x_i, t_i>   image vs raw text
+    S_xc = <x_i, c_i>   image vs synthetic caption
+Running means H (start at 1.0) are updated *before* use: H ← m·H + (1 − m)·mean(S).
+    W_s = min(1, exp(γ_s·(S_tc − H_tc)))                       sample weight (language gate)
+    W_t = exp(γ_p·(S_xt − H_xt)), W_c = exp(γ_p·(S_xc − H_xc))  pair weights (description gate),
+          applied only where S_tc < H_tc (else 1), not clipped.
+No gradient flows through any gate. Samples without a synthetic caption (has_syn False) get
+W_s = W_t = 1 and no synthetic-path term; H_tc and H_xc average over the samples that have one
+(their S_tc would be <t, t> = 1), H_xt over every sample.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ConsistencyGates(nn.Module):
+    def __init__(self, momentum: float = 0.99, gamma_sample: float = 2.0, gamma_pair: float = 2.0):
+        super().__init__()
+        self.momentum, self.gamma_sample, self.gamma_pair = momentum, gamma_sample, gamma_pair
+        for name in ("h_tc", "h_xt", "h_xc"):
+            self.register_buffer(name, torch.ones((), dtype=torch.float64))
+
+    @torch.no_grad()
+    def forward(self, image: torch.Tensor, raw: torch.Tensor, syn: torch.Tensor,
+                has_syn: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Global-batch features [N, D] → per-sample weights [N] (float32) and the updated means."""
+        image, raw, syn = image.float(), raw.float(), syn.float()
+        s_tc = (raw * syn).sum(-1)
+        s_xt = (image * raw).sum(-1)
+        s_xc = (image * syn).sum(-1)
+        mask = torch.ones_like(s_tc, dtype=torch.bool) if has_syn is None else has_syn.bool()
+        m = self.momentum
+        self.h_xt.mul_(m).add_((1 - m) * s_xt.double().mean())
+        if mask.any():
+            self.h_tc.mul_(m).add_((1 - m) * s_tc[mask].double().mean())
+            self.h_xc.mul_(m).add_((1 - m) * s_xc[mask].double().mean())
+        h_tc, h_xt, h_xc = self.h_tc.float(), self.h_xt.float(), self.h_xc.float()
+        w_sample = torch.exp(self.gamma_sample * (s_tc - h_tc)).clamp(max=1.0)
+        inconsistent = s_tc < h_tc
+        one = torch.ones_like(s_tc)
+        w_raw = torch.where(inconsistent, torch.exp(self.gamma_pair * (s_xt - h_xt)), one)
+        w_syn = torch.where(inconsistent, torch.exp(self.gamma_pair * (s_xc - h_xc)), one)
+        w_sample = torch.where(mask, w_sample, one)
+        w_raw = torch.where(mask, w_raw, one)
+        return {"w_sample": w_sample, "w_raw": w_raw, "w_syn": w_syn, "syn_mask": mask,
+                "s_tc": s_tc, "s_xt": s_xt, "s_xc": s_xc,
+                "h_tc": self.h_tc.clone(), "h_xt": self.h_xt.clone(), "h_xc": self.h_xc.clone()}

@@ -1,0 +1,34 @@
+"""Entry point: `python -m train.main --config configs/X.yaml [key=value ...]` (or `lip-train`),
+launched directly for one process or by torchrun for many."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from train.config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="lip-train", description=__doc__.split("\n")[0])
+    p.add_argument("--config", help="YAML stating what differs from the defaults in train/config.py")
+    p.add_argument("overrides", nargs="*", help="dotted key=value, e.g. optim.lr=1e-3 run.resume=latest")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"lip-train: config error: {e}", file=sys.stderr)
+        return 2
+    from train.distributed import cleanup
+    from train.trainer import train
+
+    try:
+        result = train(cfg)
+    finally:
+        cleanup()
+    print(json.dumps({"run_dir": result["run_dir"], "steps": result["steps"], **result["final"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""The dual-path model: open_clip towers, one shared text tower for raw text and synthetic caption.
+
+Towers come from any open_clip model config (`ViT-B-32`, `ViT-B-16`, …) or ours in
+`train/model_configs/` (tiny ones for CPU runs), randomly initialized or loaded from an open_clip
+checkpoint file. Nothing is downloaded: the open_clip configs and BPE vocabulary ship in its wheel.
+"""
+from __future__ import annotations
+
+import os
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODEL_CONFIGS = os.path.join(os.path.dirname(__file__), "model_configs")
+open_clip.add_model_config(MODEL_CONFIGS)
+EOT_TOKEN = 49407  # CLIP BPE end of text
+
+
+def create_clip(name: str, pretrained: str | None = None) -> nn.Module:
+    """An open_clip CLIP model; `pretrained` must be a local checkpoint file (never a hub tag)."""
+    if name not in open_clip.list_models():
+        raise ValueError(f"model {name!r} is not an open_clip config; try one of "
+                         f"{', '.join(m for m in open_clip.list_models() if m.startswith(('ViT-B', 'lip-')))}")
+    if pretrained and not os.path.isfile(pretrained):
+        raise FileNotFoundError(f"model.pretrained {pretrained}: no such file (weights are never downloaded)")
+    return open_clip.create_model(name, pretrained=pretrained, pretrained_text=False)
+
+
+def fit_context(tokens: torch.Tensor, context_length: int, eot: int) -> torch.Tensor:
+    """Crop [B, 77] tokens to a model with a shorter context (our CPU configs), ending a cut
+    sequence with EOT as open_clip's tokenizer does when it truncates."""
+    if tokens.shape[1] <= context_length:
+        return tokens
+    cut = tokens[:, :context_length].clone()
+    truncated = tokens[:, context_length:].ne(0).any(dim=1)
+    cut[truncated, -1] = eot
+    return cut
+
+
+class DualPathCLIP(nn.Module):
+    """forward(images [B,3,H,W], raw [B,77], syn [B,77] | None) → normalized image, raw and
+    synthetic features [B, D] and the exponentiated logit scale. Raw and synthetic texts go
+    through the text tower in one [2B, 77] call."""
+
+    def __init__(self, clip: nn.Module):
+        super().__init__()
+        self.clip = clip
+        self.context_length = clip.context_length
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.clip.encode_text(fit_context(tokens, self.context_length, EOT_TOKEN))
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        return self.clip.logit_scale
+
+    def forward(self, images, raw_tokens, syn_tokens=None):
+        image = F.normalize(self.clip.encode_image(images), dim=-1)
+        if syn_tokens is None:
+            raw, syn = F.normalize(self.encode_text(raw_tokens), dim=-1), None
+        else:
+            raw, syn = F.normalize(self.encode_text(torch.cat([raw_tokens, syn_tokens])), dim=-1).chunk(2)
+        return image, raw, syn, self.clip.logit_scale.exp()
+
+
+def build_model(name: str, pretrained: str | None = None, grad_checkpointing: bool = False) -> DualPathCLIP:
+    clip = create_clip(name, pretrained)
+    if grad_checkpointing:
+        clip.set_grad_checkpointing(True)
+    return DualPathCLIP(clip)
+
+
+def export_open_clip(model: DualPathCLIP, path: str) -> None:
+    """Weights in open_clip's state-dict layout: `open_clip.create_model(name, pretrained=path)`."""
+    torch.save(model.clip.state_dict(), path)

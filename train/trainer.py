@@ -1,0 +1,184 @@
+"""The training loop, top to bottom: set-up from the config, then the accumulation loop.
+
+One step = `optim.accum_steps` micro-batches of `data.batch_size` per rank. Checkpoints land at
+step boundaries, so the loader position they record is exact and a resumed run continues with
+the very batches the killed run had not consumed yet.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from pipelines.loader import LoaderConfig, build_loader
+from train import checkpoint
+from train.config import TrainConfig, to_dict
+from train.distributed import DistEnv, init_distributed
+from train.losses import AlipLoss, ClipLoss
+from train.model import build_model, export_open_clip
+from train.optim import build_scheduler, param_groups
+from train.records import RunRecorder
+
+MAX_LOGIT_SCALE = math.log(100)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_losses(cfg: TrainConfig, env: DistEnv):
+    common = dict(local_loss=cfg.loss.local_loss, gather_with_grad=cfg.loss.gather_with_grad,
+                  cache_labels=True, rank=env.rank, world_size=env.world_size)
+    if cfg.loss.mode == "alip":
+        return AlipLoss(cfg.loss.momentum, cfg.loss.gamma_sample, cfg.loss.gamma_pair,
+                        cfg.loss.normalize, **common).to(env.device)
+    return ClipLoss(**common).to(env.device)
+
+
+def compute_loss(mode: str, loss_fn, image, raw, syn, scale, has_syn) -> tuple[torch.Tensor, dict]:
+    """Features in float32 whatever the autocast dtype: the softmax over the global batch and the
+    gates' exponentials need the range."""
+    image, raw, scale = image.float(), raw.float(), scale.float()
+    if mode == "clip-raw":
+        loss = loss_fn(image, raw, scale)
+        return loss, {"loss_raw": loss.detach()}
+    syn = syn.float()
+    if mode == "clip-both":
+        loss_raw, loss_syn = loss_fn(image, raw, scale), loss_fn(image, syn, scale)
+        return loss_raw + loss_syn, {"loss_raw": loss_raw.detach(), "loss_syn": loss_syn.detach()}
+    return loss_fn(image, raw, syn, scale, has_syn)
+
+
+def gate_metrics(info: dict) -> dict:
+    out = {f"gate/{k}": float(info[k]) for k in ("h_tc", "h_xt", "h_xc")}
+    for k in ("w_sample", "w_raw", "w_syn"):
+        w = info[k].float()
+        if k == "w_syn":
+            w = w[info["syn_mask"]] if info["syn_mask"].any() else w
+        q = torch.quantile(w, torch.tensor([0.1, 0.5, 0.9], device=w.device))
+        out.update({f"gate/{k}_mean": float(w.mean()), f"gate/{k}_q10": float(q[0]),
+                    f"gate/{k}_q50": float(q[1]), f"gate/{k}_q90": float(q[2])})
+    return out
+
+
+def autocast_for(precision: str, device: torch.device):
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return precision, contextlib.nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return precision, lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def train(cfg: TrainConfig) -> dict:
+    env = init_distributed(cfg.data.device)
+    seed_everything(cfg.run.seed)  # identical init on every rank (DDP also broadcasts it)
+    run_dir = os.path.join(cfg.run.out_dir, cfg.run.name)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+
+    model = build_model(cfg.model.name, cfg.model.pretrained, cfg.model.grad_checkpointing).to(env.device)
+    loader = build_loader(LoaderConfig(
+        shards=cfg.data.train_shards, format=cfg.data.format, backend=cfg.data.backend,
+        device="gpu" if env.device.type == "cuda" else "cpu", split="train",
+        batch_size=cfg.data.batch_size, image_size=cfg.data.image_size, seed=cfg.run.seed,
+        rank=env.rank, world_size=env.world_size, workers=cfg.data.workers, flip=cfg.data.flip,
+        hw_decoder_load=cfg.data.hw_decoder_load))
+    accum = cfg.optim.accum_steps
+    steps_per_epoch = len(loader) // accum
+    if steps_per_epoch == 0:
+        raise ValueError(f"one epoch holds {len(loader)} batches, fewer than optim.accum_steps={accum}")
+    total_steps = cfg.optim.epochs * steps_per_epoch
+    if cfg.optim.max_steps:
+        total_steps = min(total_steps, cfg.optim.max_steps)
+
+    loss_fn = build_losses(cfg, env)
+    ddp = DDP(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None) \
+        if env.world_size > 1 else model
+    forward = torch.compile(ddp) if cfg.model.compile else ddp
+    opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay, cfg.optim.decay_all),
+                            lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
+    sched = build_scheduler(opt, cfg.optim.schedule, cfg.optim.lr, total_steps, cfg.optim.warmup_steps)
+    precision, autocast = autocast_for(cfg.optim.precision, env.device)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
+
+    step = 0
+    resume_from = checkpoint.resolve(cfg.run.resume, ckpt_dir)
+    if resume_from:
+        state = checkpoint.load(resume_from)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        loss_fn.load_state_dict(state["loss"])
+        loader.load_state_dict(state["loader"])
+        checkpoint.set_rng_state(state["rng"])
+        step = state["step"]
+
+    def save() -> str:
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "scaler": scaler.state_dict(), "loss": loss_fn.state_dict(), "loader": loader.state_dict(),
+                 "rng": checkpoint.rng_state(), "step": step, "epoch": loader.epoch, "config": to_dict(cfg)}
+        return checkpoint.save(ckpt_dir, step, state, cfg.run.keep_checkpoints) if env.is_main else ""
+
+    recorder = RunRecorder(run_dir, to_dict(cfg), env.is_main, total_steps, step)
+    model.train()
+    use_syn = cfg.loss.mode != "clip-raw"
+    global_batch = cfg.data.batch_size * env.world_size * accum
+    tick, tick_step = time.perf_counter(), step
+    last = {}
+    batches_per_epoch = steps_per_epoch * accum  # a trailing partial accumulation is never begun
+    while step < total_steps:
+        if loader.batches_yielded >= batches_per_epoch:  # left early (accumulation remainder)
+            loader.set_epoch(loader.epoch + 1)
+        for batch in loader:
+            micro = loader.batches_yielded
+            sync = micro % accum == 0
+            with (contextlib.nullcontext() if sync or env.world_size == 1 else ddp.no_sync()):
+                with autocast():
+                    image, raw, syn, scale = forward(batch.images, batch.raw_tokens,
+                                                     batch.syn_tokens if use_syn else None)
+                loss, info = compute_loss(cfg.loss.mode, loss_fn, image, raw, syn, scale, batch.has_syn)
+                scaler.scale(loss / accum).backward()
+            if not sync:
+                continue
+            scaler.unscale_(opt)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad or float("inf"))
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+            step += 1
+            if step % cfg.run.log_every == 0 or step == total_steps:
+                now = time.perf_counter()
+                last = {"loss": float(loss.detach()), "lr": sched.get_last_lr()[0], "logit_scale": float(scale.detach()),
+                        "grad_norm": float(grad_norm), "epoch": loader.epoch,
+                        "samples_per_s": (step - tick_step) * global_batch / (now - tick),
+                        **{k: float(info[k]) for k in ("loss_raw", "loss_syn") if k in info}}
+                if cfg.loss.mode == "alip":
+                    last.update(gate_metrics(info))
+                    recorder.histogram(step, "gate/w_sample", info["w_sample"])
+                recorder.log(step, last)
+                tick, tick_step = now, step
+            if step % cfg.run.ckpt_every == 0 or step == total_steps or micro == batches_per_epoch:
+                save()
+            if step >= total_steps or micro == batches_per_epoch:
+                break
+    recorder.close()
+    result = {"run_dir": run_dir, "steps": step, "final": last}
+    if env.is_main:
+        export_open_clip(model, os.path.join(run_dir, "open_clip_model.pt"))
+        if cfg.run.plots:
+            from train.plot import plot_run
+
+            plot_run(run_dir)
+    return result
