@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import tarfile
 from collections import Counter
 
 import numpy as np
@@ -55,7 +56,7 @@ class ShardSet:
             try:
                 shard = self._open(path)
                 ok = self._valid_samples(shard)
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, tarfile.TarError) as e:  # TarError: a cut tar without .idx
                 self._problem("bad_shard", f"{path}: {e}")
                 continue
             self.shards.append(shard)

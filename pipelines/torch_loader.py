@@ -55,14 +55,16 @@ def read_samples(src, shardset: ShardSet):
 def decode_augment(src, transform, seed: int, epoch: int):
     for j, ids, samples in src:
         # Crops depend on (seed, epoch, batch), not on which worker runs the batch or when the
-        # DataLoader was created: a resumed run sees the same augmentation.
-        torch.manual_seed(mix(seed, epoch, j))
+        # DataLoader was created: a resumed run sees the same augmentation. fork_rng: with
+        # workers=0 this runs in the training process, whose global RNG must stay untouched.
         images = []
-        for s in samples:
-            try:
-                images.append(transform(Image.open(io.BytesIO(s.image)).convert("RGB")))
-            except Exception as e:  # noqa: BLE001 - name the sample, whatever broke
-                raise ValueError(f"sample {s.key}: image does not decode ({e})") from e
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(mix(seed, epoch, j))
+            for s in samples:
+                try:
+                    images.append(transform(Image.open(io.BytesIO(s.image)).convert("RGB")))
+                except Exception as e:  # noqa: BLE001 - name the sample, whatever broke
+                    raise ValueError(f"sample {s.key}: image does not decode ({e})") from e
         yield ids, samples, torch.stack(images)
 
 

@@ -1,6 +1,7 @@
-"""Zero-shot evaluation: metrics on hand-made similarity matrices with known ranks, evaluators end
-to end with a tiny random open_clip model (real COCO Karpathy JSON, ImageFolder, shards), a
-"perfect model" whose embeddings identify the pair exactly, and the CLI on a saved checkpoint."""
+"""Zero-shot evaluation: metrics on hand-made similarity matrices with known ranks (and against a
+brute-force stable sort), evaluators end to end with a tiny random open_clip model (real COCO Karpathy
+JSON, ImageFolder, shards), a "perfect model" whose embeddings identify each pair exactly, and the CLI
+on what the trainer writes."""
 from __future__ import annotations
 
 import io
@@ -15,9 +16,11 @@ from pipelines.formats.wds import WdsWriter
 from pipelines.schema import Sample
 from pipelines.text import tokenize
 from pipelines.transforms import CLIP_MEAN, CLIP_STD
+from train import checkpoint
 from train import evaluate as ev
 from train.evaluate import (ClassificationEvalConfig, EvalConfigError, RetrievalEvalConfig,
                             classification_metrics, retrieval_metrics, run_evals, to_markdown)
+from train.model import build_model, export_open_clip
 
 TINY = {"embed_dim": 32,
         "vision_cfg": {"image_size": 64, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
@@ -27,8 +30,12 @@ WORDS = ["zero", "one", "two", "three", "four", "five"]
 
 @pytest.fixture(scope="module")
 def tiny_config(tmp_path_factory) -> str:
-    """A tiny open_clip config registered under the name `lip-eval-tiny` (add_model_config)."""
-    path = tmp_path_factory.mktemp("cfg") / "lip-eval-tiny.json"
+    """Tiny open_clip configs registered as `lip-eval-tiny` and `lip-eval-tiny16` (embed_dim 16, so
+    lip-eval-tiny weights do not fit it) with open_clip.add_model_config."""
+    folder = tmp_path_factory.mktemp("cfg")
+    (folder / "lip-eval-tiny16.json").write_text(json.dumps({**TINY, "embed_dim": 16}))
+    open_clip.add_model_config(folder / "lip-eval-tiny16.json")
+    path = folder / "lip-eval-tiny.json"
     path.write_text(json.dumps(TINY))
     open_clip.add_model_config(path)
     return str(path)
@@ -95,6 +102,29 @@ def test_retrieval_ties_are_deterministic_and_rank_k_boundary():
     # Raising the lone text just above the ties makes it rank 0.
     sim[0, 11] = 1e-6
     assert retrieval_metrics(sim, t2i)["i2t_R@1"] == pytest.approx(100)
+    # Own captions tied with another image's caption of lower index: rank 1, a miss at 1.
+    sim = torch.tensor([[0.5, 0.5, 0.5, 0.1], [0.9, 0.0, 0.0, 0.9]])
+    assert retrieval_metrics(sim, [1, 0, 0, 1])["i2t_R@1"] == pytest.approx(50)
+
+
+def test_retrieval_metrics_match_a_stable_sort():
+    """Integer scores (many ties), several captions per image: recall from the counting ranks equals
+    recall from a brute-force stable descending argsort, image->text taking the best own text."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        n_img = int(torch.randint(1, 15, (1,), generator=g))
+        extra = torch.randint(0, n_img, (int(torch.randint(0, 30, (1,), generator=g)),), generator=g)
+        t2i = torch.cat([torch.arange(n_img), extra])  # every image has a text, some several
+        t2i = t2i[torch.randperm(len(t2i), generator=g)]
+        sim = torch.randint(0, 4, (n_img, len(t2i)), generator=g).float()
+        order_i2t = torch.argsort(sim, dim=1, descending=True, stable=True)
+        i2t = torch.tensor([int((t2i[order_i2t[i]] == i).nonzero()[0]) for i in range(n_img)])
+        order_t2i = torch.argsort(sim.T, dim=1, descending=True, stable=True)
+        t2i_rank = (order_t2i == t2i[:, None]).float().argmax(1)
+        m = retrieval_metrics(sim, t2i)
+        for k in (1, 5, 10):
+            assert m[f"i2t_R@{k}"] == pytest.approx(100 * (i2t < k).float().mean().item())
+            assert m[f"t2i_R@{k}"] == pytest.approx(100 * (t2i_rank < k).float().mean().item())
 
 
 def test_retrieval_metrics_reject_bad_inputs():
@@ -116,7 +146,7 @@ def test_classification_metrics_imbalanced():
     assert m["top1"] == pytest.approx(100 / 3)
     assert m["top5"] == pytest.approx(200 / 3)  # sample 2: class 5 ranks 6th
     assert m["mean_per_class"] == pytest.approx(50)  # classes 1 (1/1) and 5 (0/2)
-    with pytest.raises(ValueError, match="one label per"):
+    with pytest.raises(ValueError, match="one label in"):
         classification_metrics(torch.zeros(3, 2), [0, 1])
 
 
@@ -217,39 +247,48 @@ def test_config_errors_are_one_clear_line(tmp_path):
 
 # ------------------------------------------------------------------ CLI
 
-def test_cli_on_saved_checkpoint(tmp_path, tiny_model, tiny_config, capsys):
-    ckpt = tmp_path / "tiny.pt"
-    torch.save(tiny_model.state_dict(), ckpt)
+def test_cli_on_trainer_outputs(tmp_path, capsys):
+    """The project's `lip-tiny` (context 32: tokens are cropped) as the trainer writes it: the open_clip
+    export, and a full checkpoint (DualPathCLIP `clip.` names, numpy RNG state) that loads the same."""
+    torch.manual_seed(0)
+    model = build_model("lip-tiny")
+    export_open_clip(model, str(tmp_path / "open_clip_model.pt"))
+    step = checkpoint.save(str(tmp_path / "ckpt"), 3, {"model": model.state_dict(), "rng": checkpoint.rng_state(),
+                                                       "step": 3, "config": {"model": {"name": "lip-tiny"}}})
     json_path = _perfect_retrieval_json(tmp_path)
     for c in ("a", "b"):
         (tmp_path / "cls" / c).mkdir(parents=True)
         solid(len(c)).save(tmp_path / "cls" / c / "0.png")
     out = tmp_path / "res" / "results.json"
-    argv = ["--checkpoint", str(ckpt), "--model", "lip-eval-tiny", "--model-config", tiny_config,
-            "--retrieval-json", json_path, "--retrieval-name", "toy", "--classification-folder",
-            str(tmp_path / "cls"), "--workers", "0", "--device", "cpu", "--out", str(out)]
+    argv = ["--checkpoint", str(tmp_path / "open_clip_model.pt"), "--model", "lip-tiny", "--retrieval-json",
+            json_path, "--retrieval-name", "toy", "--classification-folder", str(tmp_path / "cls"),
+            "--workers", "0", "--device", "cpu", "--out", str(out)]
     assert ev.main(argv) == 0
     results = json.loads(out.read_text())
-    assert set(results["tiny.pt"]) == {"toy", "classification"}
+    assert set(results["open_clip_model.pt"]) == {"toy", "classification"}
     assert (tmp_path / "res" / "results.md").read_text().startswith("| run | toy I2T R@1")
-    # A trainer checkpoint ({"model": state dict} with compile/DDP prefixes) loads the same.
-    torch.save({"model": {"module." + k: v for k, v in tiny_model.state_dict().items()}, "step": 3},
-               tmp_path / "trainer.pt")
-    assert ev.main(argv[:1] + [str(tmp_path / "trainer.pt")] + argv[2:]) == 0
-    assert json.loads(out.read_text())["trainer.pt"] == results["tiny.pt"]
+    assert ev.main(argv[:1] + [step] + argv[2:]) == 0
+    both = json.loads(out.read_text())  # rows accumulate in one --out file
+    assert list(both) == ["open_clip_model.pt", "step_00000003.pt"]
+    assert both["step_00000003.pt"] == results["open_clip_model.pt"]
+    assert len((tmp_path / "res" / "results.md").read_text().splitlines()) == 4
+    assert "| step_00000003.pt |" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("change, message", [
     ({"--checkpoint": "missing.pt"}, "checkpoint missing.pt does not exist"),
     ({"--model": "no-such-model"}, "unknown open_clip model 'no-such-model'"),
     ({"--retrieval-json": None}, "nothing to evaluate"),
-    ({"--retrieval-json": "nope.json"}, "retrieval JSON nope.json does not exist"),
-    ({"--model": "ViT-B-32"}, "does not load into ViT-B-32"),
+    ({"--retrieval-json": "nope.json"}, "karpathy_json nope.json does not exist"),
+    ({"--classnames": "nope.txt"}, "No such file or directory: 'nope.txt'"),
+    ({"--model-config": "nope.json"}, "model config nope.json does not exist"),
+    ({"--model": "lip-eval-tiny16"}, "does not load into lip-eval-tiny16: Error(s) in loading state_dict"),
 ])
 def test_cli_errors_are_one_line(tmp_path, tiny_model, tiny_config, capsys, monkeypatch, change, message):
     monkeypatch.chdir(tmp_path)
     torch.save(tiny_model.state_dict(), tmp_path / "tiny.pt")
-    args = {"--checkpoint": "tiny.pt", "--model": "lip-eval-tiny", "--retrieval-json": _perfect_retrieval_json(tmp_path)}
+    args = {"--checkpoint": "tiny.pt", "--model": "lip-eval-tiny", "--model-config": tiny_config,
+            "--retrieval-json": _perfect_retrieval_json(tmp_path)}
     args.update(change)
     argv = [x for k, v in args.items() if v is not None for x in (k, v)] + ["--device", "cpu", "--workers", "0"]
     assert ev.main(argv) == 2

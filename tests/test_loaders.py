@@ -1,8 +1,8 @@
 """The loaders end to end on real photos: every format × backend against what was converted,
 DALI against torch, ranks, resume, bad shards and foreign (img2dataset, open_clip-style) tars.
 
-Everything runs on the CPU (DALI with `device_id=None`) on a few dozen Flickr8k photos, so the
-whole file takes well under a minute or two on two cores.
+Everything runs on the CPU (DALI with `device_id=None`) on a few dozen Flickr8k photos: about
+45 s on two cores, a third of it img2dataset (marked slow).
 """
 from __future__ import annotations
 
@@ -226,8 +226,8 @@ def test_dali_and_torch_eval_agree_on_real_photos(shards):
 def test_dali_and_torch_train_follow_the_same_plan(shards):
     root, expect = shards
     outs = {}
-    for backend in BACKENDS:
-        loader = make_loader(root / "raw" / "arrow", "arrow", backend, split="train", seed=11)
+    for backend in BACKENDS:  # two workers each: batches come back in plan order all the same
+        loader = make_loader(root / "raw" / "arrow", "arrow", backend, split="train", seed=11, workers=2)
         outs[backend] = run_epoch(loader, epoch=2)
     assert outs["dali"]["keys"] == outs["torch"]["keys"]
     for name in ("raw", "syn", "has_syn"):
@@ -385,10 +385,11 @@ def test_resume_mid_epoch_and_across_epochs(shards, backend):
     assert [key for b in head for key in b.keys] == epochs[0]["keys"][:k * BATCH]
     resumed = make_loader(folder, fmt, backend, **cfg)
     resumed.load_state_dict(json.loads(json.dumps(state)))  # survives a checkpoint round trip
-    assert len(resumed) == epochs[0]["batches"]
     rest = run_epoch(resumed)
     assert rest["keys"] == epochs[0]["keys"][k * BATCH:]
     assert torch.equal(rest["syn"], epochs[0]["syn"][k * BATCH:])
+    if backend == "torch":  # crops are seeded by (seed, epoch, batch); DALI's by pipeline start
+        assert torch.equal(rest["images"], epochs[0]["images"][k * BATCH:])
     assert resumed.state_dict()["epoch"] == 1
     assert run_epoch(resumed)["keys"] == epochs[1]["keys"]
 
@@ -402,6 +403,13 @@ def test_resume_mid_epoch_and_across_epochs(shards, backend):
     nxt = run_epoch(again)
     assert nxt["keys"] == epochs[1]["keys"] and torch.equal(nxt["syn"], epochs[1]["syn"])
 
+    # Every batch taken but the epoch not closed yet: the resumed epoch is empty, then the next.
+    _, state = take(make_loader(folder, fmt, backend, **cfg), epochs[0]["batches"])
+    late = make_loader(folder, fmt, backend, **cfg)
+    late.load_state_dict(state)
+    assert list(late) == []
+    assert run_epoch(late)["keys"] == epochs[1]["keys"]
+
 
 def test_resume_eval_mid_epoch_gives_the_same_images(shards):
     root, _ = shards
@@ -414,14 +422,35 @@ def test_resume_eval_mid_epoch_gives_the_same_images(shards):
     assert torch.equal(rest["images"], full["images"][5 * BATCH:])
 
 
+def test_torch_loader_leaves_the_callers_rng_alone(shards):
+    """With workers=0 the augmentation runs in the training process: seeding its crops per batch
+    must not reseed the trainer's global RNG (dropout, init, its own shuffles). The DataLoader
+    itself draws its base seed from that RNG, the same draw whatever the loader's seed."""
+    root, _ = shards
+
+    def rng_after(seed: int) -> torch.Tensor:
+        torch.manual_seed(1234)
+        run_epoch(make_loader(root / "tok" / "wds", "wds", "torch", split="train", seed=seed, workers=0))
+        return torch.get_rng_state()
+
+    assert torch.equal(rng_after(0), rng_after(1))
+    # ... and the crops are the same as with worker processes.
+    assert torch.equal(run_epoch(make_loader(root / "tok" / "wds", "wds", "torch", split="train", workers=0))["images"],
+                       run_epoch(make_loader(root / "tok" / "wds", "wds", "torch", split="train", workers=2))["images"])
+
+
 @pytest.mark.parametrize("change, key", [({"world_size": 2}, "world_size"), ({"batch_size": 8}, "batch_size"),
-                                         ({"seed": 1}, "seed")])
+                                         ({"seed": 1}, "seed"), ({}, "samples")])
 def test_load_state_dict_rejects_another_setup(shards, change, key):
     root, _ = shards
     _, state = take(make_loader(root / "tok" / "wds", "wds", "torch", split="train"), 2)
+    if key == "samples":  # a checkpoint taken on other data
+        state["samples"] -= 1
     other = make_loader(root / "tok" / "wds", "wds", "torch", split="train", **change)
-    with pytest.raises(ValueError, match=key):
+    before = other.state_dict()
+    with pytest.raises(ValueError, match=f"{key}="):
         other.load_state_dict(state)
+    assert other.state_dict() == before
 
 
 # --- 6. bad shards -------------------------------------------------------------------------------
@@ -494,6 +523,31 @@ def test_sample_without_image(shards, tmp_path, backend):
         ic.create_index()
     check_raise(folder, "000003.tar", f"{victim} has no image")
     check_skip(folder, backend, set(expect) - {victim}, {"missing_image": 1}, expect)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("where", ["data", "header"])
+def test_truncated_tar_without_index(open_clip_tars, tmp_path, where):
+    """A foreign tar (no .idx) is indexed by scanning it. Cut inside a member's data, tarfile
+    raises ReadError("unexpected end of data"), which must become a problem naming the shard
+    (skipped and counted as a bad shard under "skip"); cut inside a header, tarfile just stops
+    early, and the sample left without its text is the one problem."""
+    src, texts = open_clip_tars
+    folder = tmp_path / "foreign"
+    shutil.copytree(src, folder)
+    tar = folder / "00001.tar"
+    with tarfile.open(tar) as t:
+        members = list(t)  # jpg, txt per sample
+    keys = [m.name.split(".")[0] for m in members[::2]]
+    if where == "data":
+        cut, kept, skipped = members[4].offset_data + members[4].size // 2, [], {"bad_shard": 1}
+    else:
+        cut, kept, skipped = members[5].offset + 100, keys[:2], {"missing_text": 1}
+    os.truncate(tar, cut)
+    check_raise(folder, "00001.tar", "00001.tar")
+    loader = make_loader(folder, "wds", "torch", split="eval", on_error="skip")
+    assert dict(loader.shardset.skipped) == skipped
+    assert run_epoch(loader)["keys"] == sorted(set(texts) - set(keys) | set(kept))
 
 
 # --- 7. foreign shards ---------------------------------------------------------------------------

@@ -28,8 +28,10 @@ class ConsistencyGates(nn.Module):
     @torch.no_grad()
     def forward(self, image: torch.Tensor, raw: torch.Tensor, syn: torch.Tensor,
                 has_syn: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Global-batch features [N, D] → per-sample weights [N] (float32) and the updated means."""
-        image, raw, syn = image.float(), raw.float(), syn.float()
+        """Global-batch features [N, D] → per-sample weights [N] (float32; float64 for float64
+        features) and the updated means."""
+        dtype = torch.promote_types(image.dtype, torch.float32)  # bf16/fp16 → fp32, fp64 kept
+        image, raw, syn = image.to(dtype), raw.to(dtype), syn.to(dtype)
         s_tc = (raw * syn).sum(-1)
         s_xt = (image * raw).sum(-1)
         s_xc = (image * syn).sum(-1)
@@ -39,7 +41,7 @@ class ConsistencyGates(nn.Module):
         if mask.any():
             self.h_tc.mul_(m).add_((1 - m) * s_tc[mask].double().mean())
             self.h_xc.mul_(m).add_((1 - m) * s_xc[mask].double().mean())
-        h_tc, h_xt, h_xc = self.h_tc.float(), self.h_xt.float(), self.h_xc.float()
+        h_tc, h_xt, h_xc = self.h_tc.to(dtype), self.h_xt.to(dtype), self.h_xc.to(dtype)
         w_sample = torch.exp(self.gamma_sample * (s_tc - h_tc)).clamp(max=1.0)
         inconsistent = s_tc < h_tc
         one = torch.ones_like(s_tc)

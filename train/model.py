@@ -50,7 +50,11 @@ class DualPathCLIP(nn.Module):
         self.context_length = clip.context_length
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """open_clip's call, for [B, 77] tokens whatever the model's context length."""
         return self.clip.encode_text(fit_context(tokens, self.context_length, EOT_TOKEN))
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.clip.encode_image(images)
 
     @property
     def logit_scale(self) -> nn.Parameter:

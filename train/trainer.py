@@ -78,14 +78,16 @@ def autocast_for(precision: str, device: torch.device):
     return precision, lambda: torch.autocast(device.type, dtype=dtype)
 
 
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: TrainConfig, loader=None) -> dict:
+    """Run the configured training. `loader` replaces the shard loader (benchmarks feed batches
+    from memory); it needs the `pipelines.loader.Loader` interface."""
     env = init_distributed(cfg.data.device)
     seed_everything(cfg.run.seed)  # identical init on every rank (DDP also broadcasts it)
     run_dir = os.path.join(cfg.run.out_dir, cfg.run.name)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
 
     model = build_model(cfg.model.name, cfg.model.pretrained, cfg.model.grad_checkpointing).to(env.device)
-    loader = build_loader(LoaderConfig(
+    loader = loader or build_loader(LoaderConfig(
         shards=cfg.data.train_shards, format=cfg.data.format, backend=cfg.data.backend,
         device="gpu" if env.device.type == "cuda" else "cpu", split="train",
         batch_size=cfg.data.batch_size, image_size=cfg.data.image_size, seed=cfg.run.seed,
@@ -134,6 +136,7 @@ def train(cfg: TrainConfig) -> dict:
     global_batch = cfg.data.batch_size * env.world_size * accum
     tick, tick_step = time.perf_counter(), step
     last = {}
+    step_times: list[float] = []  # wall clock after each step: benchmarks time a window of steps
     batches_per_epoch = steps_per_epoch * accum  # a trailing partial accumulation is never begun
     while step < total_steps:
         if loader.batches_yielded >= batches_per_epoch:  # left early (accumulation remainder)
@@ -171,10 +174,11 @@ def train(cfg: TrainConfig) -> dict:
                 tick, tick_step = now, step
             if step % cfg.run.ckpt_every == 0 or step == total_steps or micro == batches_per_epoch:
                 save()
+            step_times.append(time.perf_counter())
             if step >= total_steps or micro == batches_per_epoch:
                 break
     recorder.close()
-    result = {"run_dir": run_dir, "steps": step, "final": last}
+    result = {"run_dir": run_dir, "steps": step, "final": last, "step_times": step_times}
     if env.is_main:
         export_open_clip(model, os.path.join(run_dir, "open_clip_model.pt"))
         if cfg.run.plots:

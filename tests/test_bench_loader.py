@@ -1,0 +1,71 @@
+"""tools/bench_loader.py under --quick: every CPU backend measured on real shards, ratios filled."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tools import bench_loader, make_shards, make_synthetic
+
+CPU_BACKENDS = ("dali-cpu", "torch", "openclip", "dali-native")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """96 synthetic photos with synthetic captions, tokenized, in 4 tars (one per worker at least,
+    as open_clip requires) and RecordIO."""
+    root = tmp_path_factory.mktemp("bench_loader")
+    syn = root / "syn"
+    assert make_synthetic.main(["--out", str(syn), "--train", "96", "--test", "0", "--size", "64",
+                                "--workers", "1"]) == 0
+    out = root / "shards"
+    assert make_shards.main(["--source", "table", "--input", str(syn / "train.jsonl"),
+                             "--image-column", "image", "--caption-column", "caption",
+                             "--synthetic-captions", str(syn / "train_syn.jsonl"), "--tokenize",
+                             "--format", "wds,rec", "--samples-per-shard", "24", "--out", str(out),
+                             "--workers", "1", "--quiet"]) == 0
+    return out
+
+
+@pytest.mark.slow  # seven 2-s measurements plus worker start-ups: ~30 s
+def test_quick_run_measures_every_backend(shards, tmp_path, capsys):
+    out = tmp_path / "loader.json"
+    argv = ["--shards", str(shards), "--format", "wds,rec", "--backends", ",".join(CPU_BACKENDS),
+            "--workers", "2", "--quick", "--out", str(out)]
+    assert bench_loader.main(argv) == 0
+    report = json.loads(out.read_text())
+    rows = {(r["backend"], r["format"]): r for r in report["results"]}
+    assert set(rows) == {(b, "wds") for b in CPU_BACKENDS} | {("dali-cpu", "rec"), ("torch", "rec"),
+                                                               ("dali-native", "rec")}
+    for (backend, fmt), r in rows.items():
+        assert len(r["rates"]) == 1 and r["median"] > 0 and r["min"] <= r["median"] <= r["max"]
+        assert r["ratio_torch"] == pytest.approx(r["median"] / rows["torch", fmt]["median"])
+        if fmt == "wds":
+            assert r["ratio_openclip"] == pytest.approx(r["median"] / rows["openclip", "wds"]["median"])
+        else:
+            assert r["ratio_openclip"] is None
+    assert rows["torch", "wds"]["ratio_torch"] == pytest.approx(1.0)
+    assert rows["dali-cpu", "wds"]["tokens"] == "raw + syn" and rows["dali-native", "wds"]["tokens"] == "none"
+    assert {(s["backend"], s["format"]) for s in report["skipped"]} == {("openclip", "rec")}
+    machine = report["machine"]
+    assert machine["nproc"] >= 1 and machine["cpu"] and machine["versions"]["torch"]
+    assert report["config"]["batch_size"] == 32 and report["config"]["image_size"] == 64
+    printed = capsys.readouterr().out
+    assert "| backend | format | images/s (median)" in printed and "| dali-cpu | wds |" in printed
+
+
+def test_dali_gpu_is_skipped_without_cuda(shards, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_loader.torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "gpu.json"
+    assert bench_loader.main(["--shards", str(shards / "wds"), "--backends", "dali-gpu",
+                              "--hw-decoder-load", "0.5,0.9", "--quick", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["results"] == []
+    assert [s["backend"] for s in report["skipped"]] == ["dali-gpu (hw 0.5)", "dali-gpu (hw 0.9)"]
+    assert all("no CUDA device" in s["reason"] for s in report["skipped"])
+
+
+def test_unknown_backend_is_a_usage_error(shards, capsys):
+    assert bench_loader.main(["--shards", str(shards), "--backends", "dali,torch", "--quick"]) == 2
+    assert "unknown backend" in capsys.readouterr().err

@@ -1,0 +1,163 @@
+"""bench-train: training step time of `alip` against `clip-raw` on the same model and batches,
+and the trainer's overhead against a bare forward/backward/step loop over the same batches.
+
+    bench-train --model lip-tiny --image-size 64 --batch-size 64 --steps 30 [--device cpu|gpu] [--quick]
+
+Batches come from memory (random images and tokens), so only model, loss and loop are timed.
+Per-step time is the wall clock over steps (warmup, steps], from the trainer's own step
+timestamps, so set-up and tear-down (model build, export) are excluded from both sides.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+from pipelines.schema import Batch
+from train.config import load_config
+from train.losses import ClipLoss
+from train.model import build_model
+from train.trainer import MAX_LOGIT_SCALE, autocast_for, seed_everything, train
+
+
+class MemoryLoader:
+    """The `pipelines.loader.Loader` interface over batches held in memory."""
+
+    def __init__(self, batches: list[Batch]):
+        self.batches, self.epoch, self.batches_yielded = batches, 0, 0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for b in self.batches[self.batches_yielded:]:
+            self.batches_yielded += 1
+            yield b
+        self.epoch, self.batches_yielded = self.epoch + 1, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.batches_yielded = epoch, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches_yielded": self.batches_yielded}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.batches_yielded = state["epoch"], state["batches_yielded"]
+
+
+def make_batches(n: int, batch_size: int, image_size: int, device: torch.device) -> list[Batch]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(n):
+        tokens = torch.randint(1, 49406, (2, batch_size, 77), generator=g)
+        tokens[:, :, 0], tokens[:, :, 20], tokens[:, :, 21:] = 49406, 49407, 0
+        out.append(Batch(torch.randn(batch_size, 3, image_size, image_size, generator=g).to(device),
+                         tokens[0].to(device), tokens[1].to(device),
+                         torch.ones(batch_size, dtype=torch.bool, device=device),
+                         [f"{i}-{j}" for j in range(batch_size)]))
+    return out
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def trainer_time(mode: str, args, batches, device: torch.device) -> float:
+    """Seconds per step between the first and the last logged step (both synchronize)."""
+    with tempfile.TemporaryDirectory() as out:
+        cfg = load_config(None, [
+            "data.train_shards=memory", f"data.device={'gpu' if device.type == 'cuda' else 'cpu'}",
+            f"data.batch_size={args.batch_size}", f"data.image_size={args.image_size}",
+            f"model.name={args.model}", f"loss.mode={mode}", f"optim.max_steps={args.steps}",
+            "optim.epochs=1000", "optim.warmup_steps=1", f"optim.precision={args.precision}",
+            f"run.out_dir={out}", "run.plots=false", "run.ckpt_every=1000000",
+            f"run.log_every={args.warmup}"])
+        times = train(cfg, loader=MemoryLoader(batches))["step_times"]
+    return (times[-1] - times[args.warmup - 1]) / (args.steps - args.warmup)
+
+
+def bare_time(args, batches, device: torch.device) -> float:
+    """The reference: forward, CLIP loss, backward, clip, AdamW step, clamp; nothing else.
+    Timed over the same window of steps as the trainer."""
+    seed_everything(0)
+    model = build_model(args.model).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    loss_fn = ClipLoss()
+    _, autocast = autocast_for(args.precision, device)
+    for i in range(args.steps):
+        if i == args.warmup:
+            sync(device)
+            start = time.perf_counter()
+        b = batches[i % len(batches)]
+        with autocast():
+            image, raw, _, scale = model(b.images, b.raw_tokens)
+        loss = loss_fn(image.float(), raw.float(), scale.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+    sync(device)
+    return (time.perf_counter() - start) / (args.steps - args.warmup)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench-train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="lip-tiny")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=40, help="steps per run, warm-up included")
+    p.add_argument("--warmup", type=int, default=10, help="steps excluded from the timing")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", choices=("cpu", "gpu"), default="gpu" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", default="auto")
+    p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--quick", action="store_true", help="seconds: 6 steps, 1 repeat")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.warmup, args.repeats = 6, 2, 1
+    if not 0 < args.warmup < args.steps:
+        p.error("need 0 < --warmup < --steps")
+    device = torch.device("cuda" if args.device == "gpu" else "cpu")
+    batches = make_batches(min(args.steps, 16), args.batch_size, args.image_size, device)
+    runs = {"bare loop (clip-raw)": lambda: bare_time(args, batches, device),
+            **{f"trainer {m}": (lambda m=m: trainer_time(m, args, batches, device))
+               for m in ("clip-raw", "clip-both", "alip")}}
+    results = {k: [] for k in runs}
+    for r in range(args.repeats):  # interleaved, so drift in machine load hits every loop alike
+        for name, fn in runs.items():
+            print(f"bench-train: repeat {r + 1}/{args.repeats}: {name} ...", file=sys.stderr, flush=True)
+            results[name].append(fn())
+    med = {k: statistics.median(v) for k, v in results.items()}
+    report = {
+        "model": args.model, "image_size": args.image_size, "batch_size": args.batch_size,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(), "steps": args.steps, "warmup": args.warmup,
+        "repeats": args.repeats,
+        "seconds_per_step": results, "median_seconds_per_step": med,
+        "alip_over_clip": med["trainer alip"] / med["trainer clip-raw"],
+        "trainer_overhead": med["trainer clip-raw"] / med["bare loop (clip-raw)"] - 1,
+    }
+    print(f"\n| loop | ms/step (median of {args.repeats}) |\n|---|---:|")
+    for k, v in med.items():
+        print(f"| {k} | {1000 * v:.1f} |")
+    print(f"\nALIP / CLIP step time: {report['alip_over_clip']:.3f}× (target ≤ 1.35×)")
+    print(f"trainer overhead vs bare loop: {100 * report['trainer_overhead']:+.1f} % (target ≤ 3 %)")
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
