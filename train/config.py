@@ -67,8 +67,7 @@ class EvalConfig:
     retrieval_json: str | None = None  # Karpathy-style test list
     images_root: str | None = None
     caption_prefix: str = ""
-    batch_size: int = 64
-    every_epochs: int = 0  # 0: only at the end
+    batch_size: int = 64  # evaluation runs once, at the end of training, on rank 0
 
 
 @dataclass

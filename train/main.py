@@ -26,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
         result = train(cfg)
     finally:
         cleanup()
-    print(json.dumps({"run_dir": result["run_dir"], "steps": result["steps"], **result["final"]}))
+    if result["is_main"]:
+        print(json.dumps({"run_dir": result["run_dir"], "steps": result["steps"], **result["final"],
+                          **({"eval": result["eval"]} if "eval" in result else {})}))
     return 0
 
 

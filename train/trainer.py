@@ -78,6 +78,20 @@ def autocast_for(precision: str, device: torch.device):
     return precision, lambda: torch.autocast(device.type, dtype=dtype)
 
 
+def evaluate_run(cfg: TrainConfig, model, device, run_dir: str) -> dict:
+    """Zero-shot retrieval on `eval.retrieval_json` at the end of the run → results.json/.md."""
+    from train.evaluate import RetrievalEvalConfig, run_evals, write_results
+
+    evals = run_evals(model, [RetrievalEvalConfig(
+        name=os.path.splitext(os.path.basename(cfg.eval.retrieval_json))[0],
+        karpathy_json=cfg.eval.retrieval_json, images_root=cfg.eval.images_root,
+        caption_prefix=cfg.eval.caption_prefix, image_size=cfg.data.image_size,
+        batch_size=cfg.eval.batch_size, workers=cfg.data.workers)], device)
+    write_results(os.path.join(run_dir, "results.json"), {cfg.run.name: evals})
+    model.train()
+    return evals
+
+
 def train(cfg: TrainConfig, loader=None) -> dict:
     """Run the configured training. `loader` replaces the shard loader (benchmarks feed batches
     from memory); it needs the `pipelines.loader.Loader` interface."""
@@ -178,9 +192,12 @@ def train(cfg: TrainConfig, loader=None) -> dict:
             if step >= total_steps or micro == batches_per_epoch:
                 break
     recorder.close()
-    result = {"run_dir": run_dir, "steps": step, "final": last, "step_times": step_times}
+    result = {"run_dir": run_dir, "steps": step, "final": last, "step_times": step_times,
+              "is_main": env.is_main}
     if env.is_main:
         export_open_clip(model, os.path.join(run_dir, "open_clip_model.pt"))
+        if cfg.eval.retrieval_json:
+            result["eval"] = evaluate_run(cfg, model, env.device, run_dir)
         if cfg.run.plots:
             from train.plot import plot_run
 
