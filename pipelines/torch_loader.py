@@ -84,9 +84,12 @@ def iterate_torch(cfg, shardset: ShardSet, plan: EpochPlan, start: int) -> Itera
     )
     n = plan.num_batches - start
     workers = max(0, min(cfg.workers, n))
+    # Own generator: the DataLoader draws its workers' base seed from it on every iter(); from the
+    # global RNG that draw would make a resumed run's RNG (one more iter() per resume) diverge.
     loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=workers,
                                          persistent_workers=False, pin_memory=cfg.device == "gpu",
-                                         prefetch_factor=4 if workers else None)
+                                         prefetch_factor=4 if workers else None,
+                                         generator=torch.Generator().manual_seed(mix(cfg.seed, plan.epoch)))
     device = torch.device("cuda" if cfg.device == "gpu" else "cpu")
     for images, raw, syn, has_syn, keys in loader:
         yield Batch(images.to(device, non_blocking=True), raw.to(device, non_blocking=True),

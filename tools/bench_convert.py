@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import json
 import math
@@ -40,14 +41,11 @@ PACKAGES = ("img2dataset", "pillow", "opencv-python-headless", "albumentations",
 I2D_SCRIPT = "import json, sys; from img2dataset import download; download(**json.loads(sys.argv[1]))"
 # No update check (network) from albumentations, no wandb, no deprecation chatter in the logs.
 QUIET_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+log = functools.partial(print, "[bench-convert]", file=sys.stderr, flush=True)
 
 
 class BenchError(RuntimeError):
     """A run that failed or dropped images: its time must not be reported."""
-
-
-def log(msg: str) -> None:
-    print(f"[bench-convert] {msg}", file=sys.stderr, flush=True)
 
 
 def find_jpegs(dirs: list[Path]) -> list[Path]:
@@ -175,10 +173,9 @@ def machine() -> dict:
     # VMs often name only the vendor line ("AMD EPYC"): family/model pin the generation.
     model = (f"{cpu.get('model name', platform.processor())} (family {cpu.get('cpu family')}, "
              f"model {cpu.get('model')}, {cpu.get('cpu MHz')} MHz)")
-    versions = {d.metadata["Name"].lower(): d.version for d in metadata.distributions()
-                if d.metadata["Name"].lower() in PACKAGES}
+    installed = {d.metadata["Name"].lower(): d.version for d in metadata.distributions()}
     return {"cpu_model": model, "nproc": len(os.sched_getaffinity(0)), "python": platform.python_version(),
-            "platform": platform.platform(), "packages": versions}
+            "platform": platform.platform(), "packages": {p: installed.get(p) for p in PACKAGES}}
 
 
 def summarize(runs: list[dict], n: int) -> dict:
@@ -204,8 +201,9 @@ def table(res: dict) -> str:
              f"{b['passed_through']} passed through); × {w} workers = {b['images_per_cpu_s'] * w:.0f}/s"]
     rows += [f"- {k}: {r['fraction_of_bound']:.0%} of bound × workers" for k, r in res["tools"].items()]
     if sweep := res["thread_sweep"]:
-        rows += ["", f"img2dataset thread sweep ({sweep[0]['images']} images): " + ", ".join(
-            f"{s['threads']}: {s['images_per_s']:.0f}/s" for s in sweep) + f" → {res['img2dataset_threads']}"]
+        rates = ", ".join(f"{s['threads']}: {s['images_per_s_excl_startup']:.0f}/s" for s in sweep)
+        rows += ["", f"img2dataset thread sweep ({sweep[0]['images']} images, excl. start-up): {rates}"
+                 f" → {res['img2dataset_threads']}"]
     return "\n".join(rows)
 
 
@@ -228,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def measure(a: argparse.Namespace, scratch: Path) -> dict:
-    threads = [int(t) for t in a.threads.split(",")]
+    threads = [int(t) for t in (a.threads or ("16" if a.quick else "4,16,64")).split(",")]
     spp = a.samples_per_shard or math.ceil(a.count / (4 * a.workers))
     pairs = stage(find_jpegs(a.images), a.count, scratch / "images")
     files = [f for f, _ in pairs]
@@ -245,8 +243,9 @@ def measure(a: argparse.Namespace, scratch: Path) -> dict:
             log(f"img2dataset thread sweep: thread_count={t} on {n} images")
             r = run_img2dataset(sweep_lists[1], scratch / f"i2d_sweep_{t}", n, a, sweep_spp, t)
             sweep.append({"threads": t, "images": n, "wall_s": round(r["wall_s"], 3),
-                          "images_per_s": round(n / r["wall_s"], 1)})
-        best = min(sweep, key=lambda s: s["wall_s"])["threads"]
+                          "images_per_s_excl_startup": round(n / r["in_tool_s"], 1)})
+        # Threads only change the conversion, not the ~10 s of start-up that would drown them.
+        best = max(sweep, key=lambda s: s["images_per_s_excl_startup"])["threads"]
     runs: dict[str, list[dict]] = {"make-shards": [], "img2dataset": []}
     load = {"before": os.getloadavg()}  # other users of the machine show here
     for rep in range(a.repeats):
@@ -256,7 +255,8 @@ def measure(a: argparse.Namespace, scratch: Path) -> dict:
             runs[name].append(run_make_shards(lists[0], scratch / "ms_out", a.count, a, spp)
                               if name == "make-shards" else
                               run_img2dataset(lists[1], scratch / "i2d_out", a.count, a, spp, best))
-            log(f"  {runs[name][-1]['wall_s']:.2f} s")
+            runs[name][-1]["load1"] = os.getloadavg()[0]
+            log(f"  {runs[name][-1]['wall_s']:.2f} s (1-minute load {runs[name][-1]['load1']:.1f})")
     load["after"] = os.getloadavg()
     log(f"Pillow bound on the same {a.count} images")
     bound = pillow_bound(pairs, a.resize, a.quality)
@@ -278,7 +278,6 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     if a.quick:
         a.count, a.repeats = min(a.count, 200), 1
-    a.threads = a.threads or ("16" if a.quick else "4,16,64")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     # Scratch beside the results: inputs and both tools' outputs on one disk.
     scratch = a.scratch or Path(tempfile.mkdtemp(prefix="bench_convert_", dir=a.out.parent))

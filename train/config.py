@@ -153,11 +153,21 @@ def _merge(obj, values: dict, prefix: str = "") -> None:
             setattr(obj, k, _coerce(v, hints[k], key))
 
 
+def _yaml(text: str, where: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:  # its message spans lines: keep the error to one
+        raise ConfigError(f"{where}: not valid YAML ({' '.join(str(e).split())})") from None
+
+
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
     cfg = TrainConfig()
     if path:
         with open(path) as f:
-            _merge(cfg, yaml.safe_load(f) or {})
+            values = _yaml(f.read(), path) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (data:, model:, loss:, ...)")
+        _merge(cfg, values)
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.lr=1e-3")
@@ -165,9 +175,16 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
         nested: dict = {}
         cursor = nested
         *parents, leaf = key.strip().split(".")
+        target = cfg
         for p in parents:
             cursor = cursor.setdefault(p, {})
-        cursor[leaf] = yaml.safe_load(raw)
+            target = getattr(target, p, None)
+        value = _yaml(raw, key.strip())
+        hint = typing.get_type_hints(type(target)).get(leaf) if dataclasses.is_dataclass(target) else None
+        if (hint is str or str in typing.get_args(hint)) and not isinstance(value, str) \
+                and not (value is None and hint is not str):
+            value = raw  # a string field keeps the text YAML would type: run.name=001 is "001", not 1
+        cursor[leaf] = value
         _merge(cfg, nested)
     return cfg.validate()
 

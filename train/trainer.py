@@ -164,6 +164,8 @@ def train(cfg: TrainConfig, loader=None) -> dict:
                                                      batch.syn_tokens if use_syn else None)
                 loss, info = compute_loss(cfg.loss.mode, loss_fn, image, raw, syn, scale, batch.has_syn)
                 scaler.scale(loss / accum).backward()
+            # the logged loss is the step's: the mean over its micro-batches
+            step_loss = loss.detach() / accum + (0 if (micro - 1) % accum == 0 else step_loss)
             if not sync:
                 continue
             scaler.unscale_(opt)
@@ -171,13 +173,14 @@ def train(cfg: TrainConfig, loader=None) -> dict:
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
+            lr = sched.get_last_lr()[0]  # the rate this step used; sched.step() sets the next one
             sched.step()
             with torch.no_grad():
                 model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
             step += 1
             if step % cfg.run.log_every == 0 or step == total_steps:
                 now = time.perf_counter()
-                last = {"loss": float(loss.detach()), "lr": sched.get_last_lr()[0], "logit_scale": float(scale.detach()),
+                last = {"loss": float(step_loss), "lr": lr, "logit_scale": float(scale.detach()),
                         "grad_norm": float(grad_norm), "epoch": loader.epoch,
                         "samples_per_s": (step - tick_step) * global_batch / (now - tick),
                         **{k: float(info[k]) for k in ("loss_raw", "loss_syn") if k in info}}
