@@ -3,10 +3,10 @@
     bench-convert --out bench_out/convert.json            # 5,000 images, 3 repeats each
     bench-convert --quick --out /tmp/convert.json         # 200 images, 1 repeat
 
-Both tools run as subprocesses timed from launch to exit (start-up included, as a user pays it),
-writing webdataset shards to the same scratch disk with the same worker count, shard size,
-short-side resize (never upscaling) and JPEG quality. img2dataset reads the files by `file://`
-URL; its thread count is chosen by a small sweep so the baseline is its best, not its default.
+Both tools run as subprocesses timed from launch to exit (start-up included, as a user pays it;
+their own stats give the rate without it), writing webdataset shards to one disk with the same
+workers, shard size, short-side resize (never upscaling) and JPEG quality. img2dataset reads the
+files by `file://` URL; a small sweep picks its thread count, so the baseline is its best.
 The bound is Pillow's own decode + resize + encode in one process: what one core can do at most.
 """
 from __future__ import annotations
