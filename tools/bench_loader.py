@@ -4,13 +4,12 @@
         --backends dali-cpu,torch,openclip,dali-native --batch-size 64 --workers 2 --seconds 20
     bench-loader --shards DIR --backends dali-cpu,torch --quick --out /tmp/loader.json
 
-Backends: `dali-gpu` / `dali-cpu` / `torch` are `pipelines.loader.build_loader` as training uses
-it (epoch plan, raw + synthetic tokens). `openclip` is open_clip's own `get_wds_dataset` (its
-webdataset pipeline and WebLoader) with our torchvision transform and `open_clip.tokenize`: the
-baseline nobody can call weak. `dali-native` is a bare DALI reader (`fn.readers.webdataset` /
-`fn.readers.mxnet`) feeding the same augment graph, without tokens: the bound of what our plan +
-external-source layer could reach. Each repeat builds its loader afresh, warms up (excluded),
-then counts images over `--seconds` of wall time, crossing epochs as training does.
+`dali-gpu` / `dali-cpu` / `torch` are `pipelines.loader.build_loader` as training uses it (epoch
+plan, raw + synthetic tokens). `openclip` is open_clip's own `get_wds_dataset` (its webdataset
+pipeline, WebLoader and per-sample `open_clip.tokenize` in the workers) with our torchvision
+transform: a baseline nobody can call weak. `dali-native` is DALI's own reader feeding the same
+augment graph, no tokens: the bound for our plan + external-source layer. Each repeat builds its
+loader afresh, warms up (excluded), then counts images over `--seconds`, crossing epochs.
 """
 from __future__ import annotations
 
@@ -39,8 +38,7 @@ WARMUP_BATCHES = 2
 WARMUP_FRACTION = 0.1
 PACKAGES = ("torch", "torchvision", "nvidia-dali-cuda120", "webdataset", "open_clip_torch", "pillow", "numpy")
 
-# A backend at one setting: `open()` returns (one epoch's batch sizes, a tear-down), and every
-# call starts the next epoch, so the timer sees epoch boundaries as training does.
+# Each call yields the next epoch's batch sizes: the timer sees epoch boundaries as training does.
 Epochs = Callable[[], Iterator[int]]
 
 
@@ -133,10 +131,9 @@ def openclip(args: Namespace, folder: str) -> tuple[Epochs, Callable[[], None]]:
 
 def native(args: Namespace, folder: str, fmt: str, device: str,
            hw_load: float) -> tuple[Epochs, Callable[[], None]]:
-    import numpy as np
     from nvidia.dali import fn, pipeline_def
 
-    from pipelines.dali import augment_graph
+    from pipelines.dali import _to_torch, augment_graph  # the loader's own output conversion
 
     shards = ShardSet(folder, fmt).shards
     if fmt == "wds":
@@ -172,14 +169,7 @@ def native(args: Namespace, folder: str, fmt: str, device: str,
         # The reader wraps around by itself; an epoch here is only a unit of iteration.
         for _ in range(epoch_batches):
             (images,) = p.run()
-            if gpu:
-                from nvidia.dali.plugin.pytorch import feed_ndarray
-                t = images.as_tensor()
-                out = torch.empty(t.shape(), dtype=torch.float32, device=target)
-                feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream())
-            else:
-                out = torch.from_numpy(np.asarray(images.as_tensor()))
-            yield out.shape[0]
+            yield _to_torch(images, target).shape[0]
     return epoch, lambda: None
 
 
@@ -221,17 +211,11 @@ def measure(open_backend: Callable[[], tuple[Epochs, Callable[[], None]]], secon
 
 def machine() -> dict:
     cpu = platform.processor()
-    try:
+    if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    versions = {}
-    for pkg in PACKAGES:
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
+    installed = {d.metadata["Name"].lower(): d.version for d in metadata.distributions()}
+    versions = {pkg: installed.get(pkg.lower()) for pkg in PACKAGES}
     return {"cpu": cpu, "nproc": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "python": platform.python_version(), "platform": platform.platform(), "versions": versions}
@@ -319,21 +303,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     for fmt in formats:
         sub = os.path.join(args.shards, fmt)
         folder = sub if os.path.isdir(sub) else args.shards
-        done: list[Result] = []
+        runs = []
         for res, opener, gpu in plan(args, fmt, folder):
             reason = skip_reason(res.backend, fmt, gpu)
             if reason:
                 log(f"skip {res.label} on {fmt}: {reason}")
                 skipped.append({"backend": res.label, "format": fmt, "reason": reason})
-                continue
-            for rep in range(args.repeats):
+            else:
+                runs.append((res, opener, gpu))
+        # Round robin, reversed every other repeat: a machine that speeds up or slows down over
+        # the minutes of a run shifts every backend alike instead of biasing the ratios.
+        for rep in range(args.repeats):
+            for res, opener, gpu in runs if rep % 2 == 0 else runs[::-1]:
                 rate, first = measure(opener, args.seconds, gpu)
                 res.rates.append(rate)
                 res.first_batch_s.append(first)
                 res.load_avg.append(os.getloadavg()[0])
                 log(f"{res.label} {fmt} repeat {rep + 1}/{args.repeats}: {rate:,.1f} images/s "
                     f"(first batch after {first:.1f} s, load {res.load_avg[-1]:.2f})")
-            done.append(res)
+        done = [res for res, _, _ in runs]
         base = {r.backend: r.median for r in done if r.backend in ("torch", "openclip")}
         for r in done:
             r.ratio_torch = r.median / base["torch"] if "torch" in base else None
