@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tools import bench_loader, make_shards, make_synthetic
+from conftest import build_synthetic_shards
+from tools import bench_loader
 
 CPU_BACKENDS = ("dali-cpu", "torch", "openclip", "dali-native")
 
@@ -15,17 +16,7 @@ CPU_BACKENDS = ("dali-cpu", "torch", "openclip", "dali-native")
 def shards(tmp_path_factory) -> Path:
     """96 synthetic photos with synthetic captions, tokenized, in 4 tars (one per worker at least,
     as open_clip requires) and RecordIO."""
-    root = tmp_path_factory.mktemp("bench_loader")
-    syn = root / "syn"
-    assert make_synthetic.main(["--out", str(syn), "--train", "96", "--test", "0", "--size", "64",
-                                "--workers", "1"]) == 0
-    out = root / "shards"
-    assert make_shards.main(["--source", "table", "--input", str(syn / "train.jsonl"),
-                             "--image-column", "image", "--caption-column", "caption",
-                             "--synthetic-captions", str(syn / "train_syn.jsonl"), "--tokenize",
-                             "--format", "wds,rec", "--samples-per-shard", "24", "--out", str(out),
-                             "--workers", "1", "--quiet"]) == 0
-    return out
+    return build_synthetic_shards(tmp_path_factory.mktemp("bench_loader"), 96, "wds,rec", 24)
 
 
 @pytest.mark.slow  # seven 2-s measurements plus worker start-ups: ~30 s

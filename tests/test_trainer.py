@@ -40,7 +40,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from pipelines.loader import LoaderConfig, build_loader
-from tools import make_shards, make_synthetic
+from conftest import build_synthetic_shards
 from train import checkpoint
 from train.config import TrainConfig, load_config
 from train.distributed import DistEnv
@@ -60,17 +60,7 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
     """200 synthetic photos (64 px) with synthetic captions, tokenized, in four wds shards."""
-    root = tmp_path_factory.mktemp("trainer_data")
-    syn = root / "syn"
-    assert make_synthetic.main(["--out", str(syn), "--train", "200", "--test", "0", "--size", "64",
-                                "--workers", "1"]) == 0
-    out = root / "shards"
-    assert make_shards.main(["--source", "table", "--input", str(syn / "train.jsonl"),
-                             "--image-column", "image", "--caption-column", "caption",
-                             "--synthetic-captions", str(syn / "train_syn.jsonl"), "--tokenize",
-                             "--format", "wds", "--samples-per-shard", "50", "--out", str(out),
-                             "--workers", "1", "--quiet"]) == 0
-    return str(out / "wds")
+    return str(build_synthetic_shards(tmp_path_factory.mktemp("trainer_data"), 200, "wds", 50) / "wds")
 
 
 def overrides(shards: str, out_dir, name: str, **changes) -> list[str]:
