@@ -114,7 +114,7 @@ class _EvalData:  # what both tasks share: a name, where images come from, how t
     backend: str = "torch"  # torch | dali (shards only)
     image_size: int = 224
     batch_size: int = 64
-    workers: int = 4
+    workers: int = min(4, os.cpu_count() or 1)
     amp: bool = False  # bf16 autocast around the encoders
 
     def _check(self, **sources: str | None) -> None:
@@ -398,7 +398,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--backend", default="torch", choices=("torch", "dali"))
     add("--image-size", type=int, help="default: the model's own")
     add("--batch-size", type=int, default=64)
-    add("--workers", type=int, default=4)
+    add("--workers", type=int, default=min(4, os.cpu_count() or 1))
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add("--amp", action="store_true", help="bf16 autocast")
     add("--run-name", help="row name in the table (default: the checkpoint's file name)")
