@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pipelines.formats.base import TMP_SUFFIX, shard_stem
 from pipelines.formats.registry import WRITERS
 from pipelines.schema import Sample
-from pipelines.text import clean_text, tokenize
+from pipelines.text import tokenize
 from tools.image_policy import ImagePolicy, SkipSample, process_image
 from tools.sources.base import SourceRecord, TarMember
 

@@ -164,8 +164,9 @@ def train(cfg: TrainConfig, loader=None) -> dict:
                                                      batch.syn_tokens if use_syn else None)
                 loss, info = compute_loss(cfg.loss.mode, loss_fn, image, raw, syn, scale, batch.has_syn)
                 scaler.scale(loss / accum).backward()
-            # the logged loss is the step's: the mean over its micro-batches
-            step_loss = loss.detach() / accum + (0 if (micro - 1) % accum == 0 else step_loss)
+            if (micro - 1) % accum == 0:  # the logged loss is the step's: its micro-batches' mean
+                step_loss = torch.zeros((), device=env.device)
+            step_loss += loss.detach() / accum
             if not sync:
                 continue
             scaler.unscale_(opt)
