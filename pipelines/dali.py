@@ -2,44 +2,66 @@
 without one, the same graph on the CPU (`device_id=None`).
 
 Encoded samples enter through a parallel external source whose worker processes follow the epoch
-plan: they read each sample by offset (the converter's `.idx` for tars and RecordIO, row number
-for memory-mapped Arrow) and deliver its tokens, so tokenization never runs in the training
-process. DALI's own readers (`fn.readers.webdataset`, `fn.readers.mxnet`) sort and shard samples
-their own way and cannot follow a global per-epoch permutation, which the rank and resume
-guarantees need; they remain the bound to compare against in `tools/bench_loader.py`.
+plan: they read each sample by offset (the converter's `.idx` for tars and RecordIO, buffer views
+of memory-mapped Arrow) and hand DALI one batch as the encoded images plus ONE int32 array of
+text (`ShardSet.read_batch`). Keys and ids never enter the graph: the training process knows the
+plan and completes the `Batch` itself.
+
+One pipeline serves the loader's whole life. Its source is endless: after the planned epoch it
+runs on into the next ones, so DALI prefetches across epoch boundaries and an epoch costs nothing
+to start (DALI's own readers work the same way). The pipeline is rebuilt only when the caller
+jumps (a resume, `set_epoch` out of order) or a bad image broke a batch.
+
+DALI's own readers (`fn.readers.webdataset`, `fn.readers.mxnet`) shard and shuffle their own way
+and cannot follow a global per-epoch permutation, which the rank and resume guarantees need; they
+remain the bound in `tools/bench_loader.py`.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterator
 
 import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 
+from pipelines.faults import BadSamples
+from pipelines.images import decode_rgb
 from pipelines.sampling import EpochPlan
-from pipelines.schema import Batch
+from pipelines.schema import CONTEXT_LENGTH, Batch
 from pipelines.shardset import ShardSet
-from pipelines.text import sample_tokens
 from pipelines.transforms import CLIP_MEAN, CLIP_STD, AugmentSpec
 
 
 class PlanSource:
-    """Batch-mode callback for `fn.external_source(parallel=True)`: batch i of the plan → encoded
-    images, raw tokens, synthetic tokens, has_syn and keys (as uint8 arrays)."""
+    """Batch-mode callback for `fn.external_source(parallel=True)`. Iteration i is the i-th batch
+    of the endless sequence that starts at batch `start` of `plan` and goes on through epochs
+    plan.epoch + 1, + 2, ... (whole epochs, offset 0). Used by the workers (to read) and by the
+    training process (to name what each batch holds), so both agree by construction."""
 
-    def __init__(self, shardset: ShardSet, plan: EpochPlan, start: int, seed: int):
-        self.shardset, self.seed, self.epoch = shardset, seed, plan.epoch
-        self.batches = plan.batches(start)
+    def __init__(self, shardset: ShardSet, plan: EpochPlan, start: int, seed: int, bad: BadSamples):
+        self.shardset, self.plan, self.start, self.seed, self.bad = shardset, plan, start, seed, bad
+        self.first = plan.num_batches - start  # batches left in the first epoch
+        self.per_epoch = dataclasses.replace(plan, offset=0).num_batches
+        self._epoch: tuple[int, list[np.ndarray]] | None = None
+
+    def position(self, i: int) -> tuple[EpochPlan, int]:
+        """(plan of the epoch, batch index in it) of iteration i."""
+        if i < self.first:
+            return self.plan, self.start + i
+        epochs, batch = divmod(i - self.first, self.per_epoch)
+        return dataclasses.replace(self.plan, epoch=self.plan.epoch + 1 + epochs, offset=0), batch
+
+    def planned(self, i: int) -> tuple[int, np.ndarray]:
+        """(epoch, planned sample ids) of iteration i; each epoch's batches are computed once."""
+        plan, b = self.position(i)
+        if self._epoch is None or self._epoch[0] != (plan.epoch, plan.offset):
+            self._epoch = ((plan.epoch, plan.offset), plan.batches())
+        return plan.epoch, self._epoch[1][b]
 
     def __call__(self, info):
-        if info.iteration >= len(self.batches):
-            raise StopIteration
-        ids = self.batches[info.iteration]
-        samples = [self.shardset.get(int(g)) for g in ids]
-        raw, syn, has_syn = sample_tokens(samples, ids, self.seed, self.epoch)
-        return ([np.frombuffer(s.image, np.uint8) for s in samples], list(raw), list(syn),
-                [np.array(h, np.uint8) for h in has_syn],
-                [np.frombuffer(s.key.encode(), np.uint8) for s in samples])
+        epoch, ids = self.planned(info.iteration)
+        return self.shardset.read_batch(self.bad.apply(ids), self.seed, epoch)
 
 
 def augment_graph(jpegs, spec: AugmentSpec, decode_device: str, hw_decoder_load: float):
@@ -61,48 +83,99 @@ def augment_graph(jpegs, spec: AugmentSpec, decode_device: str, hw_decoder_load:
                                     mean=mean, std=std, output_layout="CHW", dtype=types.FLOAT)
 
 
-def build_pipeline(cfg, source: PlanSource):
+def build_pipeline(cfg, source: PlanSource, seed: int):
     gpu = cfg.device == "gpu"
 
     @pipeline_def(batch_size=cfg.batch_size, num_threads=max(1, cfg.workers),
-                  device_id=torch.cuda.current_device() if gpu else None, seed=cfg.seed + 7919 * source.epoch,
+                  device_id=torch.cuda.current_device() if gpu else None, seed=seed,
                   py_num_workers=max(1, cfg.workers), py_start_method="spawn" if gpu else "fork",
                   prefetch_queue_depth=2, exec_dynamic=True)
     def pipe():
-        jpegs, raw, syn, has_syn, keys = fn.external_source(source, num_outputs=5, batch=True,
-                                                            batch_info=True, parallel=True,
-                                                            dtype=[types.UINT8, types.INT64, types.INT64,
-                                                                   types.UINT8, types.UINT8])
-        images = augment_graph(jpegs, cfg.augment(), "mixed" if gpu else "cpu", cfg.hw_decoder_load)
-        return images, raw, syn, has_syn, keys
+        jpegs, text = fn.external_source(source, num_outputs=2, batch=True, batch_info=True,
+                                         parallel=True, dtype=[types.UINT8, types.INT32])
+        return augment_graph(jpegs, cfg.augment(), "mixed" if gpu else "cpu", cfg.hw_decoder_load), text
 
-    return pipe()
+    p = pipe()
+    p.build()
+    return p
 
 
-def _to_torch(tl, device: torch.device) -> torch.Tensor:
-    if hasattr(tl, "as_cpu") and device.type == "cuda":
-        out = torch.empty(tl.as_tensor().shape(), dtype=torch.float32, device=device)
+def to_torch(tensors, device: torch.device) -> torch.Tensor:
+    """A DALI output batch (CPU or GPU TensorList) as one torch tensor on `device`."""
+    if hasattr(tensors, "as_cpu") and device.type == "cuda":
+        out = torch.empty(tensors.as_tensor().shape(), dtype=torch.float32, device=device)
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
-        feed_ndarray(tl.as_tensor(), out, cuda_stream=torch.cuda.current_stream())
+        feed_ndarray(tensors.as_tensor(), out, cuda_stream=torch.cuda.current_stream())
         return out
-    return torch.from_numpy(np.asarray(tl.as_tensor()))
+    return torch.from_numpy(np.asarray(tensors.as_tensor()))
 
 
-def iterate_dali(cfg, shardset: ShardSet, plan: EpochPlan, start: int) -> Iterator[Batch]:
-    source = PlanSource(shardset, plan, start, cfg.seed)
-    if not source.batches:
-        return
-    pipe = build_pipeline(cfg, source)
-    pipe.build()
-    device = torch.device("cuda" if cfg.device == "gpu" else "cpu")
-    try:
-        for _ in range(len(source.batches)):
-            images, raw, syn, has_syn, keys = pipe.run()
-            yield Batch(_to_torch(images, device),
-                        torch.from_numpy(np.asarray(raw.as_tensor())).to(device),
-                        torch.from_numpy(np.asarray(syn.as_tensor())).to(device),
-                        torch.from_numpy(np.asarray(has_syn.as_tensor()).astype(bool)).to(device),
-                        [bytes(np.asarray(keys.at(i))).decode() for i in range(len(keys))])
-    finally:
-        del pipe
+def find_bad(shardset: ShardSet, ids: np.ndarray) -> list[tuple[int, str]]:
+    """After DALI failed a batch (it does not say which sample): the samples that do not decode
+    on the CPU path (the torch backend's decoder, so both backends call the same samples bad)."""
+    bad = []
+    for gid in ids:
+        try:
+            decode_rgb(shardset.get(int(gid)).image)
+        except Exception as e:  # noqa: BLE001 - any failure makes the sample bad
+            bad.append((int(gid), str(e)))
+    return bad
+
+
+class DaliBackend:
+    """Owns the loader's one pipeline and knows which iteration its next `run()` yields."""
+
+    def __init__(self, cfg, shardset: ShardSet, bad: BadSamples):
+        self.cfg, self.shardset, self.bad = cfg, shardset, bad
+        self.device = torch.device("cuda" if cfg.device == "gpu" else "cpu")
+        self.pipe = self.source = None
+        self.next = 0  # the source iteration the pipeline's next output holds
+        self.known_bad = 0  # len(bad) when the pipeline was built: its workers know those
+
+    def close(self) -> None:
+        self.pipe = self.source = None  # DALI stops its workers when the pipeline goes
+
+    def _at(self, plan: EpochPlan, start: int) -> bool:
+        if self.pipe is None or len(self.bad) != self.known_bad:
+            return False
+        here, b = self.source.position(self.next)
+        return (here.epoch, here.offset, b) == (plan.epoch, plan.offset, start)
+
+    def _build(self, plan: EpochPlan, start: int) -> None:
+        self.close()
+        self.source = PlanSource(self.shardset, plan, start, self.cfg.seed, self.bad)
+        # Crops come from DALI's RNG, seeded per (seed, epoch, batch) of the build.
+        seed = (self.cfg.seed * 1_000_003 + plan.epoch * 7919 + start) % (2 ** 31)
+        self.pipe, self.next, self.known_bad = build_pipeline(self.cfg, self.source, seed), 0, len(self.bad)
+
+    def iterate(self, plan: EpochPlan, start: int) -> Iterator[Batch]:
+        for b in range(start, plan.num_batches):
+            if not self._at(plan, b):
+                self._build(plan, b)
+            while True:
+                try:
+                    images, text = self.pipe.run()
+                    break
+                except Exception as e:  # noqa: BLE001 - DALI reports decode errors as RuntimeError
+                    self._recover(e, self.source.planned(self.next)[1])  # marks ≥ 1 sample bad or raises
+                    self._build(plan, b)
+            _, planned = self.source.planned(self.next)
+            self.next += 1
+            ids = self.bad.apply(planned)
+            self.bad.count(planned)
+            text = torch.from_numpy(np.asarray(text.as_tensor()))
+            yield Batch(to_torch(images, self.device),
+                        text[:, :CONTEXT_LENGTH].to(self.device, torch.int64),
+                        text[:, CONTEXT_LENGTH:-1].to(self.device, torch.int64),
+                        text[:, -1].to(self.device, torch.bool),
+                        [self.shardset.key(int(g)) for g in ids], torch.from_numpy(ids))
+
+    def _recover(self, error: Exception, planned: np.ndarray) -> None:
+        self.close()  # a pipeline that raised is no longer valid
+        found = find_bad(self.shardset, self.bad.apply(planned))
+        if not found:
+            keys = ", ".join(self.shardset.where(int(g)) for g in self.bad.apply(planned)[:4])
+            raise RuntimeError(f"DALI failed a batch holding {keys}, ...: {error}") from error
+        for gid, message in found:
+            self.bad.report(gid, self.shardset.where(gid), message)

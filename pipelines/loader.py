@@ -2,13 +2,15 @@
 
 Every backend (DALI on GPU or CPU, torch DataLoader) follows the same `EpochPlan`, so a caller
 cannot tell them apart except by speed. The loader's state is (epoch, batches yielded in it,
-seed): enough to resume mid-epoch with exactly the batches not yet yielded, in the same order.
+the plan's offset, seed) plus the bad samples met so far: enough to resume mid-epoch with exactly
+the samples not yet yielded, at the same or at another world size and batch size (elastic).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Iterator
 
+from pipelines.faults import BadSamples
 from pipelines.sampling import EpochPlan
 from pipelines.schema import Batch
 from pipelines.shardset import ShardSet
@@ -32,7 +34,8 @@ class LoaderConfig:
     workers: int = 2
     flip: bool = True
     hw_decoder_load: float = 0.65  # DALI mixed decode: share of JPEGs sent to the hardware decoder
-    on_error: str = "raise"  # raise | skip (bad shards/samples found when opening the folder)
+    on_error: str = "raise"  # raise | skip: bad shards when opening, bad images mid-epoch (substituted)
+    max_bad_in_a_row: int = 100  # under skip: a longer run of undecodable images is an error
     drop_last: bool | None = None  # default: True for train, False for eval
     shuffle: bool | None = None  # default: True for train, False for eval
 
@@ -57,45 +60,77 @@ class Loader:
         self.shardset = shardset or ShardSet(cfg.shards, cfg.format, cfg.on_error)
         self.epoch = 0
         self.batches_yielded = 0
+        self.offset = 0  # samples of this epoch consumed under another world/batch size (elastic)
+        self.bad = BadSamples(len(self.shardset), cfg.on_error, cfg.max_bad_in_a_row)
         if cfg.backend == "dali":
-            from pipelines.dali import iterate_dali as iterate
+            from pipelines.dali import DaliBackend as Backend
         else:
-            from pipelines.torch_loader import iterate_torch as iterate
-        self._iterate = iterate
+            from pipelines.torch_loader import TorchBackend as Backend
+        self._backend = Backend(cfg, self.shardset, self.bad)
 
     def plan(self, epoch: int | None = None) -> EpochPlan:
         c = self.cfg
-        return EpochPlan(total=len(self.shardset), batch_size=c.batch_size, seed=c.seed,
-                         epoch=self.epoch if epoch is None else epoch, rank=c.rank,
-                         world_size=c.world_size, shuffle=c.shuffle, drop_last=c.drop_last)
+        epoch = self.epoch if epoch is None else epoch
+        return EpochPlan(total=len(self.shardset), batch_size=c.batch_size, seed=c.seed, epoch=epoch,
+                         rank=c.rank, world_size=c.world_size, shuffle=c.shuffle, drop_last=c.drop_last,
+                         offset=self.offset if epoch == self.epoch else 0)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches of a whole epoch at this world size and batch size."""
+        return self.plan(self.epoch + 1).num_batches
+
+    @property
+    def epoch_batches(self) -> int:
+        """Batches of the current epoch, those already yielded included (fewer than
+        `batches_per_epoch` in an epoch resumed at another world size)."""
+        return self.plan().num_batches
 
     def __len__(self) -> int:
-        return self.plan().num_batches
+        """Batches the next iteration yields: the rest of the current epoch."""
+        return self.epoch_batches - self.batches_yielded
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
-            self.epoch, self.batches_yielded = epoch, 0
+            self.epoch, self.batches_yielded, self.offset = epoch, 0, 0
 
     def __iter__(self) -> Iterator[Batch]:
         """The rest of the current epoch; afterwards the loader moves on to the next epoch."""
-        plan = self.plan()
-        for batch in self._iterate(self.cfg, self.shardset, plan, self.batches_yielded):
+        for batch in self._backend.iterate(self.plan(), self.batches_yielded):
             self.batches_yielded += 1
             yield batch
-        self.epoch, self.batches_yielded = self.epoch + 1, 0
+        self.epoch, self.batches_yielded, self.offset = self.epoch + 1, 0, 0
+
+    def close(self) -> None:
+        """Stop the backend's worker processes now rather than when the loader is collected."""
+        self._backend.close()
 
     def state_dict(self) -> dict:
         c = self.cfg
-        return {"epoch": self.epoch, "batches_yielded": self.batches_yielded, "seed": c.seed,
-                "world_size": c.world_size, "batch_size": c.batch_size, "samples": len(self.shardset)}
+        return {"epoch": self.epoch, "batches_yielded": self.batches_yielded, "offset": self.offset,
+                "seed": c.seed, "world_size": c.world_size, "batch_size": c.batch_size,
+                "samples": len(self.shardset), "bad_samples": self.bad.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue where `state` left off. At the world size and batch size it was saved with,
+        exactly the batches not yet yielded follow; at others (elastic), the samples of the
+        epoch no rank has yielded yet are split across this loader's ranks, then epochs follow
+        the plan for this world size."""
         here = self.state_dict()
-        for k in ("seed", "world_size", "batch_size", "samples"):
+        for k in ("seed", "samples"):
             if state[k] != here[k]:
                 raise ValueError(f"loader state has {k}={state[k]} but this loader has {here[k]}: "
-                                 "resume with the same data, seed, batch size and world size")
-        self.epoch, self.batches_yielded = state["epoch"], state["batches_yielded"]
+                                 "resume with the same data and seed")
+        self.epoch, self.offset = state["epoch"], state.get("offset", 0)
+        self.batches_yielded = state["batches_yielded"]
+        if (state["world_size"], state["batch_size"]) != (here["world_size"], here["batch_size"]):
+            saved = EpochPlan(total=len(self.shardset), batch_size=state["batch_size"], seed=state["seed"],
+                              epoch=self.epoch, world_size=state["world_size"], shuffle=self.cfg.shuffle,
+                              drop_last=self.cfg.drop_last, offset=self.offset)
+            self.offset, self.batches_yielded = saved.consumed(self.batches_yielded), 0
+            if self.epoch_batches == 0:  # too few samples left for one batch per rank: next epoch
+                self.set_epoch(self.epoch + 1)
+        self.bad.load_state_dict(state.get("bad_samples", {}))
 
 
 def build_loader(cfg: LoaderConfig) -> Loader:

@@ -1,8 +1,13 @@
 """The epoch plan: which samples a rank yields, in which order, and how to resume mid-epoch.
 
 One plan drives every backend, so DALI and torch yield the same keys in the same order for the
-same (seed, epoch, rank, world size), and the loader state is three integers (Mosaic Streaming's
+same (seed, epoch, rank, world size), and the loader state is a few integers (Mosaic Streaming's
 idea): epoch, batches already yielded in it, and the seed.
+
+Elastic resume: the first k batches of every rank are exactly the first k·B·W entries of the
+epoch's permutation (rank r holds positions r, r + W, ...). So a state saved at world size W and
+batch B resumes at any W', B' as a plan with `offset = k·B·W`: the rest of the permutation,
+split across the new ranks, with no sample repeated or lost (beyond the usual remainder).
 
 Order: a permutation of all samples seeded by (seed, epoch) (identity when not shuffling). Ranks
 take a strided slice of it (`order[rank::world]`, as torch's DistributedSampler does).
@@ -41,11 +46,14 @@ class EpochPlan:
     world_size: int = 1
     shuffle: bool = True
     drop_last: bool = True
+    offset: int = 0  # samples of this epoch's permutation consumed before the plan began (elastic resume)
 
     def __post_init__(self):
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
-        if self.drop_last and self.total < self.world_size * self.batch_size:
+        if not 0 <= self.offset <= self.total:
+            raise ValueError(f"offset {self.offset} outside the epoch's {self.total} samples")
+        if self.drop_last and self.offset == 0 and self.total < self.world_size * self.batch_size:
             raise ValueError(f"{self.total} samples cannot give one batch of {self.batch_size} to each "
                              f"of {self.world_size} ranks; lower the batch size or set drop_last=False")
 
@@ -57,10 +65,10 @@ class EpochPlan:
 
     def rank_ids(self) -> np.ndarray:
         """This rank's sample ids for the epoch, in the order it yields them."""
-        order = self.order()
+        order = self.order()[self.offset:]
         world = self.world_size
         if self.drop_last:
-            order = order[: self.total // (world * self.batch_size) * world * self.batch_size]
+            order = order[: len(order) // (world * self.batch_size) * world * self.batch_size]
         elif len(order) % world:
             pad = world - len(order) % world
             order = np.concatenate([order, np.resize(order, pad)])
@@ -68,9 +76,15 @@ class EpochPlan:
 
     @property
     def num_batches(self) -> int:
-        per_rank = len(self.rank_ids()) if not self.drop_last else \
-            self.total // (self.world_size * self.batch_size) * self.batch_size
+        left, world = self.total - self.offset, self.world_size
+        per_rank = left // (world * self.batch_size) * self.batch_size if self.drop_last else -(-left // world)
         return -(-per_rank // self.batch_size)
+
+    def consumed(self, batches: int) -> int:
+        """Samples of the permutation used up once every rank has yielded `batches` batches
+        (counting `offset`): where a plan for another world size or batch size takes over."""
+        left = self.total - self.offset
+        return self.offset + min(batches * self.batch_size * self.world_size, left)
 
     def batches(self, start: int = 0) -> list[np.ndarray]:
         """The epoch's batches of sample ids from batch `start` on (resume skips the rest)."""

@@ -26,7 +26,10 @@ class Sample:
     txt:    raw/alt text, ftfy-fixed and whitespace-normalized.
     syn:    synthetic captions, possibly empty.
     meta:   JSON-serializable source metadata (source id, original width/height, url, license).
-    tokens: optional int32 [2, 77]: CLIP BPE ids of (txt, first synthetic caption or txt if none).
+    tokens: optional int32 [R, 77] CLIP BPE ids: row 0 the raw text, row 1 + j synthetic caption
+            j, R = 1 + max(1, len(syn)) (row 1 is the raw text again when there is no synthetic
+            caption, so R = 2 for at most one caption). Shards converted before every caption was
+            tokenized hold R = 2 with several captions (row 1 = the first).
     """
 
     key: str
@@ -43,7 +46,11 @@ class Sample:
         if self.image_ext not in IMAGE_EXTS:
             raise ValueError(f"sample {self.key}: image_ext {self.image_ext!r} not in {IMAGE_EXTS}")
         if self.tokens is not None:
-            self.tokens = np.asarray(self.tokens, dtype=np.int32).reshape(2, CONTEXT_LENGTH)
+            self.tokens = np.asarray(self.tokens, dtype=np.int32).reshape(-1, CONTEXT_LENGTH)
+            if len(self.tokens) not in {2, max(2, 1 + len(self.syn))}:
+                raise ValueError(f"sample {self.key}: {len(self.tokens)} token rows for "
+                                 f"{len(self.syn)} synthetic captions; expected 2 or "
+                                 f"{1 + max(1, len(self.syn))}")
 
 
 @dataclass
@@ -56,6 +63,8 @@ class Batch:
                 when the sample has none.
     has_syn:    bool [B], False where syn_tokens fell back to the raw text.
     keys:       the samples' keys, in batch order.
+    ids:        int64 [B], the samples' ids in the shard set (0 .. N-1, on the CPU): what
+                per-sample records (e.g. gate weights) index by.
     """
 
     images: "torch.Tensor"  # noqa: F821 - torch stays out of the converter's imports
@@ -63,6 +72,7 @@ class Batch:
     syn_tokens: "torch.Tensor"  # noqa: F821
     has_syn: "torch.Tensor"  # noqa: F821
     keys: list[str]
+    ids: "torch.Tensor | None" = None  # noqa: F821
 
     def __len__(self) -> int:
         return len(self.keys)

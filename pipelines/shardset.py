@@ -19,7 +19,11 @@ import numpy as np
 from pipelines.formats.arrow import ArrowShard
 from pipelines.formats.recordio import RecShard
 from pipelines.formats.wds import WdsShard
-from pipelines.schema import IMAGE_EXTS, Sample
+from pipelines.schema import CONTEXT_LENGTH, IMAGE_EXTS, Sample
+from pipelines.text import choose_caption, sample_tokens
+
+# read_batch's text row: raw tokens, synthetic-caption tokens, has_syn.
+TEXT_WIDTH = 2 * CONTEXT_LENGTH + 1
 
 ERROR_POLICIES = ("raise", "skip")
 
@@ -44,14 +48,19 @@ class ShardSet:
         if on_error not in ERROR_POLICIES:
             raise ValueError(f"on_error must be one of {ERROR_POLICIES}, not {on_error!r}")
         if not os.path.isdir(folder):
-            raise ShardError(f"{folder}: no such shard folder; pass the make-shards --out/<format> folder")
+            raise ShardError(f"{folder}: no such shard folder; pass the make-shards --out folder "
+                             f"or its {fmt}/ subfolder")
+        if not _data_files(folder, fmt) and os.path.isdir(os.path.join(folder, fmt)):
+            folder = os.path.join(folder, fmt)  # the make-shards --out folder itself
         self.folder, self.format, self.on_error = folder, fmt, on_error
         self.skipped: Counter = Counter()
         self.problems: list[str] = []
         self.shards, valid = [], []
         paths = _data_files(folder, fmt)
         if not paths:
-            raise ShardError(f"{folder}: no {fmt} shards found")
+            others = [f for f in ("wds", "arrow", "rec") if f != fmt and os.path.isdir(os.path.join(folder, f))]
+            hint = f" (it holds {', '.join(others)}: set the format to match)" if others else ""
+            raise ShardError(f"{folder}: no {fmt} shards found{hint}")
         for path in paths:
             try:
                 shard = self._open(path)
@@ -107,7 +116,46 @@ class ShardSet:
     def __len__(self) -> int:
         return int(self.ends[-1])
 
-    def get(self, gid: int) -> Sample:
+    def locate(self, gid: int) -> tuple[int, int]:
+        """(shard number, row within the shard) of global sample id `gid`."""
         s = int(np.searchsorted(self.ends, gid, side="right"))
         local = gid - (int(self.ends[s - 1]) if s else 0)
-        return self.shards[s].get(int(self.valid[s][local]))
+        return s, int(self.valid[s][local])
+
+    def get(self, gid: int) -> Sample:
+        s, i = self.locate(gid)
+        return self.shards[s].get(i)
+
+    def key(self, gid: int) -> str:
+        s, i = self.locate(gid)
+        return self.shards[s].key(i)
+
+    def where(self, gid: int) -> str:
+        """How an error names a sample: its shard file and key."""
+        s, i = self.locate(gid)
+        return f"{self.shards[s].path}: sample {self.shards[s].key(i)}"
+
+    def read_batch(self, ids, seed: int, epoch: int) -> tuple[list[np.ndarray], np.ndarray]:
+        """The loader's hot path: encoded images (uint8 views, no decode) and one int32
+        [B, 155] text array (raw tokens, tokens of this epoch's synthetic caption, has_syn), with
+        as few Python objects per sample as the format allows. Tokenizes only what the shards
+        do not store."""
+        images, text = [], np.empty((len(ids), TEXT_WIDTH), np.int32)
+        slow = []
+        for row, gid in enumerate(ids):
+            s, i = self.locate(int(gid))
+            image, tokens, n_syn = self.shards[s].read(i)
+            images.append(image)
+            # tokens rows: raw, then each synthetic caption (the raw text again when there is none)
+            row_syn = 1 + choose_caption(n_syn, seed, epoch, int(gid)) if n_syn else 1
+            if tokens is None or row_syn >= len(tokens):  # not stored (older or foreign shards)
+                slow.append(row)
+                continue
+            text[row, :CONTEXT_LENGTH] = tokens[0]
+            text[row, CONTEXT_LENGTH:-1] = tokens[row_syn]
+            text[row, -1] = n_syn > 0
+        if slow:  # shards without stored tokens: tokenize here, in the loader's worker
+            samples = [self.get(int(ids[r])) for r in slow]
+            raw, syn, has_syn = sample_tokens(samples, [ids[r] for r in slow], seed, epoch)
+            text[slow, :CONTEXT_LENGTH], text[slow, CONTEXT_LENGTH:-1], text[slow, -1] = raw, syn, has_syn
+        return images, text

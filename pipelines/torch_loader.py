@@ -18,6 +18,8 @@ import webdataset as wds
 from PIL import Image
 from torchvision import transforms as T
 
+from pipelines.faults import BadSamples
+from pipelines.images import decode_rgb
 from pipelines.sampling import EpochPlan, mix
 from pipelines.schema import Batch
 from pipelines.shardset import ShardSet
@@ -47,50 +49,74 @@ def worker_batches(plan: EpochPlan, start: int) -> Iterator[np.ndarray]:
             yield start + j, ids
 
 
-def read_samples(src, shardset: ShardSet):
+def read_samples(src, shardset: ShardSet, bad: BadSamples):
     for j, ids in src:
+        ids = bad.apply(ids)  # bad samples met in earlier epochs or before a resume
         yield j, ids, [shardset.get(int(g)) for g in ids]
 
 
-def decode_augment(src, transform, seed: int, epoch: int):
+def decode_augment(src, transform, seed: int, epoch: int, shardset: ShardSet, bad: BadSamples):
+    """Decode and augment; an image that does not decode is reported (an error under
+    on_error="raise") and replaced by its substitute, whose image is decoded in its place."""
     for j, ids, samples in src:
         # Crops depend on (seed, epoch, batch), not on which worker runs the batch or when the
         # DataLoader was created: a resumed run sees the same augmentation. fork_rng: with
         # workers=0 this runs in the training process, whose global RNG must stay untouched.
         images = []
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(mix(seed, epoch, j))
-            for s in samples:
-                try:
-                    images.append(transform(Image.open(io.BytesIO(s.image)).convert("RGB")))
-                except Exception as e:  # noqa: BLE001 - name the sample, whatever broke
-                    raise ValueError(f"sample {s.key}: image does not decode ({e})") from e
-        yield ids, samples, torch.stack(images)
+            torch.default_generator.manual_seed(mix(seed, epoch, j))  # CPU only: keep CUDA's RNG
+            found, ids = len(bad), ids.copy()
+            for k, s in enumerate(samples):
+                while True:
+                    try:
+                        images.append(transform(decode_rgb(s.image)))  # EXIF orientation, 16-bit grey
+                        break
+                    except Exception as e:  # noqa: BLE001 - name the sample, whatever broke
+                        bad.report(int(ids[k]), shardset.where(int(ids[k])), e)
+                        ids[k] = bad.substitute(ids[k])
+                        samples[k] = s = shardset.get(int(ids[k]))
+        news = dict(list(bad.found.items())[found:])  # what this batch found, for the main process
+        yield ids, samples, torch.stack(images), news
 
 
 def tokenize_batch(src, seed: int, epoch: int):
-    for ids, samples, images in src:
+    for ids, samples, images, news in src:
         raw, syn, has_syn = sample_tokens(samples, ids, seed, epoch)
         yield (images, torch.from_numpy(raw), torch.from_numpy(syn), torch.from_numpy(has_syn),
-               [s.key for s in samples])
+               [s.key for s in samples], torch.from_numpy(np.asarray(ids, np.int64)), news)
 
 
-def iterate_torch(cfg, shardset: ShardSet, plan: EpochPlan, start: int) -> Iterator[Batch]:
-    pipeline = wds.DataPipeline(
-        functools.partial(worker_batches, plan, start),
-        wds.pipelinefilter(read_samples)(shardset),
-        wds.pipelinefilter(decode_augment)(torchvision_transform(cfg.augment()), cfg.seed, plan.epoch),
-        wds.pipelinefilter(tokenize_batch)(cfg.seed, plan.epoch),
-    )
-    n = plan.num_batches - start
-    workers = max(0, min(cfg.workers, n))
-    # Own generator: the DataLoader draws its workers' base seed from it on every iter(); from the
-    # global RNG that draw would make a resumed run's RNG (one more iter() per resume) diverge.
-    loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=workers,
-                                         persistent_workers=False, pin_memory=cfg.device == "gpu",
-                                         prefetch_factor=4 if workers else None,
-                                         generator=torch.Generator().manual_seed(mix(cfg.seed, plan.epoch)))
-    device = torch.device("cuda" if cfg.device == "gpu" else "cpu")
-    for images, raw, syn, has_syn, keys in loader:
-        yield Batch(images.to(device, non_blocking=True), raw.to(device, non_blocking=True),
-                    syn.to(device, non_blocking=True), has_syn.to(device, non_blocking=True), keys)
+class TorchBackend:
+    """A DataLoader per epoch, as open_clip's loader: workers start with each iteration."""
+
+    def __init__(self, cfg, shardset: ShardSet, bad: BadSamples):
+        self.cfg, self.shardset, self.bad = cfg, shardset, bad
+
+    def close(self) -> None:
+        pass  # workers end with each epoch's DataLoader
+
+    def iterate(self, plan: EpochPlan, start: int) -> Iterator[Batch]:
+        cfg = self.cfg
+        pipeline = wds.DataPipeline(
+            functools.partial(worker_batches, plan, start),
+            wds.pipelinefilter(read_samples)(self.shardset, self.bad),
+            wds.pipelinefilter(decode_augment)(torchvision_transform(cfg.augment()), cfg.seed, plan.epoch,
+                                               self.shardset, self.bad),
+            wds.pipelinefilter(tokenize_batch)(cfg.seed, plan.epoch),
+        )
+        n = plan.num_batches - start
+        workers = max(0, min(cfg.workers, n))
+        # Own generator: the DataLoader draws its workers' base seed from it on every iter(); from the
+        # global RNG that draw would make a resumed run's RNG (one more iter() per resume) diverge.
+        loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=workers,
+                                             persistent_workers=False, pin_memory=cfg.device == "gpu",
+                                             prefetch_factor=4 if workers else None,
+                                             generator=torch.Generator().manual_seed(mix(cfg.seed, plan.epoch)))
+        device = torch.device("cuda" if cfg.device == "gpu" else "cpu")
+        planned = plan.batches(start)
+        for j, (images, raw, syn, has_syn, keys, ids, news) in enumerate(loader):
+            for gid, message in news.items():  # met in a worker: record it here, where state lives
+                self.bad.found.setdefault(gid, message)
+            self.bad.count(planned[j])
+            yield Batch(images.to(device, non_blocking=True), raw.to(device, non_blocking=True),
+                        syn.to(device, non_blocking=True), has_syn.to(device, non_blocking=True), keys, ids)

@@ -56,7 +56,7 @@ def expected_samples(flickr) -> list[dict]:
             txt = clean_text(r["caption"])
             out.append({"key": f"{len(out):09d}", "image": (flickr["images"] / name).read_bytes(),
                         "txt": txt, "syn": syn[name],
-                        "tokens": tokenize([txt, syn[name][0] if syn[name] else txt])})
+                        "tokens": tokenize([txt, *(syn[name] or [txt])])})
     return out
 
 
@@ -113,16 +113,20 @@ def test_every_format_read_back_by_its_real_reader(flickr, tmp_path):
                 assert rest[0].tobytes().decode() == w["txt"]
                 np.testing.assert_array_equal(np.load(io.BytesIO(rest[1].tobytes())), w["tokens"])
             else:  # ALIP's label: 154 float32 token ids
-                np.testing.assert_array_equal(rest[0].astype(np.int64), w["tokens"].reshape(-1))
+                np.testing.assert_array_equal(rest[0].astype(np.int64), w["tokens"][:2].reshape(-1))
+    sidecar = [json.loads(line) for p in sorted((out / "rec").glob("*.jsonl")) for line in p.open()]
+    for row, w in zip(sidecar, want):  # token rows 2.. (second and later synthetic captions)
+        assert row.get("extra_tokens", []) == w["tokens"][2:].tolist()
 
     import pyarrow as pa
     rows = []
     for path in sorted((out / "arrow").glob("*.arrow")):
-        rows += pa.ipc.open_file(pa.memory_map(str(path))).read_all().to_pylist()
+        rows += pa.ipc.open_stream(pa.memory_map(str(path))).read_all().to_pylist()
     assert [r["key"] for r in rows] == [w["key"] for w in want]
     for r, w in zip(rows, want):
         assert r["jpg"] == w["image"] and r["txt"] == w["txt"] and r["syn"] == w["syn"]
-        np.testing.assert_array_equal(np.array(r["tokens"]).reshape(2, 77), w["tokens"])
+        np.testing.assert_array_equal(np.array(r["tokens"]).reshape(2, 77), w["tokens"][:2])
+        np.testing.assert_array_equal(np.array(r["extra_tokens"], np.int32).reshape(-1, 77), w["tokens"][2:])
     assert verify_shards.main([str(out), "--quiet"]) == 0
 
 

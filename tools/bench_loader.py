@@ -85,7 +85,7 @@ def ours(args: Namespace, folder: str, fmt: str, backend: str, device: str,
             _check_tokens(batch.raw_tokens, len(batch))
             _check_tokens(batch.syn_tokens, len(batch))
             yield len(batch)
-    return epoch, lambda: None
+    return epoch, loader.close
 
 
 def openclip(args: Namespace, folder: str) -> tuple[Epochs, Callable[[], None]]:
@@ -133,7 +133,7 @@ def native(args: Namespace, folder: str, fmt: str, device: str,
            hw_load: float) -> tuple[Epochs, Callable[[], None]]:
     from nvidia.dali import fn, pipeline_def
 
-    from pipelines.dali import _to_torch, augment_graph  # the loader's own output conversion
+    from pipelines.dali import augment_graph, to_torch  # the loader's own graph and output conversion
 
     shards = ShardSet(folder, fmt).shards
     if fmt == "wds":
@@ -169,7 +169,7 @@ def native(args: Namespace, folder: str, fmt: str, device: str,
         # The reader wraps around by itself; an epoch here is only a unit of iteration.
         for _ in range(epoch_batches):
             (images,) = p.run()
-            yield _to_torch(images, target).shape[0]
+            yield to_torch(images, target).shape[0]
     return epoch, lambda: None
 
 

@@ -11,6 +11,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
 
 from pipelines.formats.base import TMP_SUFFIX, shard_stem
 from pipelines.formats.registry import WRITERS
@@ -76,6 +77,17 @@ def _sample(item: WorkItem, job: ShardJob) -> Sample:
                   syn=item.syn, meta=meta, image_ext=image.ext)
 
 
+def set_tokens(samples: list[Sample]) -> None:
+    """Tokenize every caption of `samples` in one call: `Sample.tokens` int32 [1 + max(1, S), 77]
+    = raw text, then each of the S synthetic captions (the raw text again when S = 0)."""
+    tokens = tokenize([t for s in samples for t in (s.txt, *s.syn)])
+    start = 0
+    for s in samples:
+        rows = tokens[start:start + 1 + len(s.syn)]
+        start += len(rows)
+        s.tokens = rows if s.syn else np.repeat(rows, 2, axis=0)
+
+
 def convert_shard(shard: int, items: list[WorkItem], job: ShardJob) -> dict:
     """Write shard `shard` in every format and its completion record; return that record."""
     need_tokens = job.tokenize or "rec" in job.formats
@@ -97,9 +109,7 @@ def convert_shard(shard: int, items: list[WorkItem], job: ShardJob) -> dict:
                     skipped[e.reason] += 1
                     first_skip.setdefault(e.reason, f"{item.record.image_name}: {e}")
             if need_tokens and samples:
-                tokens = tokenize([t for s in samples for t in (s.txt, s.syn[0] if s.syn else s.txt)])
-                for s, tok in zip(samples, tokens.reshape(len(samples), 2, -1)):
-                    s.tokens = tok
+                set_tokens(samples)
             for sample in samples:
                 with_syn += bool(sample.syn)
                 for w in writers.values():

@@ -6,8 +6,10 @@
 Checks: every file the manifest lists exists with its size and sha256; every sample reads back
 and its image decodes; per-shard and total counts match the manifest, `stats.json` and (wds)
 `sizes.json`; index files match the data (wds: each `.idx` entry is the tar member's data offset
-and size; rec: each `.idx` offset holds a record with that id). Exits 1 naming the first bad
-shard and sample.
+and size; rec: each `.idx` offset holds a record with that id); stored tokens are the manifest
+tokenizer's ids of the raw text and of every synthetic caption (`Sample.tokens`: [1 + max(1, S),
+77], or [2, 77] from before every caption was stored). Exits 1 naming the first bad shard and
+sample.
 """
 from __future__ import annotations
 
@@ -19,12 +21,15 @@ import sys
 import tarfile
 from collections import defaultdict
 
+import numpy as np
+
 from PIL import Image
 from tqdm import tqdm
 
 from pipelines.formats import recordio, wds
 from pipelines.formats.base import file_digest
 from pipelines.formats.registry import DATA_SUFFIX, get_format
+from pipelines.text import TOKENIZER_NAME, tokenize
 
 Image.MAX_IMAGE_PIXELS = None
 
@@ -72,6 +77,19 @@ def _check_rec_index(rec_path: str) -> None:
                 raise ShardError(f"{rec_path}: .idx says id {record_id} at offset {offset}, record has {rid}")
 
 
+def _check_tokens(path: str, samples: list[tuple[str, np.ndarray, list[str]]]) -> None:
+    """`samples`: (key, stored tokens, the texts its rows must encode), tokenized in one call."""
+    if not samples:
+        return
+    want = tokenize([t for _, _, texts in samples for t in texts])
+    start = 0
+    for key, tokens, texts in samples:
+        if not np.array_equal(tokens, want[start:start + len(texts)]):
+            raise ShardError(f"{path}: sample {key!r}: stored tokens are not the {TOKENIZER_NAME} ids "
+                             "of its raw text and synthetic captions")
+        start += len(texts)
+
+
 def verify_folder(folder: str, decode: bool = True, progress: bool = True) -> dict:
     manifest_path = os.path.join(folder, "manifest.json")
     if not os.path.exists(manifest_path):
@@ -82,6 +100,7 @@ def verify_folder(folder: str, decode: bool = True, progress: bool = True) -> di
     module = get_format(fmt)
     per_stem = _check_files(folder, manifest)
     data_suffix = DATA_SUFFIX[fmt]
+    tokenizer = manifest.get("tokenizer")
     total = 0
     for stem in tqdm(sorted(per_stem), desc=f"verify {folder}", unit=" shards", disable=not progress):
         entry = per_stem[stem][stem + data_suffix]
@@ -90,15 +109,27 @@ def verify_folder(folder: str, decode: bool = True, progress: bool = True) -> di
             _check_wds_index(path)
         elif fmt == "rec":
             _check_rec_index(path)
-        count, key = 0, None
+        count, key, tokenized = 0, None, []
         try:
             for sample in module.iter_samples(path):
                 key = sample.key
                 if decode:
                     Image.open(io.BytesIO(sample.image)).load()
+                if sample.tokens is not None:
+                    # Rows: raw text, then each synthetic caption (the raw text when none); two rows
+                    # with several captions is the layout that stored the first caption only.
+                    texts = [sample.txt, *(sample.syn or [sample.txt])][:len(sample.tokens)]
+                    tokenized.append((key, sample.tokens, texts))
+                elif tokenizer:
+                    raise ShardError(f"{path}: sample {key!r} has no tokens; manifest.json says "
+                                     f"{tokenizer}")
                 count += 1
+        except ShardError:
+            raise
         except Exception as e:  # noqa: BLE001 - report whatever broke, with where it broke
             raise ShardError(f"{path}: sample after {key!r} (#{count}) does not read back: {e}") from e
+        if tokenized and tokenizer == TOKENIZER_NAME:
+            _check_tokens(path, tokenized)
         if count != entry["samples"]:
             raise ShardError(f"{path}: {count} samples, manifest says {entry['samples']}")
         total += count

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from pipelines.images import decode_rgb
 from pipelines.loader import LoaderConfig, build_loader
 from pipelines.shardset import ShardError
 from pipelines.text import tokenize
@@ -40,6 +41,11 @@ _CHUNK = 1024  # similarity rows compared at once: bounds memory at COCO-5k x 25
 
 class EvalConfigError(ValueError):
     """A bad evaluation setting or input; the CLI prints it as one line."""
+
+
+# What lip-eval and lip-train report as one line and exit 2: the user's input, not a bug.
+INPUT_ERRORS = (EvalConfigError, ShardError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
+                PermissionError)
 
 
 def _ranks(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -121,8 +127,13 @@ class _EvalData:  # what both tasks share: a name, where images come from, how t
         given = [k for k, v in sources.items() if v]
         if len(given) != 1:
             raise EvalConfigError(f"{self.name}: give exactly one of {' or '.join(sources)} (got {given or 'none'})")
-        if not os.path.exists(sources[given[0]]):
-            raise EvalConfigError(f"{self.name}: {given[0]} {sources[given[0]]} does not exist")
+        key, path = given[0], sources[given[0]]
+        if not os.path.exists(path):
+            raise EvalConfigError(f"{self.name}: {key} {path} does not exist")
+        if key == "karpathy_json" and not os.path.isfile(path):
+            raise EvalConfigError(f"{self.name}: {key} {path} is not a file")
+        if key != "karpathy_json" and not os.path.isdir(path):  # shards, folder
+            raise EvalConfigError(f"{self.name}: {key} {path} is not a folder")
 
 
 @dataclass
@@ -135,6 +146,19 @@ class RetrievalEvalConfig(_EvalData):
         self._check(karpathy_json=self.karpathy_json, shards=self.shards)
         if self.karpathy_json and self.images_root is None:
             self.images_root = os.path.dirname(os.path.abspath(self.karpathy_json))
+        if self.karpathy_json and not os.path.isdir(self.images_root):
+            raise EvalConfigError(f"{self.name}: images_root {self.images_root} is not a folder")
+
+    def karpathy_images(self) -> tuple[list[str], list[list[str]]]:
+        """(image file paths, captions per image) of `karpathy_json`, every file checked to exist,
+        so a wrong images root is one clear error before any model or training runs."""
+        paths, captions = load_karpathy(self.karpathy_json)
+        paths = [os.path.join(self.images_root, p) for p in paths]
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise EvalConfigError(f"{self.name}: {len(missing)} of {len(paths)} images missing, e.g. {missing[0]} "
+                                  f"(is the images root {self.images_root} right?)")
+        return paths, captions
 
 
 @dataclass
@@ -151,10 +175,16 @@ class ClassificationEvalConfig(_EvalData):
 
 def load_karpathy(path: str) -> tuple[list[str], list[list[str]]]:
     """(image paths relative to the images root, captions per image) of the test split."""
-    data = json.loads(Path(path).read_text())
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EvalConfigError(f"{path}: not a readable JSON file ({e})") from e
     if isinstance(data, dict) and "images" in data:  # Karpathy's dataset_coco.json / dataset_flickr30k.json
-        rows = [(os.path.join(im.get("filepath", ""), im["filename"]), [s["raw"] for s in im["sentences"]])
-                for im in data["images"] if im.get("split") == "test"]
+        try:
+            rows = [(os.path.join(im.get("filepath", ""), im["filename"]), [s["raw"] for s in im["sentences"]])
+                    for im in data["images"] if im.get("split") == "test"]
+        except (AttributeError, KeyError, TypeError) as e:
+            raise EvalConfigError(f"{path}: an images[] entry lacks filename or sentences[].raw ({e!r})") from e
     elif isinstance(data, list) and all(isinstance(r, dict) and "image" in r and "caption" in r for r in data):
         rows = [(r["image"], [r["caption"]] if isinstance(r["caption"], str) else list(r["caption"])) for r in data]
     else:
@@ -177,8 +207,11 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        with Image.open(self.paths[i]) as im:
-            return self.transform(im.convert("RGB"))
+        try:  # upright and 8-bit as DALI decodes it, so files and shards give the model the same pixels
+            image = decode_rgb(self.paths[i])
+        except Exception as e:  # noqa: BLE001 - PIL raises several kinds; name the file
+            raise EvalConfigError(f"{self.paths[i]}: image does not decode ({e})") from e
+        return self.transform(image)
 
 
 @torch.no_grad()
@@ -251,11 +284,7 @@ class RetrievalEvaluator(Evaluator):
     def _run(self, model, device: torch.device) -> dict[str, float]:
         c = self.cfg
         if c.karpathy_json:
-            paths, captions = load_karpathy(c.karpathy_json)
-            paths = [os.path.join(c.images_root, p) for p in paths]
-            missing = [p for p in paths if not os.path.isfile(p)]
-            if missing:
-                raise EvalConfigError(f"{c.name}: {len(missing)} of {len(paths)} images missing, e.g. {missing[0]}")
+            paths, captions = c.karpathy_images()
             img = self._encode_files(model, paths, device)
         else:
             img, records = self._encode_shards(model, device)
@@ -420,7 +449,19 @@ def _configs(a: argparse.Namespace, image_size: int) -> list[RetrievalEvalConfig
                                                 shards=a.classification_shards, **common))
     if not configs:
         raise EvalConfigError("nothing to evaluate: pass --retrieval-json/-shards or --classification-folder/-shards")
+    for c in configs:
+        if getattr(c, "karpathy_json", None):
+            c.karpathy_images()  # a bad JSON or images root fails here, before the model loads
     return configs
+
+
+def one_line(e: BaseException) -> str:
+    """An input error's message as one line. A DataLoader worker's error comes back re-raised with
+    the worker's traceback in its message; its last line is the original `module.Class: message`."""
+    text = str(e).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(text.split())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -432,8 +473,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             size = torch.tensor(getattr(model.visual, "image_size", 224)).flatten()[0].item()
             configs = [dataclasses.replace(c, image_size=size) for c in configs]
         results = {a.run_name or os.path.basename(a.checkpoint): run_evals(model, configs, a.device)}
-    except (EvalConfigError, ShardError, FileNotFoundError) as e:  # bad input: one line, no traceback
-        print(f"evaluate: error: {e}", file=sys.stderr)
+    except INPUT_ERRORS as e:  # bad input: one line, no traceback
+        print(f"lip-eval: error: {one_line(e)}", file=sys.stderr)
         return 2
     if a.out:  # rows accumulate: one call per checkpoint builds the table of runs
         results = {**(json.loads(Path(a.out).read_text()) if os.path.isfile(a.out) else {}), **results}

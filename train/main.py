@@ -20,10 +20,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lip-train: config error: {e}", file=sys.stderr)
         return 2
     from train.distributed import cleanup
+    from train.evaluate import INPUT_ERRORS, RetrievalEvalConfig, one_line
     from train.trainer import train
 
     try:
+        if cfg.eval.retrieval_json:  # checked now: the evaluation only runs once training is over
+            RetrievalEvalConfig("eval", karpathy_json=cfg.eval.retrieval_json,
+                                images_root=cfg.eval.images_root).karpathy_images()
         result = train(cfg)
+    except INPUT_ERRORS as e:  # a missing or wrong shard folder, JSON, images root, checkpoint
+        print(f"lip-train: error: {one_line(e)}", file=sys.stderr)
+        return 2
     finally:
         cleanup()
     if result["is_main"]:

@@ -1,21 +1,29 @@
-"""Arrow IPC shards: one uncompressed, memory-mappable file per shard (`NNNNNN.arrow`).
+"""Arrow IPC shards: one uncompressed, memory-mappable IPC stream per shard (`NNNNNN.arrow`).
 
 Columns: key string, jpg binary (the image bytes whatever their format; `meta.image_format` names
 it when it is not JPEG),
-txt string, syn list<string>, meta string (JSON), optional tokens fixed_size_list<int32>[154].
+txt string, syn list<string>, meta string (JSON), and with tokens
+tokens fixed_size_list<int32>[154] (`Sample.tokens` rows 0-1: raw text, first synthetic caption)
+plus extra_tokens list<fixed_size_list<int32>[77]> (rows 2..: the other synthetic captions,
+empty for most samples).
 Uncompressed on purpose: JPEG bytes do not compress, and memory-mapped random access by row is
-what the DALI external source needs. Readable by pyarrow and Hugging Face `datasets`.
+what the DALI external source needs. The IPC *stream* format (not the file format) because that
+is what Hugging Face `datasets.Dataset.from_file` reads; `pyarrow.ipc.open_stream` reads it from
+a memory map just as zero-copy. Shards written in the file format still read (`open_table`).
+The `jpg` column stays plain binary, not an HF `Image` feature: that feature's storage is a
+struct<bytes, path>, which would change the column every other reader sees.
 """
 from __future__ import annotations
 
+import functools
 import json
 from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 
-from pipelines.formats.base import ShardWriter
-from pipelines.schema import SCHEMA_VERSION, TOKENS_PER_SAMPLE, Sample
+from pipelines.formats.base import ProcessLocal, ShardWriter
+from pipelines.schema import CONTEXT_LENGTH, SCHEMA_VERSION, TOKENS_PER_SAMPLE, Sample
 
 # Small record batches bound the writer's memory; readers index rows, not batches.
 ROWS_PER_BATCH = 256
@@ -31,6 +39,7 @@ def arrow_schema(with_tokens: bool) -> pa.Schema:
     ]
     if with_tokens:
         fields.append(pa.field("tokens", pa.list_(pa.int32(), TOKENS_PER_SAMPLE)))
+        fields.append(pa.field("extra_tokens", pa.list_(pa.list_(pa.int32(), CONTEXT_LENGTH))))
     return pa.schema(fields, metadata={"schema_version": str(SCHEMA_VERSION)})
 
 
@@ -42,7 +51,7 @@ class ArrowWriter(ShardWriter):
         super().__init__(folder, index, with_tokens)
         self.schema = arrow_schema(with_tokens)
         self._sink = pa.OSFile(self.path(".arrow", tmp=True), "wb")
-        self._writer = pa.ipc.new_file(self._sink, self.schema)
+        self._writer = pa.ipc.new_stream(self._sink, self.schema)
         self._rows: list[tuple[Sample, str]] = []
 
     def _write(self, sample: Sample) -> None:
@@ -61,8 +70,13 @@ class ArrowWriter(ShardWriter):
             "meta": [m for _, m in self._rows],
         }
         if self.with_tokens:
-            flat = np.stack([s.tokens.reshape(-1) for s, _ in self._rows]).reshape(-1)
+            flat = np.stack([s.tokens[:2].reshape(-1) for s, _ in self._rows]).reshape(-1)
             cols["tokens"] = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.int32()), TOKENS_PER_SAMPLE)
+            extra = [s.tokens[2:] for s, _ in self._rows]
+            offsets = np.concatenate([[0], np.cumsum([len(e) for e in extra])]).astype(np.int32)
+            rows = pa.FixedSizeListArray.from_arrays(
+                pa.array(np.concatenate(extra).reshape(-1), pa.int32()), CONTEXT_LENGTH)
+            cols["extra_tokens"] = pa.ListArray.from_arrays(pa.array(offsets), rows)
         self._writer.write_batch(pa.record_batch(list(cols.values()), schema=self.schema))
         self._rows = []
 
@@ -74,17 +88,29 @@ class ArrowWriter(ShardWriter):
         self._sink.close()
 
 
+_FILE_MAGIC = b"ARROW1"
+
+
 def open_table(path: str) -> pa.Table:
-    """Memory-map a shard: zero-copy, rows addressable by index."""
-    return pa.ipc.open_file(pa.memory_map(path, "r")).read_all()
+    """Memory-map a shard: zero-copy, rows addressable by index. Reads the IPC stream format
+    and, for shards written before it, the IPC file format."""
+    source = pa.memory_map(path, "r")
+    if source.read(len(_FILE_MAGIC)) == _FILE_MAGIC:
+        return pa.ipc.open_file(source).read_all()
+    source.seek(0)
+    return pa.ipc.open_stream(source).read_all()
 
 
 def row_to_sample(table: pa.Table, i: int) -> Sample:
     row = {name: table.column(name)[i].as_py() for name in table.column_names}
     meta = json.loads(row["meta"])
+    tokens = row.get("tokens")
+    if tokens is not None and row.get("extra_tokens"):
+        tokens = np.concatenate([np.asarray(tokens, np.int32).reshape(2, CONTEXT_LENGTH),
+                                 np.asarray(row["extra_tokens"], np.int32)])
     return Sample(
         key=row["key"], image=row["jpg"], txt=row["txt"], syn=row["syn"] or [],
-        meta=meta, tokens=row.get("tokens"), image_ext=meta.get("image_format", "jpg"),
+        meta=meta, tokens=tokens, image_ext=meta.get("image_format", "jpg"),
     )
 
 
@@ -94,22 +120,65 @@ def iter_samples(path: str) -> Iterator[Sample]:
         yield row_to_sample(table, i)
 
 
+def _column_views(path: str) -> "ColumnViews":
+    return ColumnViews(open_table(path))
+
+
 class ArrowShard:
-    """Random access to one memory-mapped IPC file; opened lazily in each worker process."""
+    """Random access to one memory-mapped IPC shard, mapped lazily in each process that reads
+    it (`ProcessLocal`: a forked worker maps the file itself instead of inheriting the map)."""
 
     def __init__(self, path: str):
         self.path = path
-        with pa.memory_map(path, "r") as source:
-            self._len = pa.ipc.open_file(source).read_all().num_rows
-        self._table: pa.Table | None = None
+        self._len = open_table(path).num_rows
+        self._columns = ProcessLocal(functools.partial(_column_views, path))
 
     def __len__(self) -> int:
         return self._len
 
-    def __getstate__(self):
-        return {**self.__dict__, "_table": None}
-
     def get(self, i: int) -> Sample:
-        if self._table is None:
-            self._table = open_table(self.path)
-        return row_to_sample(self._table, i)
+        return row_to_sample(self._columns.get().table, i)
+
+    def key(self, i: int) -> str:
+        return self._columns.get().table.column("key")[i].as_py()
+
+    def read(self, i: int) -> tuple[np.ndarray, np.ndarray | None, int]:
+        """The loader's hot path: (image bytes as a uint8 view into the memory map, tokens int32
+        [R, 77] or None, number of synthetic captions) from numpy views of the column buffers."""
+        return self._columns.get().read(i)
+
+
+class ColumnViews:
+    """numpy views of a memory-mapped table's jpg, syn and tokens buffers, per record batch."""
+
+    def __init__(self, table: pa.Table):
+        self.table = table
+        self.starts = np.cumsum([0] + [b.num_rows for b in table.to_batches()])
+        self.chunks = []
+        for batch in table.to_batches():
+            jpg = batch.column(batch.schema.get_field_index("jpg"))
+            syn = batch.column(batch.schema.get_field_index("syn"))
+            _, jpg_off, jpg_data = jpg.buffers()
+            offsets = np.frombuffer(jpg_off, np.int32)[jpg.offset:jpg.offset + len(jpg) + 1]
+            data = np.frombuffer(jpg_data, np.uint8)
+            syn_off = np.frombuffer(syn.buffers()[1], np.int32)[syn.offset:syn.offset + len(syn) + 1]
+            tokens = None
+            if "tokens" in batch.schema.names:
+                tok = batch.column(batch.schema.get_field_index("tokens"))
+                tokens = tok.flatten().to_numpy(zero_copy_only=True).reshape(len(tok), -1, 77)
+            extra = None
+            if "extra_tokens" in batch.schema.names:  # rows 2.. of Sample.tokens
+                ext = batch.column(batch.schema.get_field_index("extra_tokens"))
+                ext_off = np.frombuffer(ext.buffers()[1], np.int32)[ext.offset:ext.offset + len(ext) + 1]
+                rows = ext.values.flatten().to_numpy(zero_copy_only=True).reshape(-1, CONTEXT_LENGTH)
+                extra = (ext_off, rows)
+            self.chunks.append((offsets, data, np.diff(syn_off), tokens, extra))
+
+    def read(self, i: int) -> tuple[np.ndarray, np.ndarray | None, int]:
+        c = int(np.searchsorted(self.starts, i, side="right")) - 1
+        offsets, data, n_syn, tokens, extra = self.chunks[c]
+        r = i - int(self.starts[c])
+        row_tokens = None if tokens is None else tokens[r]
+        if extra is not None and extra[0][r + 1] > extra[0][r]:
+            row_tokens = np.concatenate([row_tokens, extra[1][extra[0][r]:extra[0][r + 1]]])
+        return data[offsets[r]:offsets[r + 1]], row_tokens, int(n_syn[r])

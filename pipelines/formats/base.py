@@ -8,9 +8,11 @@ and resume tests compare files), so writers must not embed times, hostnames or r
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from pipelines.schema import Sample
 
@@ -32,6 +34,40 @@ class ShardFiles:
     @property
     def bytes(self) -> int:
         return sum(f["bytes"] for f in self.files.values())
+
+
+class ProcessLocal:
+    """A handle (fd, file, memory map) opened lazily and reopened in every process that uses it.
+
+    A DataLoader worker started by fork inherits its parent's open handles; a buffered file shares
+    its offset with the parent and the other workers, so concurrent seeks and reads silently return
+    another sample's bytes. Remembering the pid that opened the handle makes every process open
+    its own. Pickling (spawn, forkserver) drops the handle too.
+    """
+
+    def __init__(self, opener: Callable[[], Any], closer: Callable[[Any], None] | None = None):
+        self._opener, self._closer = opener, closer
+        self._handle: Any = None
+        self.pid: int | None = None  # the process that opened the current handle
+
+    def get(self) -> Any:
+        pid = os.getpid()
+        if self.pid != pid:
+            inherited, self._handle = self._handle, None
+            if inherited is not None and self._closer is not None:
+                self._closer(inherited)  # our copy only: fork duplicated the descriptor
+            self._handle, self.pid = self._opener(), pid
+        return self._handle
+
+    def __getstate__(self):
+        return {**self.__dict__, "_handle": None, "pid": None}
+
+
+def map_file(path: str) -> mmap.mmap:
+    """A read-only memory map of a shard file: the loader's hot path takes views of it, so image
+    bytes are copied once (into DALI's shared memory), not twice as with `pread`."""
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
 
 def file_digest(path: str) -> str:

@@ -5,6 +5,9 @@ record  = magic 0xced7230a (uint32 LE) | lrecord (uint32: upper 3 bits continuat
           lower 29 bits payload length) | payload | zero padding to a multiple of 4 bytes
 payload = IRHeader struct('IfQQ') (flag = label count, label, id, id2) | float32[flag] | image
 ALIP stores 154 token ids (77 raw + 77 synthetic) as the float32 label; ids < 2^24 are exact.
+Token rows beyond those two (the second and later synthetic captions, `Sample.tokens[2:]`) go to
+the sidecar row as `"extra_tokens": [[77 ints], ...]`, only when there are any, so the record
+stays exactly what DALI and ALIP read.
 The per-shard `.idx` has one `id\\toffset` line per record (what MXIndexedRecordIO reads);
 `all.idx` indexes every shard at once for DALI (see `combined_index_lines`). Strings the label
 cannot hold (key, raw text, synthetic captions, meta) go to `NNNNNN.jsonl`, one line per record,
@@ -13,6 +16,7 @@ mxnet itself is retired (it pins numpy<1.24), so the format is written here.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import struct
@@ -20,7 +24,7 @@ from typing import Iterator
 
 import numpy as np
 
-from pipelines.formats.base import ShardWriter
+from pipelines.formats.base import ProcessLocal, ShardWriter, map_file
 from pipelines.schema import CONTEXT_LENGTH, TOKENS_PER_SAMPLE, Sample
 
 MAGIC = 0xCED7230A
@@ -30,7 +34,8 @@ _FLOAT_EXACT = 1 << 24
 
 
 def pack_record(record_id: int, tokens: np.ndarray, image: bytes) -> bytes:
-    """One framed record: header, 154 float32 token ids, image bytes, padding."""
+    """One framed record: header, 154 float32 token ids (`tokens`: int [2, 77] or [154]), image
+    bytes, padding."""
     label = np.asarray(tokens, dtype=np.int64).reshape(-1)
     if label.size != TOKENS_PER_SAMPLE or label.min() < 0 or label.max() >= _FLOAT_EXACT:
         raise ValueError(f"record {record_id}: expected {TOKENS_PER_SAMPLE} token ids in [0, 2^24)")
@@ -68,8 +73,10 @@ class RecordIOWriter(ShardWriter):
     def _write(self, sample: Sample) -> None:
         record_id = self.id_base + self.count
         self._idx.write(f"{record_id}\t{self._rec.tell()}\n")
-        self._rec.write(pack_record(record_id, sample.tokens, sample.image))
+        self._rec.write(pack_record(record_id, sample.tokens[:2], sample.image))
         row = {"id": record_id, "key": sample.key, "txt": sample.txt, "syn": sample.syn, "meta": sample.meta}
+        if len(sample.tokens) > 2:
+            row["extra_tokens"] = sample.tokens[2:].tolist()
         self._txt.write(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n")
 
     def _finish(self) -> None:
@@ -81,6 +88,15 @@ def read_index(idx_path: str) -> list[tuple[int, int]]:
     """(id, offset) per record, in file order."""
     with open(idx_path) as f:
         return [(int(a), int(b)) for a, b in (line.split("\t") for line in f if line.strip())]
+
+
+def label_tokens(label: np.ndarray, extra) -> np.ndarray:
+    """int32 [R, 77] `Sample.tokens` from a record's 154-float label and its sidecar row's
+    `extra_tokens` (None, a list of 77-int lists, or an int32 [R - 2, 77] array)."""
+    tokens = label.astype(np.int32).reshape(2, CONTEXT_LENGTH)
+    if extra is None or len(extra) == 0:
+        return tokens
+    return np.concatenate([tokens, np.asarray(extra, np.int32).reshape(-1, CONTEXT_LENGTH)])
 
 
 def read_record(f, offset: int) -> bytes:
@@ -114,9 +130,13 @@ def iter_samples(rec_path: str) -> Iterator[Sample]:
             row = texts[rid]
             yield Sample(
                 key=row["key"], image=image, txt=row["txt"], syn=row["syn"], meta=row["meta"],
-                tokens=label.astype(np.int32).reshape(2, CONTEXT_LENGTH),
+                tokens=label_tokens(label, row.get("extra_tokens")),
                 image_ext=row["meta"].get("image_format", "jpg"),
             )
+
+
+def _close(f) -> None:
+    f.close()
 
 
 COMBINED_INDEX = "all.idx"
@@ -141,7 +161,9 @@ def write_combined_index(folder: str, rec_names: list[str]) -> str:
 
 
 class RecShard:
-    """Random access to one .rec through its .idx, texts from its JSONL sidecar."""
+    """Random access to one .rec through its .idx, texts from its JSONL sidecar. The file is
+    opened lazily in each process that reads it (`ProcessLocal`: forked workers never share an
+    inherited handle)."""
 
     def __init__(self, rec_path: str):
         self.path = rec_path
@@ -153,19 +175,36 @@ class RecShard:
         if missing:
             raise ValueError(f"{stem}.jsonl: no text for record ids {missing[:5]}; reconvert this shard")
         self.texts = [texts[rid] for rid, _ in self.index]
-        self._f = None
+        # Token rows 2.. parsed once here, so reading a sample never converts lists.
+        self._extra = [np.asarray(row.pop("extra_tokens"), np.int32).reshape(-1, CONTEXT_LENGTH)
+                       if "extra_tokens" in row else None for row in self.texts]
+        self._f = ProcessLocal(functools.partial(open, rec_path, "rb"), _close)
+        self._map = ProcessLocal(functools.partial(map_file, rec_path))
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getstate__(self):
-        return {**self.__dict__, "_f": None}
-
     def get(self, i: int) -> Sample:
-        if self._f is None:
-            self._f = open(self.path, "rb")
-        _, label, image = unpack_payload(read_record(self._f, self.index[i][1]))
+        _, label, image = unpack_payload(read_record(self._f.get(), self.index[i][1]))
         row = self.texts[i]
         return Sample(key=row["key"], image=image, txt=row["txt"], syn=row["syn"], meta=row["meta"],
-                      tokens=label.astype(np.int32).reshape(2, CONTEXT_LENGTH),
+                      tokens=label_tokens(label, self._extra[i]),
                       image_ext=row["meta"].get("image_format", "jpg"))
+
+    def key(self, i: int) -> str:
+        return self.texts[i]["key"]
+
+    def read(self, i: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """The loader's hot path: (image bytes as a uint8 view, tokens int32 [R, 77], number of
+        synthetic captions): views of the memory-mapped file, nothing copied."""
+        buf, offset = self._map.get(), self.index[i][1]
+        magic, lrecord = struct.unpack_from("<II", buf, offset) if offset + 8 <= len(buf) else (None, 0)
+        length = lrecord & _LENGTH_MASK
+        if magic != MAGIC or lrecord >> 29 or offset + 8 + length > len(buf):
+            raise ValueError(f"{self.path}: bad or truncated record at offset {offset} "
+                             f"(sample {self.key(i)}); reconvert this shard")
+        start = offset + 8 + _IR_HEADER.size
+        flag = _IR_HEADER.unpack_from(buf, offset + 8)[0]
+        tokens = label_tokens(np.frombuffer(buf, "<f4", flag, start), self._extra[i])
+        image = np.frombuffer(buf, np.uint8, length - _IR_HEADER.size - 4 * flag, start + 4 * flag)
+        return image, tokens, len(self.texts[i]["syn"])

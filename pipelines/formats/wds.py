@@ -1,7 +1,9 @@
 """WebDataset tar shards: writer, DALI index (v1.2) and reader.
 
 Members per sample, in this order: `{key}.{jpg|png|webp}`, `{key}.txt`, `{key}.syn.txt` (one
-synthetic caption per line), `{key}.json` (meta), optional `{key}.tok.npy` (int32 [2, 77]).
+synthetic caption per line), `{key}.json` (meta), optional `{key}.tok.npy` (int32 [R, 77],
+`Sample.tokens`: raw text, then every synthetic caption; R = 2 with at most one caption, so the
+`.npy` header is the same for every sample with the same R).
 That is what `webdataset.WebDataset`, open_clip's loader (jpg + txt) and DALI's
 `fn.readers.webdataset` read. The `.idx` file lists, per sample, `<ext> <offset> <size> <name>`
 for every member with `offset` pointing at the member's data (after its 512-byte header),
@@ -9,15 +11,17 @@ exactly as DALI's own `wds2idx` writes it, so no reader ever scans a tar to inde
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
+import math
 import os
 import tarfile
 from typing import Iterator
 
 import numpy as np
 
-from pipelines.formats.base import ShardWriter
+from pipelines.formats.base import ProcessLocal, ShardWriter, map_file
 from pipelines.schema import Sample
 
 INDEX_VERSION = "v1.2"
@@ -34,7 +38,7 @@ def encode_members(sample: Sample, with_tokens: bool) -> list[tuple[str, bytes]]
     ]
     if with_tokens:
         buf = io.BytesIO()
-        np.save(buf, sample.tokens, allow_pickle=False)
+        np.save(buf, sample.tokens.astype("<i4", copy=False), allow_pickle=False)
         members.append(("tok.npy", buf.getvalue()))
     return members
 
@@ -89,7 +93,10 @@ def read_index(idx_path: str) -> list[list[tuple[str, int, int, str]]]:
 
 
 def split_name(name: str) -> tuple[str, str]:
-    """webdataset's rule: the key ends at the first dot of the base name."""
+    """webdataset's rule: the key ends at the first dot of the base name. A leading `./` (what
+    `tar -C dir -cf x.tar .` writes) is not part of the key."""
+    while name.startswith("./"):
+        name = name[2:]
     base = os.path.basename(name)
     dot = base.find(".")
     prefix = name[: len(name) - len(base)]
@@ -148,27 +155,81 @@ def index_tar(tar_path: str) -> list[list[tuple[str, int, int, str]]]:
 
 
 class WdsShard:
-    """Random access to one tar through its DALI index: a sample is a few `pread`s."""
+    """Random access to one tar through its DALI index: a sample is a few `pread`s. The file is
+    opened lazily in each process that reads it (`ProcessLocal`)."""
 
     def __init__(self, tar_path: str, idx_path: str | None):
         self.path = tar_path
         self.index = read_index(idx_path) if idx_path else index_tar(tar_path)
         self.size = os.path.getsize(tar_path)
-        self._fd: int | None = None
+        self._fd = ProcessLocal(functools.partial(os.open, tar_path, os.O_RDONLY), os.close)
+        self._map = ProcessLocal(functools.partial(map_file, tar_path))
+        self._spans: list | None = None
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getstate__(self):  # file descriptors do not cross process boundaries
-        return {**self.__dict__, "_fd": None}
-
     def get(self, i: int) -> Sample:
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
+        fd = self._fd.get()
         parts = {}
         for ext, offset, size, name in self.index[i]:
             if offset + size > self.size:
                 raise ValueError(f"{self.path}: member {name} ends past the end of the file "
                                  "(truncated tar); reconvert or drop this shard")
-            parts[ext] = os.pread(self._fd, size, offset)
+            parts[ext] = os.pread(fd, size, offset)
         return decode_sample(split_name(self.index[i][0][3])[0], parts)
+
+    def key(self, i: int) -> str:
+        return split_name(self.index[i][0][3])[0]
+
+    def read(self, i: int) -> tuple[np.ndarray, np.ndarray | None, int]:
+        """The loader's hot path: (image bytes as a uint8 view, tokens int32 [R, 77] or None,
+        number of synthetic captions): views of the memory-mapped tar, nothing copied."""
+        if self._spans is None:
+            self._spans = [member_spans(parts) for parts in self.index]
+        if self._spans[i] is None:
+            raise ValueError(f"{self.path}: sample {self.key(i)} has no image member")
+        img_off, img_size, tok_off, tok_size, syn_off, syn_size, start, length = self._spans[i]
+        buf = self._map.get()
+        if start + length > len(buf):
+            raise ValueError(f"{self.path}: sample {self.key(i)} ends past the end of the file "
+                             "(truncated tar); reconvert or drop this shard")
+        image = np.frombuffer(buf, np.uint8, img_size, img_off)
+        tokens = None if tok_off < 0 else npy_view(buf, tok_off, tok_size)
+        n_syn = buf[syn_off:syn_off + syn_size].count(b"\n") + 1 if syn_size else 0
+        return image, tokens, n_syn
+
+
+def member_spans(parts: list[tuple[str, int, int, str]]) -> tuple[int, ...] | None:
+    """(offset, size) of the image, tokens (-1, 0 if none) and synthetic captions (0, 0 if none),
+    then the first byte and byte count covering them: what `WdsShard.read` fetches in one read."""
+    exts = {ext: (off, size) for ext, off, size, _ in parts}
+    image = next((exts[e] for e in ("jpg", "png", "webp", "jpeg") if e in exts), None)
+    if image is None:
+        return None  # ShardSet leaves such samples out; reading one is an error below
+    tokens = exts.get("tok.npy", (-1, 0))
+    syn = exts.get("syn.txt", (0, 0))
+    used = [image] + [m for m in (tokens, syn) if m[1] > 0]
+    start = min(off for off, _ in used)
+    end = max(off + size for off, size in used)
+    return (*image, *tokens, *syn, start, end - start)
+
+
+_NPY_HEADERS: dict[bytes, tuple[tuple[int, ...], np.dtype, int]] = {}
+
+
+def npy_view(buf: bytes, offset: int, size: int) -> np.ndarray:
+    """A `.npy` member as an array view into `buf`: its header parsed once per distinct header
+    (all token members of a shard share one), instead of `np.load` per sample."""
+    if buf[offset:offset + 6] != b"\x93NUMPY" or buf[offset + 6] != 1:
+        return np.load(io.BytesIO(buf[offset:offset + size]), allow_pickle=False)
+    end = offset + 10 + int.from_bytes(buf[offset + 8:offset + 10], "little")
+    header = buf[offset:end]
+    spec = _NPY_HEADERS.get(header)
+    if spec is None:
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(io.BytesIO(header[8:]))
+        if fortran:
+            return np.load(io.BytesIO(buf[offset:offset + size]), allow_pickle=False)
+        spec = _NPY_HEADERS[header] = (shape, dtype, math.prod(shape))
+    shape, dtype, count = spec
+    return np.frombuffer(buf, dtype, count, end).reshape(shape)
