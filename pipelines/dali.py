@@ -169,7 +169,7 @@ class DaliBackend:
                         text[:, :CONTEXT_LENGTH].to(self.device, torch.int64),
                         text[:, CONTEXT_LENGTH:-1].to(self.device, torch.int64),
                         text[:, -1].to(self.device, torch.bool),
-                        [self.shardset.key(int(g)) for g in ids], torch.from_numpy(ids))
+                        self.shardset.keys(ids), torch.from_numpy(ids))
 
     def _recover(self, error: Exception, planned: np.ndarray) -> None:
         self.close()  # a pipeline that raised is no longer valid

@@ -71,6 +71,7 @@ class ShardSet:
             self.shards.append(shard)
             valid.append(ok)
         self.valid = valid
+        self._keys: list[list[str]] | None = None  # per shard, by valid position (ShardSet.keys)
         counts = np.array([len(v) for v in valid], dtype=np.int64)
         self.ends = np.cumsum(counts)
         if not self.ends.size or self.ends[-1] == 0:
@@ -129,6 +130,17 @@ class ShardSet:
     def key(self, gid: int) -> str:
         s, i = self.locate(gid)
         return self.shards[s].key(i)
+
+    def __getstate__(self):  # workers read samples, they never need the key lists
+        return {**self.__dict__, "_keys": None}
+
+    def keys(self, ids) -> list[str]:
+        """Keys of a batch of sample ids, from per-shard key lists built once."""
+        if self._keys is None:
+            self._keys = [[shard.key(int(i)) for i in valid] for shard, valid in zip(self.shards, self.valid)]
+        shard = np.searchsorted(self.ends, ids, side="right")
+        local = np.asarray(ids) - np.concatenate([[0], self.ends])[shard]
+        return [self._keys[s][i] for s, i in zip(shard.tolist(), local.tolist())]
 
     def where(self, gid: int) -> str:
         """How an error names a sample: its shard file and key."""

@@ -9,13 +9,11 @@ of streaming whole tars, which is what makes ranks disjoint and resume exact.
 from __future__ import annotations
 
 import functools
-import io
 from typing import Iterator
 
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 from torchvision import transforms as T
 
 from pipelines.faults import BadSamples

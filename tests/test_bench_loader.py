@@ -60,3 +60,17 @@ def test_dali_gpu_is_skipped_without_cuda(shards, tmp_path, monkeypatch):
 def test_unknown_backend_is_a_usage_error(shards, capsys):
     assert bench_loader.main(["--shards", str(shards), "--backends", "dali,torch", "--quick"]) == 2
     assert "unknown backend" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # one 2-s measurement plus the stage runs: ~20 s
+def test_stages_report_cpu_per_stage_and_the_epoch_boundary(shards, tmp_path, capsys):
+    out = tmp_path / "stages.json"
+    assert bench_loader.main(["--shards", str(shards), "--format", "wds,rec", "--backends", "dali-cpu",
+                              "--workers", "2", "--quick", "--stages", "--out", str(out)]) == 0
+    rows = {r["format"]: r for r in json.loads(out.read_text())["stages"]}
+    assert set(rows) == {"wds", "rec"}
+    for r in rows.values():
+        assert r["samples"] == 96
+        assert 0 < r["plan_us"] < r["read_us"] < r["graph_us"] and r["loader_us"] > 0 and r["native_us"] > 0
+        assert r["loader_first_batch_s"] > 0 and "loader_boundary_ms" in r and "native_boundary_ms" in r
+    assert "| format | samples | plan | read | graph |" in capsys.readouterr().out

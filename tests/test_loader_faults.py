@@ -10,7 +10,6 @@ import io
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -152,3 +151,18 @@ def test_elastic_resume_4_then_2_then_3_ranks(tmp_path, backend):
         ld.set_epoch(1)
     assert [epoch(ld) for ld in three] == [epoch(ld) for ld in fresh]
 
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_len_after_a_resume_counts_what_is_left(tmp_path, backend):
+    folder = make_tars(tmp_path / "wds", set())
+    first = loader(folder, backend)
+    it = iter(first)
+    keys = [k for _ in range(2) for k in next(it).keys]
+    it.close()
+    again = loader(folder, backend)
+    again.load_state_dict(first.state_dict())
+    assert len(again) == again.batches_per_epoch - 2 == N // BATCH - 2
+    rest = epoch(again)
+    assert len(rest) == len(again.plan(0).rank_ids()) - len(keys) and not set(rest) & set(keys)
+    assert len(again) == again.batches_per_epoch  # the next epoch is whole again

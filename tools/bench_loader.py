@@ -10,6 +10,8 @@ pipeline, WebLoader and per-sample `open_clip.tokenize` in the workers) with our
 transform: a baseline nobody can call weak. `dali-native` is DALI's own reader feeding the same
 augment graph, no tokens: the bound for our plan + external-source layer. Each repeat builds its
 loader afresh, warms up (excluded), then counts images over `--seconds`, crossing epochs.
+`--stages` adds, per format, the DALI path's CPU per image by stage, its first batch and the cost
+of an epoch boundary beside DALI's reader (`tools/bench_stages.py`).
 """
 from __future__ import annotations
 
@@ -282,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hw-decoder-load", default="0.65", help="comma-separated sweep for dali-gpu")
     p.add_argument("--native-device", choices=("cpu", "gpu"), default="cpu", help="dali-native's device")
     p.add_argument("--out", help="JSON with every raw figure and the machine")
+    p.add_argument("--stages", action="store_true", help="also measure CPU per image by stage and "
+                   "the epoch boundary of the DALI path beside DALI's reader (tools/bench_stages.py)")
     p.add_argument("--quick", action="store_true", help="2 s, 1 repeat, batch 32, 64 px: for tests")
     return p
 
@@ -300,9 +304,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     results: list[Result] = []
     skipped: list[dict] = []
+    stage_rows: list[dict] = []
     for fmt in formats:
         sub = os.path.join(args.shards, fmt)
         folder = sub if os.path.isdir(sub) else args.shards
+        if args.stages:
+            from tools.bench_stages import stages
+
+            native_opener = None if skip_reason("dali-native", fmt, False) else \
+                (lambda: native(args, folder, fmt, "cpu", 0.0))
+            stage_rows.append(stages(args, folder, fmt, native_opener))
+            log(f"stages {fmt}: {stage_rows[-1]}")
         runs = []
         for res, opener, gpu in plan(args, fmt, folder):
             reason = skip_reason(res.backend, fmt, gpu)
@@ -332,6 +344,11 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{args.batch_size}, {args.image_size} px, {args.workers} workers, {args.seconds:g} s x "
           f"{args.repeats}\n")
     print(table(results) if results else "(nothing measured)")
+    if stage_rows:
+        from tools.bench_stages import stages_table
+
+        print("\nCPU per image by stage, first batch and epoch boundary (dali-cpu):\n")
+        print(stages_table(stage_rows))
     for s in skipped:
         print(f"skipped {s['backend']} on {s['format']}: {s['reason']}")
     if args.out:
@@ -339,7 +356,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = {k: v for k, v in vars(args).items() if k != "out"}
         rows = [{**vars(r), "median": r.median, "min": min(r.rates), "max": max(r.rates)} for r in results]
         with open(args.out, "w") as f:
-            json.dump({"machine": info, "config": config, "results": rows, "skipped": skipped}, f, indent=1)
+            json.dump({"machine": info, "config": config, "results": rows, "skipped": skipped,
+                       "stages": stage_rows}, f, indent=1)
         log(f"wrote {args.out}")
     return 0
 

@@ -1,0 +1,135 @@
+"""Where the DALI path's time goes (`bench-loader --stages`): CPU per image of each stage and
+the cost of an epoch boundary, each beside DALI's own reader measured in the same run.
+
+Stages, CPU µs per image (all threads of the process; page cache warm):
+- plan: the epoch's permutation and rank slice (`EpochPlan.batches`);
+- read: `ShardSet.read_batch`, what the external source's workers do per batch (offsets →
+  views of the memory-mapped shard, tokens chosen, one text array);
+- graph: DALI's decode + augmentation alone, fed the same encoded batches from memory;
+- loader: `build_loader(backend="dali")` end to end, its worker processes included;
+- native: DALI's own reader + the same graph (`dali-native`), the bound.
+Epoch boundary: the wait for the first batch of an epoch minus the median wait for a batch,
+for our loader (second epoch on) and for DALI's reader.
+"""
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from argparse import Namespace
+
+from pipelines.loader import LoaderConfig, build_loader
+from pipelines.sampling import EpochPlan
+from pipelines.shardset import ShardSet
+from pipelines.transforms import AugmentSpec
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process (every thread) and of its reaped children."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def graph_cpu(args: Namespace, held: list[list], images: int) -> float:
+    """CPU µs per image of the decode + augment graph alone, fed encoded batches from memory."""
+    from nvidia.dali import fn, pipeline_def
+
+    from pipelines.dali import augment_graph
+
+    def source(info):
+        return held[info.iteration % len(held)]
+
+    @pipeline_def(batch_size=args.batch_size, num_threads=max(1, args.workers), device_id=None, seed=0,
+                  prefetch_queue_depth=2, exec_dynamic=True)
+    def pipe():
+        jpegs = fn.external_source(source, batch=True, batch_info=True)
+        return augment_graph(jpegs, AugmentSpec(size=args.image_size, train=True), "cpu", 0.0)
+
+    p = pipe()
+    p.build()
+    p.run()  # warm-up
+    t, n = cpu_seconds(), 0
+    while n < images:
+        (out,) = p.run()
+        n += len(out)
+    used = cpu_seconds() - t
+    del p
+    return used / n * 1e6
+
+
+def timed_epochs(epochs, count: int) -> tuple[list[float], list[int]]:
+    """Wall time waited for each batch over `count` epochs, and the index of each epoch's first."""
+    waits, firsts = [], []
+    for _ in range(count):
+        firsts.append(len(waits))
+        t = time.perf_counter()
+        for _ in epochs():
+            now = time.perf_counter()
+            waits.append(now - t)
+            t = now
+    return waits, firsts
+
+
+def boundary(waits: list[float], firsts: list[int]) -> float:
+    """ms an epoch start costs beyond a steady batch (epochs after the first)."""
+    steady = statistics.median(waits)
+    return 1e3 * statistics.median(waits[f] - steady for f in firsts[1:])
+
+
+def stages(args: Namespace, folder: str, fmt: str, native_opener) -> dict:
+    shardset = ShardSet(folder, fmt)
+    plan = EpochPlan(total=len(shardset), batch_size=args.batch_size)
+    batches = plan.batches()
+    n = sum(len(b) for b in batches)
+    t = time.process_time()
+    for e in range(3):
+        EpochPlan(total=len(shardset), batch_size=args.batch_size, epoch=e).batches()
+    row = {"format": fmt, "samples": len(shardset), "plan_us": (time.process_time() - t) / (3 * n) * 1e6}
+    held = [shardset.read_batch(b, 0, 0)[0] for b in batches]  # also warms the page cache
+    t = time.process_time()
+    for b in batches:
+        shardset.read_batch(b, 0, 0)
+    row["read_us"] = (time.process_time() - t) / n * 1e6
+    row["graph_us"] = graph_cpu(args, held, 2 * n)
+
+    cfg = LoaderConfig(shards=folder, format=fmt, backend="dali", device="cpu", batch_size=args.batch_size,
+                       image_size=args.image_size, workers=args.workers)
+    t0 = time.perf_counter()
+    loader = build_loader(cfg)
+    epochs = lambda: iter(loader)  # noqa: E731
+    next(epochs())  # the build and the first batch: reported apart, not in the CPU per image
+    row["loader_first_batch_s"] = time.perf_counter() - t0
+    start = cpu_seconds()
+    waits, firsts = timed_epochs(epochs, 4)
+    loader.close()  # its workers are reaped now, so their CPU counts
+    row["loader_us"] = (cpu_seconds() - start) / (len(waits) * args.batch_size) * 1e6
+    row["loader_boundary_ms"] = boundary(waits, firsts)
+    if native_opener is not None:
+        t0 = time.perf_counter()
+        epochs, close = native_opener()
+        next(epochs())
+        row["native_first_batch_s"] = time.perf_counter() - t0
+        start = cpu_seconds()
+        waits, firsts = timed_epochs(epochs, 4)
+        close()
+        row["native_us"] = (cpu_seconds() - start) / (len(waits) * args.batch_size) * 1e6
+        row["native_boundary_ms"] = boundary(waits, firsts)
+    return row
+
+
+def stages_table(rows: list[dict]) -> str:
+    def f(v, spec):
+        return "–" if v is None else format(v, spec)
+    lines = ["| format | samples | plan | read | graph | loader (all processes) | native (bound) | "
+             "loader / native CPU | first batch: loader / native | epoch boundary: loader / native |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        native = r.get("native_us")
+        lines.append(
+            f"| {r['format']} | {r['samples']:,} | {r['plan_us']:.2f} µs | {r['read_us']:.1f} µs | "
+            f"{r['graph_us']:,.0f} µs | {r['loader_us']:,.0f} µs | {f(native, ',.0f')} µs | "
+            f"{f(native and r['loader_us'] / native, '.2f')} | {r['loader_first_batch_s']:.2f} s / "
+            f"{f(r.get('native_first_batch_s'), '.2f')} s | {r['loader_boundary_ms']:+.0f} ms / "
+            f"{f(r.get('native_boundary_ms'), '+.0f')} ms |")
+    return "\n".join(lines)
