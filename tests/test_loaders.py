@@ -621,3 +621,16 @@ def test_open_clip_style_tars(open_clip_tars, backend):
 def test_img2dataset_tars(img2dataset_tars, backend):
     folder, texts = img2dataset_tars
     check_foreign(folder, texts, backend)
+
+
+def test_make_shards_out_folder_opens_the_format_subfolder(shards):
+    """`shards=` may be the make-shards --out folder: the loader picks the subfolder `format`
+    names; a format the folder lacks, or a missing folder, is one line naming what is there."""
+    root, expect = shards
+    for fmt in FORMATS["tok"]:
+        out = run_epoch(make_loader(root / "tok", fmt, "torch", split="eval"))
+        assert sorted(out["keys"]) == sorted(expect)
+    with pytest.raises(ShardError, match=r"no rec shards found \(it holds wds, arrow"):
+        make_loader(root / "raw", "rec", "torch")
+    with pytest.raises(ShardError, match="no such shard folder"):
+        make_loader(root / "nowhere", "wds", "torch")
