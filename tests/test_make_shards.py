@@ -272,3 +272,23 @@ def test_verify_shards_names_the_bad_shard(flickr, tmp_path, capsys):
     (out / "rec" / "000002.idx").unlink()
     assert verify_shards.main([str(out / "rec"), "--quiet"]) == 1
     assert "000002.idx" in capsys.readouterr().err
+
+
+def test_workers_do_not_hang_after_the_parent_ran_openmp(tmp_path):
+    """A parent that ran a parallel torch op (the demo, a notebook) and then converts with
+    --workers 2: the forked workers' tokenizer used to deadlock in libgomp."""
+    script = (
+        "import sys, torch\n"
+        "torch.set_num_threads(2)\n"
+        "torch.zeros(4000, 1000).add_(1)  # starts libgomp's thread pool in the parent\n"
+        "from tools import make_shards, make_synthetic\n"
+        "out = sys.argv[1]\n"
+        "make_synthetic.main(['--out', out + '/syn', '--train', '300', '--test', '0', '--size', '32',\n"
+        "                     '--workers', '1'])\n"
+        "sys.exit(make_shards.main(['--source', 'table', '--input', out + '/syn/train.jsonl',\n"
+        "    '--image-column', 'image', '--caption-column', 'caption', '--synthetic-captions',\n"
+        "    out + '/syn/train_syn.jsonl', '--tokenize', '--format', 'wds', '--samples-per-shard', '150',\n"
+        "    '--out', out + '/shards', '--workers', '2', '--quiet']))\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=REPO, timeout=120,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

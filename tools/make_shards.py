@@ -33,7 +33,7 @@ from pipelines.schema import SCHEMA_VERSION
 from pipelines.text import TOKENIZER_NAME, clean_text, load_tokenizer
 from tools.caption import CaptionSidecar, load_sidecar
 from tools.image_policy import DEFAULT_MAX_PIXELS, ImagePolicy
-from tools.shard_worker import PARTS_DIR, ShardJob, WorkItem, convert_shard, shard_is_complete
+from tools.shard_worker import PARTS_DIR, ShardJob, WorkItem, convert_shard, init_worker, shard_is_complete
 from tools.sources import SOURCES, get_source
 from tools.sources.base import SourceError, SourceOptions, SourceRecord
 
@@ -157,7 +157,7 @@ def run(cfg: ConvertConfig, out: str, workers: int, resume: bool = False, overwr
         if cfg.tokenize or "rec" in cfg.formats:
             load_tokenizer()  # once, before the fork, instead of once per worker
         # fork: workers inherit what the main process has loaded.
-        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=init_worker) as pool:
             pending: set[cf.Future] = set()
             for shard, items in plan:
                 if resume and (existing := shard_is_complete(out, cfg.formats, shard)):

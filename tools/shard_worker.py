@@ -45,6 +45,16 @@ class ShardJob:
     source: str
 
 
+def init_worker() -> None:
+    """Start of a forked worker: the tokenizer builds its output with torch, and a torch op that
+    enters an OpenMP region the parent had started deadlocks in the child (libgomp is not
+    fork-safe; seen with `make demo`). One thread keeps every op inline, as DataLoader workers do."""
+    import sys
+
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
+
 def read_image_bytes(ref) -> bytes:
     if isinstance(ref, TarMember):
         with open(ref.tar_path, "rb") as f:
