@@ -19,6 +19,7 @@ remain the bound in `tools/bench_loader.py`.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Iterator
 
 import numpy as np
@@ -44,6 +45,7 @@ class PlanSource:
         self.first = plan.num_batches - start  # batches left in the first epoch
         self.per_epoch = dataclasses.replace(plan, offset=0).num_batches
         self._epoch: tuple[int, list[np.ndarray]] | None = None
+        self._pid: int | None = None
 
     def position(self, i: int) -> tuple[EpochPlan, int]:
         """(plan of the epoch, batch index in it) of iteration i."""
@@ -60,6 +62,11 @@ class PlanSource:
         return plan.epoch, self._epoch[1][b]
 
     def __call__(self, info):
+        if self._pid != os.getpid():  # first call in this worker process
+            # Shards without stored tokens are tokenized here, with torch ops: one thread, because a
+            # forked worker entering an OpenMP region its parent had started deadlocks (libgomp).
+            torch.set_num_threads(1)
+            self._pid = os.getpid()
         epoch, ids = self.planned(info.iteration)
         return self.shardset.read_batch(self.bad.apply(ids), self.seed, epoch)
 

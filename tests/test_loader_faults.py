@@ -166,3 +166,22 @@ def test_len_after_a_resume_counts_what_is_left(tmp_path, backend):
     rest = epoch(again)
     assert len(rest) == len(again.plan(0).rank_ids()) - len(keys) and not set(rest) & set(keys)
     assert len(again) == again.batches_per_epoch  # the next epoch is whole again
+
+
+def test_dali_workers_tokenize_after_the_parent_ran_openmp(tmp_path):
+    """Untokenized shards are tokenized in DALI's forked source workers; after the training
+    process ran a parallel torch op (it always has), a big batch used to deadlock in libgomp."""
+    import subprocess
+    import sys
+
+    folder = make_tars(tmp_path / "wds", set(), n=240)
+    script = ("import sys, torch\n"
+              "torch.set_num_threads(2)\n"
+              "torch.zeros(4000, 1000).add_(1)\n"
+              "from pipelines.loader import LoaderConfig, build_loader\n"
+              "ld = build_loader(LoaderConfig(shards=sys.argv[1], backend='dali', batch_size=240,\n"
+              "                               image_size=16, workers=2))\n"
+              "print(sum(len(b) for b in ld))\n")
+    done = subprocess.run([sys.executable, "-c", script, str(folder)], timeout=120, capture_output=True,
+                          text=True, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0 and done.stdout.split()[-1] == "240", done.stderr[-2000:]
