@@ -397,6 +397,29 @@ def test_alip_state_dict_round_trip():
         assert torch.equal(info_a[key], info_b[key]), key
 
 
+def test_alip_h_init_first_batch_starts_at_the_batch_means():
+    """loss.h_init=first_batch: the first step's means are that batch's (no cold start from 1.0);
+    later steps follow ALIP's update; the reference with those means gives the same loss."""
+    image, raw, syn = alip_batch(4)
+    loss_fn = AlipLoss(h_init="first_batch")
+    loss, info = loss_fn(image, raw, syn, 1 / 0.07)
+    s_tc, s_xt, s_xc = ((a * b).sum(-1).mean().item() for a, b in ((raw, syn), (image, raw), (image, syn)))
+    assert [info[k].item() for k in ("h_tc", "h_xt", "h_xc")] == pytest.approx([s_tc, s_xt, s_xc], abs=1e-12)
+    want, *_ = ref_alip(image, raw, syn, 1 / 0.07, (s_tc, s_xt, s_xc), momentum=0.0)
+    assert loss.item() == pytest.approx(want, rel=1e-9)
+    batch = alip_batch(5)
+    h = tuple(info[k].item() for k in ("h_tc", "h_xt", "h_xc"))
+    loss, info = loss_fn(*batch, 1 / 0.07)
+    want, _, _, _, h_new = ref_alip(*batch, 1 / 0.07, h)
+    assert loss.item() == pytest.approx(want, rel=1e-9)
+    assert [info[k].item() for k in ("h_tc", "h_xt", "h_xc")] == pytest.approx(list(h_new), abs=1e-12)
+    restored = AlipLoss(h_init="first_batch")
+    restored.load_state_dict(loss_fn.state_dict())  # h_started travels: a resumed run keeps its means
+    assert restored.gates.h_started and restored.gates.h_tc == loss_fn.gates.h_tc
+    with pytest.raises(ValueError, match="h_init"):
+        AlipLoss(h_init="zero")
+
+
 HAS_SYN = torch.tensor([True, False, True, True, False, True, True, False])
 
 

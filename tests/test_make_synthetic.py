@@ -159,13 +159,24 @@ def test_test_split_captions_are_clean(out, test_rows):
     for r in test_rows:
         caps = r["caption"]
         assert r["noise"] == "clean" and r["swapped_with"] is None
-        assert 2 <= len(caps) <= 5 and len(set(caps)) == len(caps) and caps[0] == r["description"]
+        assert 1 <= len(caps) <= 5 and len(set(caps)) == len(caps) and caps[0] == r["description"]
         for caption in caps:
             assert caption.isascii() and "#" not in caption
             assert all(g["color"] in caption and g["kind"] in caption for g in r["shapes"])
+    every = [c for r in test_rows for c in r["caption"]]
+    assert len(set(every)) == len(every)  # no caption belongs to two test images
     karpathy = json.loads((out / "test_karpathy.json").read_text())
     assert karpathy == [{"image": r["image"], "caption": r["caption"]} for r in test_rows]
     assert all((out / k["image"]).is_file() for k in karpathy)
+
+
+def test_test_captions_unique_by_redraw_and_drop():
+    recs = [{"description": "a", "captions": ["a", "p", "q"]},
+            {"description": "a", "captions": ["a", "p"]},
+            {"description": "b", "captions": ["b", "q", "r"]}]
+    ms.unique_test_captions(recs, lambda i, redraw: {"description": f"new{redraw}",
+                                                      "captions": [f"new{redraw}", "p"]})
+    assert [r["captions"] for r in recs] == [["a"], ["new1"], ["b", "r"]]
 
 
 @pytest.mark.parametrize("bad", [["--swap-fraction", "0.9"], ["--hashtag-fraction", "-0.1"],

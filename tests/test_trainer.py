@@ -605,5 +605,24 @@ def test_two_rank_training_run(shards, tmp_path):
     assert not torch.equal(build_model(MODEL).clip.visual.proj, state["model"]["clip.visual.proj"])
     assert [r["step"] for r in read_metrics(tmp_path / "ddp")] == [1, 2]
     assert sorted(os.listdir(tmp_path / "ddp")) == ["checkpoints", "config.yaml", "metrics.jsonl",
-                                                    "open_clip_model.pt", "tensorboard"]
+                                                    "open_clip_model.pt", "sample_weights.pt", "tensorboard"]
+    # the gates' per-sample record holds both ranks' samples: 2 ranks x 4 micro-batches x 8
+    weights = torch.load(tmp_path / "ddp" / "sample_weights.pt")
+    assert int((weights["step"] >= 0).sum()) == 64 and set(weights["step"].unique().tolist()) == {-1, 1, 2}
 
+
+
+@pytest.mark.dist
+def test_resume_at_another_world_size(shards, tmp_path):
+    """`run.resume=latest` after a change of nproc_per_node (elastic): two ranks train 2 steps of
+    2 × 8 samples, one process continues the same epoch from the 32 samples both ranks used."""
+    argv = overrides(shards, tmp_path, "elastic", data__batch_size=8, optim__max_steps=2, run__ckpt_every=1,
+                     loss__mode="clip-raw")
+    mp.spawn(_train_worker, args=(WORLD, _free_port(), argv, str(tmp_path)), nprocs=WORLD, join=True)
+    saved = checkpoint.load(str(tmp_path / "elastic" / "checkpoints" / "step_00000002.pt"))["loader"]
+    assert (saved["world_size"], saved["batches_yielded"], saved["offset"]) == (2, 2, 0)
+    result = run_main(argv + ["optim.max_steps=4", "run.resume=latest"])
+    assert result["steps"] == 4
+    state = checkpoint.load(str(tmp_path / "elastic" / "checkpoints" / "step_00000004.pt"))["loader"]
+    # At world size 1 the epoch goes on after the 2 × 2 × 8 samples both ranks had used.
+    assert (state["world_size"], state["epoch"], state["offset"], state["batches_yielded"]) == (1, 0, 32, 2)

@@ -4,7 +4,8 @@ Procedural images (coloured shapes on textured backgrounds) come with an accurat
 web-like raw alt-text whose noise kind is known per sample (clean, swap, truncate, offtopic,
 hashtag, mojibake) and bland synthetic captions. The noise labels are ground truth: an ALIP-style
 gate should down-weight `swap` samples, and its AUC over these labels says how well it does. A
-held-out test split with clean captions (also in Karpathy layout) serves retrieval evaluation.
+held-out test split with clean captions, none shared by two test images (also in Karpathy layout),
+serves retrieval evaluation.
 
 `python -m tools.make_synthetic --out DIR` writes `train.jsonl` / `test.jsonl` (table sources for
 the converter: `--image-column image --caption-column caption`), `train_syn.jsonl` (the
@@ -28,7 +29,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 # Bump when the same arguments would produce different files.
-SYNTHETIC_VERSION = 1
+SYNTHETIC_VERSION = 2
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30), "green": (30, 165, 50), "blue": (30, 70, 225), "yellow": (245, 215, 20),
@@ -86,6 +87,7 @@ class RenderConfig:
     seed: int
     size: int
     quality: int
+    side_ratio: float = 1.5
 
 
 def position_of(x: float, y: float) -> str:
@@ -238,12 +240,13 @@ def _alt_text(rng: random.Random, groups: list[Group], texture: str, accent: boo
     return rng.choice(templates).format(x=loose, n=n, t=TEXTURES[texture])
 
 
-def make_sample(cfg: RenderConfig, task: tuple[str, int, bool]) -> dict[str, Any]:
-    """Draw, write and caption one sample; depends only on (cfg, split, index), not on workers."""
-    split, i, accent = task
-    rng = random.Random(f"{cfg.seed}-{split}-{i}")
-    w = rng.randint(cfg.size, int(1.5 * cfg.size))
-    h = rng.randint(cfg.size, int(1.5 * cfg.size))
+def make_sample(cfg: RenderConfig, task: tuple[str, int, bool, int]) -> dict[str, Any]:
+    """Draw, write and caption one sample; depends only on (cfg, split, index, redraw), not on
+    workers. `redraw` > 0 draws another scene for the same index (unique test descriptions)."""
+    split, i, accent, redraw = task
+    rng = random.Random(f"{cfg.seed}-{split}-{i}" + (f"-redraw{redraw}" if redraw else ""))
+    w = rng.randint(cfg.size, int(cfg.side_ratio * cfg.size))
+    h = rng.randint(cfg.size, int(cfg.side_ratio * cfg.size))
     groups = _layout(rng, w, h)
     texture, bg = rng.choice(sorted(TEXTURES)), rng.choice(sorted(BACKGROUNDS))
     nprng = np.random.default_rng(rng.getrandbits(63))
@@ -257,7 +260,7 @@ def make_sample(cfg: RenderConfig, task: tuple[str, int, bool]) -> dict[str, Any
 
     # Text has its own stream and the alt-text comes last, so that the noise plan (accent)
     # changes nothing but the alt-text template.
-    trng = random.Random(f"{cfg.seed}-{split}-{i}-text")
+    trng = random.Random(f"{cfg.seed}-{split}-{i}-text" + (f"-redraw{redraw}" if redraw else ""))
     description = describe(groups, texture, bg)
     paraphrases = _paraphrases(groups, texture, bg)
     rec: dict[str, Any] = {"key": f"syn_{split}_{i:09d}", "image": rel, "description": description,
@@ -314,20 +317,41 @@ def apply_noise(rng: random.Random, i: int, kind: str, recs: list[dict[str, Any]
     return alt, None
 
 
+def unique_test_captions(test: list[dict[str, Any]], draw) -> None:
+    """Give every test image captions no other test image has, in place, so that retrieval
+    measures the model and not how ties between identical captions are broken. A test image
+    whose full description repeats an earlier one is redrawn (`draw(i, redraw)`) until unique;
+    then paraphrases that another test image shares are dropped (the description always stays)."""
+    seen: set[str] = set()
+    for i, rec in enumerate(test):
+        redraw = 0
+        while rec["description"] in seen:
+            redraw += 1
+            rec = test[i] = draw(i, redraw)
+        seen.add(rec["description"])
+    owners: dict[str, set[int]] = {}
+    for i, rec in enumerate(test):
+        for caption in rec["captions"]:
+            owners.setdefault(caption, set()).add(i)
+    for i, rec in enumerate(test):
+        rec["captions"] = [c for c in rec["captions"] if owners[c] == {i}]
+
+
 def _write_jsonl(path: str, rows: list[dict[str, Any]]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
 def generate(out: str, n_train: int, n_test: int, fractions: dict[str, float], *, seed: int = 0,
-             size: int = 160, quality: int = 90, workers: int = 1) -> dict[str, int]:
+             size: int = 160, quality: int = 90, workers: int = 1, side_ratio: float = 1.5
+             ) -> dict[str, int]:
     """Write the whole dataset under `out`; returns the count per noise kind."""
     for split in ("train", "test"):
         os.makedirs(os.path.join(out, "images", split), exist_ok=True)
     labels = plan_noise(n_train, fractions, seed)
-    tasks = [("train", i, labels[i] == "mojibake") for i in range(n_train)]
-    tasks += [("test", i, False) for i in range(n_test)]
-    work = partial(make_sample, RenderConfig(out, seed, size, quality))
+    tasks = [("train", i, labels[i] == "mojibake", 0) for i in range(n_train)]
+    tasks += [("test", i, False, 0) for i in range(n_test)]
+    work = partial(make_sample, RenderConfig(out, seed, size, quality, side_ratio))
     recs: list[dict[str, Any]] = []
     with tqdm(total=len(tasks), desc="make-synthetic", unit="img", file=sys.stderr) as bar:
         if workers <= 1:
@@ -341,6 +365,7 @@ def generate(out: str, n_train: int, n_test: int, fractions: dict[str, float], *
                     recs.append(rec)
                     bar.update(1)
     train, test = recs[:n_train], recs[n_train:]
+    unique_test_captions(test, lambda i, redraw: work(("test", i, False, redraw)))
 
     rows = []
     for i, (rec, kind) in enumerate(zip(train, labels)):
@@ -369,7 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (created)")
     p.add_argument("--train", type=int, default=3000, help="train images")
     p.add_argument("--test", type=int, default=500, help="test images (clean captions)")
-    p.add_argument("--size", type=int, default=160, help="min image side; sides vary up to 1.5x")
+    p.add_argument("--size", type=int, default=160, help="min image side")
+    p.add_argument("--max-side-ratio", type=float, default=1.5,
+                   help="sides vary from --size up to this multiple; 1 makes square images, whose "
+                        "centre crop at evaluation keeps shapes at the edges")
     p.add_argument("--seed", type=int, default=0)
     for kind, default in (("swap", 0.3), ("truncate", 0.1), ("offtopic", 0.1), ("hashtag", 0.2),
                           ("mojibake", 0.1)):
@@ -388,15 +416,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"noise fractions must lie in [0, 1] and sum to at most 1, got {fractions}")
     if args.train < 2 or args.test < 0:
         parser.error("--train must be at least 2 (swaps need a partner) and --test at least 0")
-    if args.size < 32 or not 1 <= args.quality <= 100 or args.workers < 1:
-        parser.error("--size must be >= 32, --quality in [1, 100], --workers >= 1")
+    if args.size < 32 or not 1 <= args.quality <= 100 or args.workers < 1 or args.max_side_ratio < 1:
+        parser.error("--size must be >= 32, --quality in [1, 100], --workers >= 1, --max-side-ratio >= 1")
 
     start = time.perf_counter()
     counts = generate(args.out, args.train, args.test, fractions, seed=args.seed, size=args.size,
-                      quality=args.quality, workers=args.workers)
+                      quality=args.quality, workers=args.workers, side_ratio=args.max_side_ratio)
     # Only what determines the content: the same file for any --out and --workers.
     meta = {"version": SYNTHETIC_VERSION,
-            "args": {"train": args.train, "test": args.test, "size": args.size, "seed": args.seed,
+            "args": {"train": args.train, "test": args.test, "size": args.size,
+                     "max_side_ratio": args.max_side_ratio, "seed": args.seed,
                      "quality": args.quality, "fractions": fractions},
             "counts": {"train": args.train, "test": args.test}, "noise": counts}
     with open(os.path.join(args.out, "synthetic.json"), "w", encoding="utf-8") as f:

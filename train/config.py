@@ -33,6 +33,7 @@ class ModelConfig:
     pretrained: str | None = None  # an open_clip checkpoint file; None = random init
     grad_checkpointing: bool = False
     compile: bool = False
+    tuning: str = "none"  # none (all trains) | lit (image tower locked) | lilt (norms, projections, adapters)
 
 
 @dataclass
@@ -44,6 +45,7 @@ class LossConfig:
     gamma_sample: float = 2.0
     gamma_pair: float = 2.0
     normalize: str = "mean"  # mean (ALIP) | weight_sum
+    h_init: str = "one"  # one (ALIP: gate means start at 1.0) | first_batch (the first batch's means)
 
 
 @dataclass
@@ -93,12 +95,14 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         checks = [("loss.mode", self.loss.mode, ("clip-raw", "clip-both", "alip")),
+                  ("model.tuning", self.model.tuning, ("none", "lit", "lilt")),
                   ("optim.schedule", self.optim.schedule, ("cosine", "onecycle")),
                   ("optim.precision", self.optim.precision, ("auto", "fp32", "bf16", "fp16")),
                   ("data.backend", self.data.backend, ("torch", "dali")),
                   ("data.device", self.data.device, ("auto", "gpu", "cpu")),
                   ("data.format", self.data.format, ("wds", "arrow", "rec")),
-                  ("loss.normalize", self.loss.normalize, ("mean", "weight_sum"))]
+                  ("loss.normalize", self.loss.normalize, ("mean", "weight_sum")),
+                  ("loss.h_init", self.loss.h_init, ("one", "first_batch"))]
         for key, value, allowed in checks:
             if value not in allowed:
                 raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")

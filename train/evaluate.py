@@ -398,8 +398,13 @@ def load_model(name: str, checkpoint: str, device: str | torch.device = "cpu", m
         if isinstance(state, dict) and isinstance(state.get("model"), dict):  # a trainer checkpoint
             model = open_clip.create_model(name)  # (it logs "initialized randomly": the weights come next)
             # DDP, torch.compile and DualPathCLIP prefix the names of the bare open_clip model's weights.
-            model.load_state_dict({re.sub(r"^(module\.|_orig_mod\.|clip\.)+", "", k): v
-                                   for k, v in state["model"].items()}, strict=True)
+            weights = {re.sub(r"^(module\.|_orig_mod\.|clip\.)+", "", k): v for k, v in state["model"].items()}
+            adapters = {k.split(".", 1)[1]: weights.pop(k) for k in list(weights) if k.startswith("adapters.")}
+            model.load_state_dict(weights, strict=True)
+            if adapters:  # a LilT run (train/tuning.py): its adapters, hooked in as load_lilt does
+                from train.tuning import add_adapters
+                model.lilt_adapters = add_adapters(model)
+                model.lilt_adapters.load_state_dict(adapters)
         else:  # open_clip's own load_checkpoint: {"state_dict": ...}, "module." prefixes, safetensors
             model = open_clip.create_model(name, pretrained=checkpoint)
     except Exception as e:  # noqa: BLE001 - a checkpoint that does not fit is a config error

@@ -4,7 +4,9 @@ Per sample i over the global batch, with features L2-normalized:
     S_tc = <t_i, c_i>   raw text vs synthetic caption
     S_xt = <x_i, t_i>   image vs raw text
     S_xc = <x_i, c_i>   image vs synthetic caption
-Running means H (start at 1.0) are updated *before* use: H ← m·H + (1 − m)·mean(S).
+Running means H (start at 1.0, ALIP's choice) are updated *before* use: H ← m·H + (1 − m)·mean(S).
+`h_init="first_batch"` instead sets each H to its first batch's mean: a fresh model's similarities
+start near 0, so with H at 1.0 the early weights are small until the means have decayed (cold start).
     W_s = min(1, exp(γ_s·(S_tc − H_tc)))                       sample weight (language gate)
     W_t = exp(γ_p·(S_xt − H_xt)), W_c = exp(γ_p·(S_xc − H_xc))  pair weights (description gate),
           applied only where S_tc < H_tc (else 1), not clipped.
@@ -19,11 +21,23 @@ from torch import nn
 
 
 class ConsistencyGates(nn.Module):
-    def __init__(self, momentum: float = 0.99, gamma_sample: float = 2.0, gamma_pair: float = 2.0):
+    def __init__(self, momentum: float = 0.99, gamma_sample: float = 2.0, gamma_pair: float = 2.0,
+                 h_init: str = "one"):
         super().__init__()
+        if h_init not in ("one", "first_batch"):
+            raise ValueError(f"h_init must be 'one' or 'first_batch', not {h_init!r}")
         self.momentum, self.gamma_sample, self.gamma_pair = momentum, gamma_sample, gamma_pair
+        self.h_init = h_init
         for name in ("h_tc", "h_xt", "h_xc"):
             self.register_buffer(name, torch.ones((), dtype=torch.float64))
+        if h_init == "first_batch":  # in the state dict, so a resumed run does not re-initialise
+            self.register_buffer("h_started", torch.zeros((), dtype=torch.bool))
+
+    def _update(self, h: torch.Tensor, s: torch.Tensor) -> None:
+        if self.h_init == "first_batch" and not self.h_started:
+            h.copy_(s.double().mean())
+        else:
+            h.mul_(self.momentum).add_((1 - self.momentum) * s.double().mean())
 
     @torch.no_grad()
     def forward(self, image: torch.Tensor, raw: torch.Tensor, syn: torch.Tensor,
@@ -36,11 +50,12 @@ class ConsistencyGates(nn.Module):
         s_xt = (image * raw).sum(-1)
         s_xc = (image * syn).sum(-1)
         mask = torch.ones_like(s_tc, dtype=torch.bool) if has_syn is None else has_syn.bool()
-        m = self.momentum
-        self.h_xt.mul_(m).add_((1 - m) * s_xt.double().mean())
+        self._update(self.h_xt, s_xt)
         if mask.any():
-            self.h_tc.mul_(m).add_((1 - m) * s_tc[mask].double().mean())
-            self.h_xc.mul_(m).add_((1 - m) * s_xc[mask].double().mean())
+            self._update(self.h_tc, s_tc[mask])
+            self._update(self.h_xc, s_xc[mask])
+            if self.h_init == "first_batch":  # H_tc, H_xc wait for a batch with synthetic captions
+                self.h_started.fill_(True)
         h_tc, h_xt, h_xc = self.h_tc.to(dtype), self.h_xt.to(dtype), self.h_xc.to(dtype)
         w_sample = torch.exp(self.gamma_sample * (s_tc - h_tc)).clamp(max=1.0)
         inconsistent = s_tc < h_tc

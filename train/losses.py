@@ -86,12 +86,12 @@ class AlipLoss(_Contrastive):
     `"weight_sum"` by the sum of the weights, which keeps the loss scale steady as gates move."""
 
     def __init__(self, momentum: float = 0.99, gamma_sample: float = 2.0, gamma_pair: float = 2.0,
-                 normalize: str = "mean", **kwargs):
+                 normalize: str = "mean", h_init: str = "one", **kwargs):
         super().__init__(**kwargs)
         if normalize not in ("mean", "weight_sum"):
             raise ValueError(f"normalize must be 'mean' or 'weight_sum', not {normalize!r}")
         self.normalize = normalize
-        self.gates = ConsistencyGates(momentum, gamma_sample, gamma_pair)
+        self.gates = ConsistencyGates(momentum, gamma_sample, gamma_pair, h_init)
 
     def _reduce(self, losses, weights, mask):
         weights = weights * mask

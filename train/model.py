@@ -77,5 +77,9 @@ def build_model(name: str, pretrained: str | None = None, grad_checkpointing: bo
 
 
 def export_open_clip(model: DualPathCLIP, path: str) -> None:
-    """Weights in open_clip's state-dict layout: `open_clip.create_model(name, pretrained=path)`."""
+    """Weights in open_clip's state-dict layout: `open_clip.create_model(name, pretrained=path)`.
+    LilT's adapters (`model.adapters`) are not in that layout: they go to `adapters.pt` beside it
+    (`train.tuning.load_lilt` hooks them back in)."""
     torch.save(model.clip.state_dict(), path)
+    if hasattr(model, "adapters"):
+        torch.save(model.adapters.state_dict(), os.path.join(os.path.dirname(path), "adapters.pt"))

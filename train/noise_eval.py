@@ -1,13 +1,19 @@
-"""How well a model's consistency signals find noisy raw texts, where noise labels are known
-(the synthetic dataset records `meta.noise` per sample): the AUC of ranking swapped raw texts
-below clean ones by the language gate's S_tc = <raw, synthetic> and by the description gate's
-S_xt = <image, raw>. The gate weights are monotone in these, so the AUC is the gates' AUC."""
+"""How well the gates find noisy raw texts, where noise labels are known (the synthetic dataset
+records `meta.noise` per sample), as the AUC of ranking swapped raw texts below clean ones:
+- post hoc (`noise_auc`): by the final model's S_tc = <raw, synthetic> (language gate) and
+  S_xt = <image, raw> (description gate), one pass over the data in eval mode; the gate weights
+  are monotone in these, so it is the AUC the gates would have with the final model;
+- training time (`training_auc`): by the weights the gates actually gave each sample when it was
+  last trained on in the final epoch (`sample_weights.pt`, train/sample_weights.py): W_s and
+  W_s·W_t. W_s is clipped at 1, so clean-looking samples tie; ties count half."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
 from pipelines.loader import LoaderConfig, build_loader
+from pipelines.shardset import ShardSet
+from train.sample_weights import final_epoch
 
 
 def auc(positive: np.ndarray, negative: np.ndarray) -> float:
@@ -41,18 +47,42 @@ def consistency_scores(model, shards: str, fmt: str, image_size: int, batch_size
     return out, loader.shardset
 
 
+def noise_labels(shardset: ShardSet) -> list[str | None]:
+    """meta.noise per sample id."""
+    return [shardset.get(gid).meta.get("noise") for gid in range(len(shardset))]
+
+
+def _split(values, labels, positive: str, negative: str, where: str):
+    pos = np.array([v for v, n in zip(values, labels) if n == positive])
+    neg = np.array([v for v, n in zip(values, labels) if n == negative])
+    if not len(pos) or not len(neg):
+        raise ValueError(f"{where}: needs samples with meta.noise == {positive!r} and {negative!r}")
+    return pos, neg
+
+
 def noise_auc(model, shards: str, fmt: str, image_size: int, positive: str = "swap",
               negative: str = "clean", **kwargs) -> dict[str, float]:
     scores, shardset = consistency_scores(model, shards, fmt, image_size, **kwargs)
-    labels = {}
-    for gid in range(len(shardset)):
-        s = shardset.get(gid)
-        labels[s.key] = s.meta.get("noise")
-    pos = np.array([scores[k] for k, n in labels.items() if n == positive])
-    neg = np.array([scores[k] for k, n in labels.items() if n == negative])
-    if not len(pos) or not len(neg):
-        raise ValueError(f"{shards}: needs samples with meta.noise == {positive!r} and {negative!r}")
+    keys = [shardset.key(gid) for gid in range(len(shardset))]
+    pos, neg = _split([scores[k] for k in keys], noise_labels(shardset), positive, negative, shards)
     # Noisy pairs should score *lower*: rank by the negated similarity.
     return {"auc_language_gate": auc(-pos[:, 0], -neg[:, 0]),
             "auc_description_gate": auc(-pos[:, 1], -neg[:, 1]),
             "n_swap": len(pos), "n_clean": len(neg)}
+
+
+def training_auc(weights_file: str, shards: str, fmt: str, positive: str = "swap",
+                 negative: str = "clean") -> dict[str, float]:
+    """AUC of the gates' training-time weights (lower for `positive`) over the samples recorded in
+    the final epoch; `weights_file` is a run's sample_weights.pt, `shards` the folder it trained on."""
+    state = torch.load(weights_file, map_location="cpu")
+    shardset = ShardSet(shards, fmt)
+    if len(shardset) != len(state["step"]):
+        raise ValueError(f"{weights_file}: {len(state['step'])} samples, but {shards} holds {len(shardset)}")
+    keep = final_epoch(state).numpy()
+    labels = [n if k else None for n, k in zip(noise_labels(shardset), keep)]
+    values = np.stack([state["w_sample"].numpy(), state["w_pair"].numpy()], axis=1)
+    pos, neg = _split(values, labels, positive, negative, weights_file)
+    return {"auc_train_w_sample": auc(-pos[:, 0], -neg[:, 0]),
+            "auc_train_w_sample_raw": auc(-pos[:, 1], -neg[:, 1]),
+            "n_train_final_epoch": int(keep.sum())}

@@ -10,6 +10,7 @@ import contextlib
 import math
 import os
 import random
+import sys
 import time
 
 import numpy as np
@@ -24,6 +25,8 @@ from train.losses import AlipLoss, ClipLoss
 from train.model import build_model, export_open_clip
 from train.optim import build_scheduler, param_groups
 from train.records import RunRecorder
+from train.tuning import apply_tuning, trainable_summary
+from train.sample_weights import SampleWeights
 
 MAX_LOGIT_SCALE = math.log(100)
 
@@ -39,7 +42,7 @@ def build_losses(cfg: TrainConfig, env: DistEnv):
                   cache_labels=True, rank=env.rank, world_size=env.world_size)
     if cfg.loss.mode == "alip":
         return AlipLoss(cfg.loss.momentum, cfg.loss.gamma_sample, cfg.loss.gamma_pair,
-                        cfg.loss.normalize, **common).to(env.device)
+                        cfg.loss.normalize, cfg.loss.h_init, **common).to(env.device)
     return ClipLoss(**common).to(env.device)
 
 
@@ -101,6 +104,10 @@ def train(cfg: TrainConfig, loader=None) -> dict:
     ckpt_dir = os.path.join(run_dir, "checkpoints")
 
     model = build_model(cfg.model.name, cfg.model.pretrained, cfg.model.grad_checkpointing).to(env.device)
+    apply_tuning(model, cfg.model.tuning)  # before DDP and the optimizer: they take what trains
+    trainable = trainable_summary(model)
+    if env.is_main and cfg.model.tuning != "none":  # full training: 100 %, logged in metrics only
+        print(f"{cfg.run.name}: model.tuning={cfg.model.tuning}, {trainable['line']}", file=sys.stderr)
     loader = loader or build_loader(LoaderConfig(
         shards=cfg.data.train_shards, format=cfg.data.format, backend=cfg.data.backend,
         device="gpu" if env.device.type == "cuda" else "cpu", split="train",
@@ -108,14 +115,17 @@ def train(cfg: TrainConfig, loader=None) -> dict:
         rank=env.rank, world_size=env.world_size, workers=cfg.data.workers, flip=cfg.data.flip,
         hw_decoder_load=cfg.data.hw_decoder_load))
     accum = cfg.optim.accum_steps
-    steps_per_epoch = len(loader) // accum
+    steps_per_epoch = loader.batches_per_epoch // accum
     if steps_per_epoch == 0:
-        raise ValueError(f"one epoch holds {len(loader)} batches, fewer than optim.accum_steps={accum}")
+        raise ValueError(f"one epoch holds {loader.batches_per_epoch} batches, fewer than "
+                         f"optim.accum_steps={accum}")
     total_steps = cfg.optim.epochs * steps_per_epoch
     if cfg.optim.max_steps:
         total_steps = min(total_steps, cfg.optim.max_steps)
 
     loss_fn = build_losses(cfg, env)
+    # The gates' last weight per sample id (alip only): the training-time AUC reads it.
+    weights = SampleWeights.for_loader(loader, env.device, steps_per_epoch) if cfg.loss.mode == "alip" else None
     ddp = DDP(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None) \
         if env.world_size > 1 else model
     forward = torch.compile(ddp) if cfg.model.compile else ddp
@@ -134,6 +144,8 @@ def train(cfg: TrainConfig, loader=None) -> dict:
         sched.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         loss_fn.load_state_dict(state["loss"])
+        if weights is not None and "sample_weights" in state:
+            weights.load_state_dict(state["sample_weights"])
         loader.load_state_dict(state["loader"])
         checkpoint.set_rng_state(state["rng"])
         step = state["step"]
@@ -142,6 +154,8 @@ def train(cfg: TrainConfig, loader=None) -> dict:
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                  "scaler": scaler.state_dict(), "loss": loss_fn.state_dict(), "loader": loader.state_dict(),
                  "rng": checkpoint.rng_state(), "step": step, "epoch": loader.epoch, "config": to_dict(cfg)}
+        if weights is not None:  # merging is collective: every rank calls save()
+            state["sample_weights"] = weights.merged(env.world_size)
         return checkpoint.save(ckpt_dir, step, state, cfg.run.keep_checkpoints) if env.is_main else ""
 
     recorder = RunRecorder(run_dir, to_dict(cfg), env.is_main, total_steps, step)
@@ -151,10 +165,13 @@ def train(cfg: TrainConfig, loader=None) -> dict:
     tick, tick_step = time.perf_counter(), step
     last = {}
     step_times: list[float] = []  # wall clock after each step: benchmarks time a window of steps
-    batches_per_epoch = steps_per_epoch * accum  # a trailing partial accumulation is never begun
     while step < total_steps:
+        # A trailing partial accumulation is never begun. An epoch resumed at another world size
+        # (elastic) holds fewer batches than the rest: `epoch_batches` counts them.
+        batches_per_epoch = loader.epoch_batches // accum * accum
         if loader.batches_yielded >= batches_per_epoch:  # left early (accumulation remainder)
             loader.set_epoch(loader.epoch + 1)
+            continue
         for batch in loader:
             micro = loader.batches_yielded
             sync = micro % accum == 0
@@ -164,6 +181,8 @@ def train(cfg: TrainConfig, loader=None) -> dict:
                                                      batch.syn_tokens if use_syn else None)
                 loss, info = compute_loss(cfg.loss.mode, loss_fn, image, raw, syn, scale, batch.has_syn)
                 scaler.scale(loss / accum).backward()
+            if weights is not None:
+                weights.record(step + 1, batch, info, env.rank)  # info holds the global batch
             if (micro - 1) % accum == 0:  # the logged loss is the step's: its micro-batches' mean
                 step_loss = torch.zeros((), device=env.device)
             step_loss += loss.detach() / accum
@@ -183,6 +202,7 @@ def train(cfg: TrainConfig, loader=None) -> dict:
                 now = time.perf_counter()
                 last = {"loss": float(step_loss), "lr": lr, "logit_scale": float(scale.detach()),
                         "grad_norm": float(grad_norm), "epoch": loader.epoch,
+                        "trainable_fraction": trainable["trainable_fraction"],
                         "samples_per_s": (step - tick_step) * global_batch / (now - tick),
                         **{k: float(info[k]) for k in ("loss_raw", "loss_syn") if k in info}}
                 if cfg.loss.mode == "alip":
@@ -196,6 +216,8 @@ def train(cfg: TrainConfig, loader=None) -> dict:
             if step >= total_steps or micro == batches_per_epoch:
                 break
     recorder.close()
+    if weights is not None:
+        weights.save(os.path.join(run_dir, "sample_weights.pt"), env.world_size, env.is_main)
     result = {"run_dir": run_dir, "steps": step, "final": last, "step_times": step_times,
               "is_main": env.is_main}
     if env.is_main:
