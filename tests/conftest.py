@@ -1,3 +1,6 @@
+import contextlib
+import io
+import json
 from pathlib import Path
 
 import pytest
@@ -28,3 +31,23 @@ def build_synthetic_shards(root: Path, n: int, formats: str, per_shard: int) -> 
                              "--format", formats, "--samples-per-shard", str(per_shard), "--out", str(out),
                              "--workers", "1", "--quiet"]) == 0
     return out
+
+
+def overrides(shards: str, out_dir, name: str, **changes) -> list[str]:
+    """Dotted overrides for a tiny CPU training run (`lip-tiny`, 3 steps); `changes` use `__` for
+    the dot (optim__lr=1e-3)."""
+    values = {"data.train_shards": shards, "data.image_size": 64, "data.batch_size": 16,
+              "data.workers": 0, "model.name": "lip-tiny", "optim.warmup_steps": 2, "optim.max_steps": 3,
+              "run.out_dir": str(out_dir), "run.name": name, "run.log_every": 1, "run.plots": "false"}
+    values.update({k.replace("__", "."): v for k, v in changes.items()})
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def run_main(argv: list[str]) -> dict:
+    """`train.main.main(argv)` in-process; its last stdout line is the run's JSON summary."""
+    from train.main import main
+
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(argv) == 0
+    return json.loads(stdout.getvalue().strip().splitlines()[-1])

@@ -40,7 +40,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from pipelines.loader import LoaderConfig, build_loader
-from conftest import build_synthetic_shards
+from conftest import build_synthetic_shards, overrides, run_main
 from train import checkpoint
 from train.config import TrainConfig, load_config
 from train.distributed import DistEnv
@@ -61,23 +61,6 @@ CPU = torch.device("cpu")
 def shards(tmp_path_factory) -> str:
     """200 synthetic photos (64 px) with synthetic captions, tokenized, in four wds shards."""
     return str(build_synthetic_shards(tmp_path_factory.mktemp("trainer_data"), 200, "wds", 50) / "wds")
-
-
-def overrides(shards: str, out_dir, name: str, **changes) -> list[str]:
-    """Dotted overrides for a tiny CPU run; `changes` use `__` for the dot (optim__lr=1e-3)."""
-    values = {"data.train_shards": shards, "data.image_size": 64, "data.batch_size": 16,
-              "data.workers": 0, "model.name": MODEL, "optim.warmup_steps": 2, "optim.max_steps": 3,
-              "run.out_dir": str(out_dir), "run.name": name, "run.log_every": 1, "run.plots": "false"}
-    values.update({k.replace("__", "."): v for k, v in changes.items()})
-    return [f"{k}={v}" for k, v in values.items()]
-
-
-def run_main(argv: list[str]) -> dict:
-    """`main(argv)` in-process; its last stdout line is the run's JSON summary."""
-    stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout):
-        assert main(argv) == 0
-    return json.loads(stdout.getvalue().strip().splitlines()[-1])
 
 
 def read_metrics(run_dir) -> list[dict]:

@@ -12,9 +12,7 @@ width 64) and, for the parameter count, ViT-B-32 (random init, nothing downloade
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import json
 import os
 
@@ -22,7 +20,7 @@ import open_clip
 import pytest
 import torch
 
-from conftest import build_synthetic_shards
+from conftest import build_synthetic_shards, overrides, run_main
 from train import checkpoint
 from train.evaluate import load_model
 from train.main import main
@@ -37,22 +35,6 @@ MODEL = "lip-tiny"
 def shards(tmp_path_factory) -> str:
     """200 synthetic photos (64 px) with synthetic captions, tokenized, in four wds shards."""
     return str(build_synthetic_shards(tmp_path_factory.mktemp("tuning_data"), 200, "wds", 50) / "wds")
-
-
-def overrides(shards: str, out_dir, name: str, **changes) -> list[str]:
-    """Dotted overrides for a tiny CPU run; `changes` use `__` for the dot (optim__lr=1e-3)."""
-    values = {"data.train_shards": shards, "data.image_size": 64, "data.batch_size": 16,
-              "data.workers": 0, "model.name": MODEL, "optim.warmup_steps": 2, "optim.max_steps": 3,
-              "run.out_dir": str(out_dir), "run.name": name, "run.log_every": 1, "run.plots": "false"}
-    values.update({k.replace("__", "."): v for k, v in changes.items()})
-    return [f"{k}={v}" for k, v in values.items()]
-
-
-def run_main(argv: list[str]) -> dict:
-    stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout):
-        assert main(argv) == 0
-    return json.loads(stdout.getvalue().strip().splitlines()[-1])
 
 
 def inputs(seed: int = 0):
