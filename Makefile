@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= shards/demo
 
-.PHONY: venv test demo demo-long demo-seeds noise-sweep clean
+.PHONY: venv test demo demo-long demo-seeds demo-variants noise-sweep clean
 
 venv: $(STAMP)
 
@@ -31,7 +31,12 @@ demo-seeds: $(STAMP)
 
 # Mean R@1 against the share of swapped raw texts (README: docs/noise_sweep.png).
 noise-sweep: $(STAMP)
-	$(PY) -m tools.noise_sweep --fractions 0 0.3 0.5 0.7 --seeds 0 1 2 --plot docs/noise_sweep.png
+	$(PY) -m tools.noise_sweep --fractions 0 0.3 0.5 0.7 --seeds 0 1 2 --steps 600 --plot docs/noise_sweep.png
+
+# The other seed methods beside their references, on the demo's data (after `make demo`):
+# LiT / LilT / evidential fine-tuning of the demo's clip-both model, token pruning from scratch.
+demo-variants: $(STAMP)
+	$(PY) -m tools.demo_variants --out $(DEMO_DIR)
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

@@ -45,3 +45,28 @@ def test_sweep_table_and_plot(tmp_path):
     assert lines[3].startswith("| 0.5 | 2.0 ± 1.0 | 6.0 ± 1.0 | 21.0 ± 1.0 | 0.800 / 0.950 |")
     png = noise_sweep.plot(rows, [0.0, 0.5], list(demo.MODES), str(tmp_path / "sweep.png"), "test")
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.endswith("sweep.png")
+
+
+def test_demo_variants_end_to_end_tiny(tmp_path):
+    """make demo-variants at toy scale: 96 images, 2 steps per run; every row present, the
+    trainable shares as the tuning sets them, OOD figures for full vs evidential fine-tuning."""
+    import json
+
+    from tools import demo_variants
+
+    raw, train_dir = tmp_path / "demo" / "raw", tmp_path / "demo" / "train"
+    demo.make_data(str(raw), 96, 12, 0.5, 1)
+    demo.convert(str(raw), str(train_dir), "wds", 1)
+    shards = str(train_dir / "wds")
+    demo.train_and_evaluate("clip-both", 0, shards, str(raw), str(tmp_path / "base"), 2, 0,
+                            ["data.batch_size=32"], gate_auc=False)
+    runs = tmp_path / "variants"
+    assert demo_variants.main(["--out", str(tmp_path / "demo"), "--runs", str(runs), "--base",
+                               str(tmp_path / "base" / "clip-both"), "--finetune-steps", "2",
+                               "--scratch-steps", "2", "--workers", "0", "--ood-severities", "3"]) == 0
+    rows = {r["variant"]: r for r in json.loads((runs / "variants.json").read_text())}
+    assert set(rows) == {"ft-full", "ft-lit", "ft-lilt", "ft-evidential", "clip-both", "pruned"}
+    assert rows["ft-full"]["trainable_pct"] == 100 and rows["ft-lilt"]["trainable_pct"] < rows["ft-lit"]["trainable_pct"] < 100
+    for name in ("ft-full", "ft-evidential"):
+        assert 0 <= rows[name]["ood_image_R@1"] <= 100 and (runs / name / "ood" / "ood.png").is_file()
+    assert "| pruned |" in (runs / "variants.md").read_text()

@@ -24,6 +24,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -270,6 +271,17 @@ def test_config_file_errors_are_one_line_too(capsys, tmp_path):
     assert len(lines) == 4, lines
     assert "loss.momentun" in lines[0] and "missing.yaml" in lines[1] and "broken.yaml" in lines[2]
     assert "listed.yaml" in lines[3] and all(line.startswith("lip-train: config error:") for line in lines)
+
+
+def test_every_shipped_config_loads_and_every_launcher_names_one():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    configs = sorted(root.glob("*.yaml"))
+    assert len(configs) >= 6
+    for path in configs:
+        load_config(str(path))
+    for script in root.glob("*.sh"):
+        for name in re.findall(r"configs/([\w.-]+\.yaml)", script.read_text()):
+            assert (root / name).is_file(), f"{script.name} names a missing {name}"
 
 
 # --- 6. gradient accumulation divides the loss -----------------------------------------------------

@@ -1,7 +1,14 @@
 """bench-train: training step time of `alip` against `clip-raw` on the same model and batches,
-and the trainer's overhead against a bare forward/backward/step loop over the same batches.
+and the trainer's overhead against a bare forward/backward/step loop over the same batches;
+`--compare tuning` (full vs LiT vs LilT) and `--compare pruning` (ELIP token pruning vs none)
+time the seed variants against full training, with peak memory.
 
     bench-train --model lip-tiny --image-size 64 --batch-size 64 --steps 30 [--device cpu|gpu] [--quick]
+    bench-train --compare pruning --model ViT-B-16 --image-size 224 --batch-size 16 --steps 8 --warmup 3
+
+Peak memory: on the GPU `torch.cuda.max_memory_allocated`; on the CPU the process's peak resident
+set (Linux VmHWM, reset before each run through /proc/self/clear_refs), which includes what the
+process held before the run (the batches in memory): compare the variants with each other.
 
 Batches come from memory (random images and tokens), so only model, loss and loop are timed.
 Per-step time is the wall clock over steps (warmup, steps], from the trainer's own step
@@ -27,14 +34,27 @@ from train.model import build_model
 from train.trainer import MAX_LOGIT_SCALE, autocast_for, seed_everything, train
 
 
+# The seed variants against full training, same model and batches (clip-raw loss).
+COMPARISONS = {
+    "tuning": {"full": (), "lit": ("model.tuning=lit",), "lilt": ("model.tuning=lilt",)},
+    "pruning": {"no pruning": (), "token pruning": ("model.token_pruning.enabled=true",)},
+}
+
+
 class MemoryLoader:
     """The `pipelines.loader.Loader` interface over batches held in memory."""
 
     def __init__(self, batches: list[Batch]):
         self.batches, self.epoch, self.batches_yielded = batches, 0, 0
 
-    def __len__(self) -> int:
+    @property
+    def batches_per_epoch(self) -> int:
         return len(self.batches)
+
+    epoch_batches = batches_per_epoch
+
+    def __len__(self) -> int:  # batches left in this epoch
+        return len(self.batches) - self.batches_yielded
 
     def __iter__(self):
         for b in self.batches[self.batches_yielded:]:
@@ -70,8 +90,28 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def trainer_time(mode: str, args, batches, device: torch.device) -> float:
-    """Seconds per step between the first and the last logged step (both synchronize)."""
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    elif os.path.exists("/proc/self/clear_refs"):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set
+
+
+def peak_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    try:
+        with open("/proc/self/status") as f:
+            kib = next(line.split()[1] for line in f if line.startswith("VmHWM:"))
+        return int(kib) * 1024
+    except (OSError, StopIteration):
+        return None
+
+
+def trainer_time(mode: str, args, batches, device: torch.device, extra: tuple[str, ...] = ()) -> tuple[float, int | None]:
+    """(seconds per step between the first and the last logged step (both synchronize), peak
+    memory of the run)."""
     with tempfile.TemporaryDirectory() as out:
         cfg = load_config(None, [
             "data.train_shards=memory", f"data.device={'gpu' if device.type == 'cuda' else 'cpu'}",
@@ -79,9 +119,10 @@ def trainer_time(mode: str, args, batches, device: torch.device) -> float:
             f"model.name={args.model}", f"loss.mode={mode}", f"optim.max_steps={args.steps}",
             "optim.epochs=1000", "optim.warmup_steps=1", f"optim.precision={args.precision}",
             f"run.out_dir={out}", "run.plots=false", "run.ckpt_every=1000000",
-            f"run.log_every={args.warmup}"])
+            f"run.log_every={args.warmup}", *args.overrides, *extra])
+        reset_peak(device)
         times = train(cfg, loader=MemoryLoader(batches))["step_times"]
-    return (times[-1] - times[args.warmup - 1]) / (args.steps - args.warmup)
+    return (times[-1] - times[args.warmup - 1]) / (args.steps - args.warmup), peak_bytes(device)
 
 
 def bare_time(args, batches, device: torch.device) -> float:
@@ -122,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="auto")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--quick", action="store_true", help="seconds: 6 steps, 1 repeat")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a trainer override for every run, e.g. --set model.token_pruning.layers=[1]")
+    p.add_argument("--compare", choices=("modes", *COMPARISONS), default="modes",
+                   help="modes: alip vs clip vs a bare loop; tuning: full vs lit vs lilt; "
+                        "pruning: token pruning (model.token_pruning defaults) vs none")
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.warmup, args.repeats = 6, 2, 1
@@ -129,29 +175,40 @@ def main(argv: list[str] | None = None) -> int:
         p.error("need 0 < --warmup < --steps")
     device = torch.device("cuda" if args.device == "gpu" else "cpu")
     batches = make_batches(min(args.steps, 16), args.batch_size, args.image_size, device)
-    runs = {"bare loop (clip-raw)": lambda: bare_time(args, batches, device),
-            **{f"trainer {m}": (lambda m=m: trainer_time(m, args, batches, device))
-               for m in ("clip-raw", "clip-both", "alip")}}
+    if args.compare == "modes":
+        runs = {"bare loop (clip-raw)": lambda: (bare_time(args, batches, device), None),
+                **{f"trainer {m}": (lambda m=m: trainer_time(m, args, batches, device))
+                   for m in ("clip-raw", "clip-both", "alip")}}
+    else:
+        runs = {name: (lambda extra=extra: trainer_time("clip-raw", args, batches, device, extra))
+                for name, extra in COMPARISONS[args.compare].items()}
     results = {k: [] for k in runs}
+    peaks = {k: [] for k in runs}
     for r in range(args.repeats):  # interleaved, so drift in machine load hits every loop alike
         for name, fn in runs.items():
             print(f"bench-train: repeat {r + 1}/{args.repeats}: {name} ...", file=sys.stderr, flush=True)
-            results[name].append(fn())
+            seconds, peak = fn()
+            results[name].append(seconds)
+            peaks[name].append(peak)
     med = {k: statistics.median(v) for k, v in results.items()}
+    peak = {k: max(v) if None not in v else None for k, v in peaks.items()}
     report = {
-        "model": args.model, "image_size": args.image_size, "batch_size": args.batch_size,
+        "compare": args.compare, "model": args.model, "image_size": args.image_size, "batch_size": args.batch_size,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(), "steps": args.steps, "warmup": args.warmup,
-        "repeats": args.repeats,
-        "seconds_per_step": results, "median_seconds_per_step": med,
-        "alip_over_clip": med["trainer alip"] / med["trainer clip-raw"],
-        "trainer_overhead": med["trainer clip-raw"] / med["bare loop (clip-raw)"] - 1,
+        "repeats": args.repeats, "seconds_per_step": results, "median_seconds_per_step": med,
+        "peak_bytes": peak,
     }
-    print(f"\n| loop | ms/step (median of {args.repeats}) |\n|---|---:|")
+    first = next(iter(med))
+    print(f"\n| loop | ms/step (median of {args.repeats}) | × {first} | peak memory MiB |\n|---|---:|---:|---:|")
     for k, v in med.items():
-        print(f"| {k} | {1000 * v:.1f} |")
-    print(f"\nALIP / CLIP step time: {report['alip_over_clip']:.3f}× (target ≤ 1.35×)")
-    print(f"trainer overhead vs bare loop: {100 * report['trainer_overhead']:+.1f} % (target ≤ 3 %)")
+        mib = "–" if peak[k] is None else f"{peak[k] / 2**20:.0f}"
+        print(f"| {k} | {1000 * v:.1f} | {v / med[first]:.2f} | {mib} |")
+    if args.compare == "modes":
+        report["alip_over_clip"] = med["trainer alip"] / med["trainer clip-raw"]
+        report["trainer_overhead"] = med["trainer clip-raw"] / med["bare loop (clip-raw)"] - 1
+        print(f"\nALIP / CLIP step time: {report['alip_over_clip']:.3f}× (target ≤ 1.35×)")
+        print(f"trainer overhead vs bare loop: {100 * report['trainer_overhead']:+.1f} % (target ≤ 3 %)")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

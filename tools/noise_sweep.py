@@ -70,12 +70,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fractions", type=float, nargs="+", default=[0.0, 0.3, 0.5, 0.7])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--modes", default=",".join(demo.MODES), help=f"of {', '.join(demo.VARIANTS)}")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=600, help="per run (the demo's)")
     p.add_argument("--train", type=int, default=3000)
     p.add_argument("--test", type=int, default=500)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--plot", default=None, help="PNG path (default: RUNS/noise_sweep.png)")
     p.add_argument("--fresh", action="store_true", help="retrain runs that already have results")
+    p.add_argument("--include", action="append", default=[], metavar="FRACTION=RESULTS_JSON",
+                   help="take this fraction's rows from a `tools.demo` results.json instead of training "
+                        "(the demo's data is this sweep's at --swap-fraction; steps must match), e.g. "
+                        "0.5=runs/demo-seeds/results.json")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="an extra trainer override (repeatable), e.g. --set optim.lr=1e-3")
     args = p.parse_args(argv)
@@ -85,8 +89,21 @@ def main(argv: list[str] | None = None) -> int:
     if any(not 0 <= f <= 1 - sum(demo.OTHER_NOISE.values()) for f in args.fractions):
         p.error(f"fractions must lie in [0, {1 - sum(demo.OTHER_NOISE.values()):g}] (other noise is fixed)")
 
+    included = {}
+    for item in args.include:
+        frac, _, path = item.partition("=")
+        with open(path) as f:
+            found = [r for r in json.load(f) if r["variant"] in variants and r["seed"] in args.seeds]
+        if bad := [r["variant"] for r in found if r["steps"] != args.steps]:
+            p.error(f"--include {item}: runs {bad} have other step counts than --steps {args.steps}")
+        included[float(frac)] = found
+
     rows = []
     for frac in args.fractions:
+        if frac in included:
+            print(f"swap fraction {frac:g}: {len(included[frac])} runs from --include", flush=True)
+            rows += [{**r, "swap": frac} for r in included[frac]]
+            continue
         folder = os.path.join(args.out, f"swap{frac:g}")
         raw, shards = os.path.join(folder, "raw"), os.path.join(folder, "train", "wds")
         if not os.path.isfile(os.path.join(shards, "manifest.json")):

@@ -28,17 +28,25 @@ class DataConfig:
 
 
 @dataclass
+class TokenPruningConfig:  # ELIP's vision-token pruning (train/pruning.py), training forward only
+    enabled: bool = False
+    layers: list[int] = field(default_factory=lambda: [2, 4, 10])  # prune before these ViT blocks
+    keep: list[float] = field(default_factory=lambda: [0.9, 0.65, 0.4])  # of the original patch count
+
+
+@dataclass
 class ModelConfig:
     name: str = "ViT-B-32"  # any open_clip config name, or ours in train/model_configs/
     pretrained: str | None = None  # an open_clip checkpoint file; None = random init
     grad_checkpointing: bool = False
     compile: bool = False
     tuning: str = "none"  # none (all trains) | lit (image tower locked) | lilt (norms, projections, adapters)
+    token_pruning: TokenPruningConfig = field(default_factory=TokenPruningConfig)
 
 
 @dataclass
 class LossConfig:
-    mode: str = "alip"  # clip-raw | clip-both | alip
+    mode: str = "alip"  # clip-raw | clip-both | alip | evidential (ELIP, train/evidential.py)
     local_loss: bool = False
     gather_with_grad: bool = False
     momentum: float = 0.99
@@ -46,6 +54,9 @@ class LossConfig:
     gamma_pair: float = 2.0
     normalize: str = "mean"  # mean (ALIP) | weight_sum
     h_init: str = "one"  # one (ALIP: gate means start at 1.0) | first_batch (the first batch's means)
+    text: str = "raw"  # evidential only: the text it pairs with images: raw | syn | both (two terms)
+    evidential_clamp: float = 10.0  # ELIP's ±10 saturates cosines above 0.1 at logit scale 100
+    kl_anneal_epochs: float = 20.0  # KL weight min(1, epoch / this) (ELIP: 20); 0 = full from the start
 
 
 @dataclass
@@ -62,6 +73,7 @@ class OptimConfig:
     accum_steps: int = 1
     clip_grad: float | None = 1.0
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    fused: bool | None = None  # AdamW's fused kernel; None: on for CPU and CUDA (20-25 % of a small CPU step)
 
 
 @dataclass
@@ -94,7 +106,8 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> "TrainConfig":
-        checks = [("loss.mode", self.loss.mode, ("clip-raw", "clip-both", "alip")),
+        checks = [("loss.mode", self.loss.mode, ("clip-raw", "clip-both", "alip", "evidential")),
+                  ("loss.text", self.loss.text, ("raw", "syn", "both")),
                   ("model.tuning", self.model.tuning, ("none", "lit", "lilt")),
                   ("optim.schedule", self.optim.schedule, ("cosine", "onecycle")),
                   ("optim.precision", self.optim.precision, ("auto", "fp32", "bf16", "fp16")),
@@ -127,6 +140,10 @@ def _coerce(value, tp, key: str):
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0])
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], key) for v in value]
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")

@@ -437,6 +437,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--amp", action="store_true", help="bf16 autocast")
     add("--run-name", help="row name in the table (default: the checkpoint's file name)")
     add("--out", help="results JSON; the Markdown table is written beside it")
+    from train.ood import add_ood_args  # --ood, --ood-*, --evidential-clamp (not at the top: ood imports us)
+    add_ood_args(p)
     return p.parse_args(argv)
 
 
@@ -472,12 +474,17 @@ def one_line(e: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     a = parse_args(argv)
     try:
+        if a.ood and not a.retrieval_json:
+            raise EvalConfigError("--ood needs --retrieval-json (a Karpathy-style test JSON)")
         configs = _configs(a, a.image_size or 224)  # paths checked before the model is built
         model = load_model(a.model, a.checkpoint, a.device, a.model_config)
         if a.image_size is None:  # the model's own input size (open_clip keeps it as (H, W))
             size = torch.tensor(getattr(model.visual, "image_size", 224)).flatten()[0].item()
             configs = [dataclasses.replace(c, image_size=size) for c in configs]
         results = {a.run_name or os.path.basename(a.checkpoint): run_evals(model, configs, a.device)}
+        if a.ood:  # train/ood.py: the retrieval test under image corruptions and text perturbations
+            from train.ood import main_ood
+            main_ood(a, model, configs)
     except INPUT_ERRORS as e:  # bad input: one line, no traceback
         print(f"lip-eval: error: {one_line(e)}", file=sys.stderr)
         return 2

@@ -31,7 +31,10 @@ def gather_features(features: list[torch.Tensor], local_loss: bool, gather_with_
     return out
 
 
-class _Contrastive(nn.Module):
+class Contrastive(nn.Module):
+    """What every contrastive loss here shares: global-batch logits (open_clip's gather options)
+    and the matching labels; subclasses turn logits into a loss."""
+
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
                  rank: int = 0, world_size: int = 1):
         super().__init__()
@@ -70,7 +73,7 @@ class _Contrastive(nn.Module):
                 + F.cross_entropy(per_text, labels, reduction="none")) / 2
 
 
-class ClipLoss(_Contrastive):
+class ClipLoss(Contrastive):
     """open_clip's ClipLoss: same options, same value and gradients."""
 
     def forward(self, image_features, text_features, logit_scale, output_dict: bool = False):
@@ -78,7 +81,7 @@ class ClipLoss(_Contrastive):
         return {"contrastive_loss": loss} if output_dict else loss
 
 
-class AlipLoss(_Contrastive):
+class AlipLoss(Contrastive):
     """ALIP's adaptive contrastive loss over the global batch (DESIGN.md §6):
     total = mean_i(W_s·W_t·L_raw(i)) + mean_i(W_s·W_c·L_syn(i)) over the samples with a
     synthetic caption for the second term, where L(i) = (CE_i2t(i) + CE_t2i(i)) / 2.

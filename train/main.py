@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
             RetrievalEvalConfig("eval", karpathy_json=cfg.eval.retrieval_json,
                                 images_root=cfg.eval.images_root).karpathy_images()
         result = train(cfg)
+    except ConfigError as e:  # found once the model is built (e.g. token pruning deeper than the tower)
+        print(f"lip-train: config error: {e}", file=sys.stderr)
+        return 2
     except INPUT_ERRORS as e:  # a missing or wrong shard folder, JSON, images root, checkpoint
         print(f"lip-train: error: {one_line(e)}", file=sys.stderr)
         return 2

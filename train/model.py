@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from train.pruning import pruning_guidance
+
 MODEL_CONFIGS = os.path.join(os.path.dirname(__file__), "model_configs")
 open_clip.add_model_config(MODEL_CONFIGS)
 EOT_TOKEN = 49407  # CLIP BPE end of text
@@ -61,11 +63,13 @@ class DualPathCLIP(nn.Module):
         return self.clip.logit_scale
 
     def forward(self, images, raw_tokens, syn_tokens=None):
-        image = F.normalize(self.clip.encode_image(images), dim=-1)
+        # Texts first: token pruning (train/pruning.py) lets the raw text guide which patches stay.
         if syn_tokens is None:
             raw, syn = F.normalize(self.encode_text(raw_tokens), dim=-1), None
         else:
             raw, syn = F.normalize(self.encode_text(torch.cat([raw_tokens, syn_tokens])), dim=-1).chunk(2)
+        with pruning_guidance(self, raw):
+            image = F.normalize(self.clip.encode_image(images), dim=-1)
         return image, raw, syn, self.clip.logit_scale.exp()
 
 

@@ -19,11 +19,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pipelines.loader import LoaderConfig, build_loader
 from train import checkpoint
-from train.config import TrainConfig, to_dict
+from train.config import ConfigError, TrainConfig, to_dict
+from train.evidential import EvidentialLoss
 from train.distributed import DistEnv, init_distributed
 from train.losses import AlipLoss, ClipLoss
 from train.model import build_model, export_open_clip
 from train.optim import build_scheduler, param_groups
+from train.pruning import apply_token_pruning
 from train.records import RunRecorder
 from train.tuning import apply_tuning, trainable_summary
 from train.sample_weights import SampleWeights
@@ -43,21 +45,30 @@ def build_losses(cfg: TrainConfig, env: DistEnv):
     if cfg.loss.mode == "alip":
         return AlipLoss(cfg.loss.momentum, cfg.loss.gamma_sample, cfg.loss.gamma_pair,
                         cfg.loss.normalize, cfg.loss.h_init, **common).to(env.device)
+    if cfg.loss.mode == "evidential":
+        return EvidentialLoss(cfg.loss.evidential_clamp, cfg.loss.kl_anneal_epochs, **common).to(env.device)
     return ClipLoss(**common).to(env.device)
 
 
-def compute_loss(mode: str, loss_fn, image, raw, syn, scale, has_syn) -> tuple[torch.Tensor, dict]:
+def texts_used(mode: str, text: str) -> tuple[bool, bool]:
+    """(raw, syn): which texts a loss pairs with the images."""
+    if mode == "evidential":
+        return text in ("raw", "both"), text in ("syn", "both")
+    return True, mode != "clip-raw"
+
+
+def compute_loss(mode: str, loss_fn, image, raw, syn, scale, has_syn, text: str = "raw") -> tuple[torch.Tensor, dict]:
     """Features in float32 whatever the autocast dtype: the softmax over the global batch and the
-    gates' exponentials need the range."""
-    image, raw, scale = image.float(), raw.float(), scale.float()
-    if mode == "clip-raw":
-        loss = loss_fn(image, raw, scale)
-        return loss, {"loss_raw": loss.detach()}
-    syn = syn.float()
-    if mode == "clip-both":
-        loss_raw, loss_syn = loss_fn(image, raw, scale), loss_fn(image, syn, scale)
-        return loss_raw + loss_syn, {"loss_raw": loss_raw.detach(), "loss_syn": loss_syn.detach()}
-    return loss_fn(image, raw, syn, scale, has_syn)
+    gates' exponentials need the range. Two-text modes without ALIP's gates sum one term per text."""
+    if mode == "alip":
+        return loss_fn(image.float(), raw.float(), syn.float(), scale.float(), has_syn)
+    use_raw, use_syn = texts_used(mode, text)
+    terms = {}
+    if use_raw:
+        terms["loss_raw"] = loss_fn(image.float(), raw.float(), scale.float())
+    if use_syn:
+        terms["loss_syn"] = loss_fn(image.float(), syn.float(), scale.float())
+    return sum(terms.values()), {k: v.detach() for k, v in terms.items()}
 
 
 def gate_metrics(info: dict) -> dict:
@@ -105,6 +116,11 @@ def train(cfg: TrainConfig, loader=None) -> dict:
 
     model = build_model(cfg.model.name, cfg.model.pretrained, cfg.model.grad_checkpointing).to(env.device)
     apply_tuning(model, cfg.model.tuning)  # before DDP and the optimizer: they take what trains
+    if cfg.model.token_pruning.enabled:
+        try:  # the layers and ratios are checked against the built tower
+            apply_token_pruning(model, cfg.model.token_pruning.layers, cfg.model.token_pruning.keep)
+        except ValueError as e:
+            raise ConfigError(f"model.token_pruning: {e}") from None
     trainable = trainable_summary(model)
     if env.is_main and cfg.model.tuning != "none":  # full training: 100 %, logged in metrics only
         print(f"{cfg.run.name}: model.tuning={cfg.model.tuning}, {trainable['line']}", file=sys.stderr)
@@ -130,7 +146,8 @@ def train(cfg: TrainConfig, loader=None) -> dict:
         if env.world_size > 1 else model
     forward = torch.compile(ddp) if cfg.model.compile else ddp
     opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay, cfg.optim.decay_all),
-                            lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
+                            lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
+                            fused=env.device.type in ("cpu", "cuda") if cfg.optim.fused is None else cfg.optim.fused)
     sched = build_scheduler(opt, cfg.optim.schedule, cfg.optim.lr, total_steps, cfg.optim.warmup_steps)
     precision, autocast = autocast_for(cfg.optim.precision, env.device)
     scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
@@ -160,7 +177,7 @@ def train(cfg: TrainConfig, loader=None) -> dict:
 
     recorder = RunRecorder(run_dir, to_dict(cfg), env.is_main, total_steps, step)
     model.train()
-    use_syn = cfg.loss.mode != "clip-raw"
+    use_raw, use_syn = texts_used(cfg.loss.mode, cfg.loss.text)
     global_batch = cfg.data.batch_size * env.world_size * accum
     tick, tick_step = time.perf_counter(), step
     last = {}
@@ -176,10 +193,15 @@ def train(cfg: TrainConfig, loader=None) -> dict:
             micro = loader.batches_yielded
             sync = micro % accum == 0
             with (contextlib.nullcontext() if sync or env.world_size == 1 else ddp.no_sync()):
-                with autocast():
-                    image, raw, syn, scale = forward(batch.images, batch.raw_tokens,
-                                                     batch.syn_tokens if use_syn else None)
-                loss, info = compute_loss(cfg.loss.mode, loss_fn, image, raw, syn, scale, batch.has_syn)
+                if isinstance(loss_fn, EvidentialLoss):
+                    loss_fn.epoch = loader.epoch  # the KL term's annealing
+                with autocast():  # a syn-only loss sends the synthetic tokens down the first path
+                    image, first, second, scale = forward(
+                        batch.images, batch.raw_tokens if use_raw else batch.syn_tokens,
+                        batch.syn_tokens if use_raw and use_syn else None)
+                raw, syn = (first, second) if use_raw else (None, first)
+                loss, info = compute_loss(cfg.loss.mode, loss_fn, image, raw, syn, scale, batch.has_syn,
+                                          cfg.loss.text)
                 scaler.scale(loss / accum).backward()
             if weights is not None:
                 weights.record(step + 1, batch, info, env.rank)  # info holds the global batch

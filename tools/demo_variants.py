@@ -1,0 +1,132 @@
+"""`make demo-variants`: the other seed methods on the demo's data, each beside its reference.
+
+1. Fine-tuning a demo CLIP checkpoint (the `clip-both` run `make demo` leaves) for the same steps,
+   learning rate and batches: full fine-tuning (the reference), LiT (image tower locked), LilT
+   (norms, projections, adapters) and evidential (ELIP): retrieval on the clean test split, the
+   trainable share, and for full vs evidential the OOD test (image corruptions and text
+   perturbations at severities 1-5) with the uncertainty's AUROC for wrong top-1 retrievals.
+2. Token pruning (ELIP): `clip-both` from scratch with patches pruned in training, against the
+   same run without pruning (the demo's `clip-both`), retrieval and training time.
+Step time and peak memory on base-size towers: `bench-train --compare tuning|pruning`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from tools import demo
+
+# name → overrides on top of configs/demo.yaml (tools/demo.py adds data, steps and run names).
+FINETUNE = {
+    "ft-full": ["loss.mode=clip-both"],
+    "ft-lit": ["loss.mode=clip-both", "model.tuning=lit"],
+    "ft-lilt": ["loss.mode=clip-both", "model.tuning=lilt"],
+    # One evidential term per text, like clip-both; KL annealed over 2 of the run's ≈ 4 epochs.
+    "ft-evidential": ["loss.mode=evidential", "loss.text=both", "loss.kl_anneal_epochs=2"],
+}
+# lip-demo has three blocks of 64 patches: prune before blocks 1 and 2 to 65 % and 40 %.
+PRUNED = {"pruned": ["loss.mode=clip-both", "model.token_pruning.enabled=true",
+                     "model.token_pruning.layers=[1,2]", "model.token_pruning.keep=[0.65,0.4]"]}
+OOD_OF = ("ft-full", "ft-evidential")
+COLUMNS = [("trainable %", "trainable_pct", ".1f"), ("mean R@1", "mean_R@1", ".1f"), ("RSUM", "rsum", ".1f"),
+           ("mean R@1, image corruptions", "ood_image_R@1", ".1f"),
+           ("mean R@1, text perturbations", "ood_text_R@1", ".1f"),
+           ("AUROC u i2t", "auroc_u_i2t", ".3f"), ("AUROC u t2i", "auroc_u_t2i", ".3f"),
+           ("train s", "seconds", ".0f")]
+
+
+def trainable_pct(run_dir: str) -> float | None:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    values = [r["trainable_fraction"] for r in rows if "trainable_fraction" in r]
+    return 100 * values[-1] if values else None
+
+
+def ood_summary(run_dir: str, raw: str, workers: int, severities: list[int]) -> dict:
+    """The OOD test of a finished run (its export, or its last checkpoint when it has adapters):
+    mean over the severities of mean R@1, per family, and the uncertainty's AUROC on clean data."""
+    from train.config import load_config
+    from train.evaluate import load_model
+    from train.ood import SEVERITIES, run_ood, write_ood
+
+    cfg = load_config(os.path.join(run_dir, "config.yaml"))
+    model = load_model(cfg.model.name, os.path.join(run_dir, "open_clip_model.pt"), "cpu")
+    results = run_ood(model, os.path.join(raw, "test_karpathy.json"), raw, cfg.data.image_size, "cpu",
+                      severities=severities, workers=workers, progress=False)
+    write_ood(results, os.path.join(run_dir, "ood"))
+
+    def mean_r1(names):
+        values = [(m["i2t_R@1"] + m["t2i_R@1"]) / 2 for n in names for s, m in results[n].items() if int(s) > 0]
+        return sum(values) / len(values)
+    clean = results["clean"][0]
+    return {"ood_image_R@1": mean_r1([n for n in results if n in SEVERITIES]),
+            "ood_text_R@1": mean_r1([n for n in results if n != "clean" and n not in SEVERITIES]),
+            "auroc_u_i2t": clean["auroc_u_i2t"], "auroc_u_t2i": clean["auroc_u_t2i"]}
+
+
+def run(name: str, overrides: list[str], args, shards: str, raw: str, steps: int, extra: list[str]) -> dict:
+    demo.VARIANTS.setdefault(name, overrides)
+    row = demo.train_and_evaluate(name, args.seed, shards, raw, args.runs, steps, args.workers, extra,
+                                  gate_auc=False, reuse=args.reuse)
+    run_dir = os.path.join(args.runs, name if args.seed == 0 else f"{name}-s{args.seed}")
+    row["trainable_pct"] = trainable_pct(run_dir)
+    if name in OOD_OF and "ood_image_R@1" not in row:
+        row.update(ood_summary(run_dir, raw, args.workers, args.ood_severities))
+        with open(os.path.join(run_dir, "demo_results.json"), "w") as f:
+            json.dump(row, f, indent=1)
+    print(json.dumps({k: row.get(k) for k in ("variant", "mean_R@1", "rsum", "trainable_pct", "seconds")}),
+          flush=True)
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| variant | " + " | ".join(c for c, _, _ in COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
+    for r in rows:
+        cells = ["–" if r.get(k) is None else f"{r[k]:{fmt}}" for _, k, fmt in COLUMNS]
+        lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="demo-variants", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="shards/demo", help="the demo's data (make demo writes it)")
+    p.add_argument("--runs", default="runs/demo-variants")
+    p.add_argument("--base", default="runs/demo/clip-both", help="the demo CLIP run to fine-tune")
+    p.add_argument("--finetune-steps", type=int, default=200)
+    p.add_argument("--finetune-lr", type=float, default=5e-4)
+    p.add_argument("--scratch-steps", type=int, default=600, help="steps of the pruned run (the demo's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--ood-severities", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    p.add_argument("--reuse", action="store_true", help="keep runs that already have results")
+    args = p.parse_args(argv)
+    raw, shards = os.path.join(args.out, "raw"), os.path.join(args.out, "train", "wds")
+    base = os.path.join(args.base, "open_clip_model.pt")
+    for path, hint in ((shards, "run `make demo` first"), (base, "run `make demo` first, or name --base")):
+        if not os.path.exists(path):
+            p.error(f"{path} is missing: {hint}")
+
+    rows = []
+    print(f"[1/2] fine-tuning {base} for {args.finetune_steps} steps: {', '.join(FINETUNE)}", flush=True)
+    extra = [f"model.pretrained={base}", f"optim.lr={args.finetune_lr}"]
+    for name, overrides in FINETUNE.items():
+        rows.append(run(name, overrides, args, shards, raw, args.finetune_steps, extra))
+    print(f"[2/2] token pruning: clip-both from scratch, {args.scratch_steps} steps, with and without", flush=True)
+    rows.append(run("clip-both", demo.VARIANTS["clip-both"], args, shards, raw, args.scratch_steps, []))
+    for name, overrides in PRUNED.items():
+        rows.append(run(name, overrides, args, shards, raw, args.scratch_steps, []))
+
+    text = table(rows)
+    print("\n" + text)
+    os.makedirs(args.runs, exist_ok=True)
+    with open(os.path.join(args.runs, "variants.md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(args.runs, "variants.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
