@@ -63,7 +63,8 @@ def test_demo_variants_end_to_end_tiny(tmp_path):
     runs = tmp_path / "variants"
     assert demo_variants.main(["--out", str(tmp_path / "demo"), "--runs", str(runs), "--base",
                                str(tmp_path / "base" / "clip-both"), "--finetune-steps", "2",
-                               "--scratch-steps", "2", "--workers", "0", "--ood-severities", "3"]) == 0
+                               "--scratch-steps", "2", "--workers", "0", "--ood-severities", "3",
+                               "--set", "data.batch_size=32"]) == 0
     rows = {r["variant"]: r for r in json.loads((runs / "variants.json").read_text())}
     assert set(rows) == {"ft-full", "ft-lit", "ft-lilt", "ft-evidential", "clip-both", "pruned"}
     assert rows["ft-full"]["trainable_pct"] == 100 and rows["ft-lilt"]["trainable_pct"] < rows["ft-lit"]["trainable_pct"] < 100

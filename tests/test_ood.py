@@ -186,6 +186,11 @@ def test_cli_ood(tiny, karpathy, tmp_path, capsys):
     plain = json.loads((tmp_path / "r.json").read_text())["tiny.pt"]["retrieval"]
     assert data["clean"]["0"]["rsum"] == plain["rsum"]
     assert (tmp_path / "ood" / "ood.png").is_file() and "| jpeg | image |" in capsys.readouterr().out
+    per_query = json.loads((tmp_path / "ood" / "uncertainty_per_query.json").read_text())
+    n_images = len(json.loads(open(karpathy).read()))
+    assert len(per_query["u_i2t"]) == len(per_query["wrong_i2t"]) == n_images
+    assert all(0 < u <= 1 for u in per_query["u_i2t"] + per_query["u_t2i"])
+    assert sum(per_query["wrong_i2t"]) / n_images == pytest.approx(1 - plain["i2t_R@1"] / 100, abs=1e-6)
     assert ev.main(argv[:6] + ["--ood"]) == 2 and "--ood needs --retrieval-json" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         ev.main(argv + ["--ood-corruptions", "fog"])

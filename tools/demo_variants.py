@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--ood-severities", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="an extra trainer override for every run (repeatable), e.g. --set data.batch_size=64")
     p.add_argument("--reuse", action="store_true", help="keep runs that already have results")
     args = p.parse_args(argv)
     raw, shards = os.path.join(args.out, "raw"), os.path.join(args.out, "train", "wds")
@@ -110,13 +112,13 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     print(f"[1/2] fine-tuning {base} for {args.finetune_steps} steps: {', '.join(FINETUNE)}", flush=True)
-    extra = [f"model.pretrained={base}", f"optim.lr={args.finetune_lr}"]
+    extra = [f"model.pretrained={base}", f"optim.lr={args.finetune_lr}", *args.overrides]
     for name, overrides in FINETUNE.items():
         rows.append(run(name, overrides, args, shards, raw, args.finetune_steps, extra))
     print(f"[2/2] token pruning: clip-both from scratch, {args.scratch_steps} steps, with and without", flush=True)
-    rows.append(run("clip-both", demo.VARIANTS["clip-both"], args, shards, raw, args.scratch_steps, []))
+    rows.append(run("clip-both", demo.VARIANTS["clip-both"], args, shards, raw, args.scratch_steps, args.overrides))
     for name, overrides in PRUNED.items():
-        rows.append(run(name, overrides, args, shards, raw, args.scratch_steps, []))
+        rows.append(run(name, overrides, args, shards, raw, args.scratch_steps, args.overrides))
 
     text = table(rows)
     print("\n" + text)

@@ -229,10 +229,11 @@ def auroc(scores, positive) -> float:
 
 
 def ood_metrics(img: torch.Tensor, txt: torch.Tensor, text_to_image: Sequence[int], logit_scale: float,
-                clamp: float = 10.0) -> dict[str, float]:
+                clamp: float = 10.0, per_query: dict | None = None) -> dict[str, float]:
     """retrieval_metrics of unit-norm features plus, per direction, the mean uncertainty of the
     queries and its AUROC for a wrong top-1. Top-1 is torch's argmax, the first maximum: the tie
-    rule of retrieval_metrics, so 1 - share wrong = R@1."""
+    rule of retrieval_metrics, so 1 - share wrong = R@1. `per_query` (a dict) receives every
+    query's u and whether its top-1 is wrong, per direction."""
     sim = img @ txt.T
     out = retrieval_metrics(sim, text_to_image)
     t2i = torch.as_tensor(text_to_image, dtype=torch.long, device=sim.device)
@@ -242,6 +243,8 @@ def ood_metrics(img: torch.Tensor, txt: torch.Tensor, text_to_image: Sequence[in
         u = torch.cat([uncertainty(logit_scale * rows[s:s + _CHUNK], clamp) for s in range(0, rows.shape[0], _CHUNK)])
         out[f"mean_u_{d}"] = u.mean().item()
         out[f"auroc_u_{d}"] = auroc(u, wrong[d])
+        if per_query is not None:
+            per_query[f"u_{d}"], per_query[f"wrong_{d}"] = u.cpu().tolist(), wrong[d].cpu().tolist()
     return out
 
 
@@ -250,11 +253,13 @@ def ood_metrics(img: torch.Tensor, txt: torch.Tensor, text_to_image: Sequence[in
 @torch.no_grad()
 def run_ood(model, karpathy_json: str, images_root: str | None, image_size: int, device, corruptions=None,
             severities: Sequence[int] = (1, 2, 3, 4, 5), seed: int = 0, clamp: float = 10.0, batch_size: int = 64,
-            workers: int = 0, amp: bool = False, caption_prefix: str = "", progress: bool = True) -> dict:
+            workers: int = 0, amp: bool = False, caption_prefix: str = "", progress: bool = True,
+            per_query: dict | None = None) -> dict:
     """{"clean": {0: metrics}, corruption: {severity: metrics}} (ood_metrics' keys) for every name
     of `corruptions` (default CORRUPTIONS). `model`: open_clip's or the trainer's DualPathCLIP (DDP
     unwrapped here); clean text features serve every image corruption and clean image features every
-    text perturbation. One progress line per run to stderr unless not `progress`."""
+    text perturbation. One progress line per run to stderr unless not `progress`. `per_query` (a
+    dict) receives the clean run's per-query uncertainty (ood_metrics)."""
     names = list(CORRUPTIONS if corruptions is None else corruptions)
     bad = [n for n in names if n not in CORRUPTIONS] + [str(s) for s in severities if s not in range(6)]
     if bad:
@@ -286,7 +291,7 @@ def run_ood(model, karpathy_json: str, images_root: str | None, image_size: int,
         scale = float(model.logit_scale.exp())
         t0 = time.time()
         img, txt = images(), encode(texts)
-        results = {"clean": {0: ood_metrics(img, txt, text_to_image, scale, clamp)}}
+        results = {"clean": {0: ood_metrics(img, txt, text_to_image, scale, clamp, per_query)}}
         say("clean", 0, results["clean"][0], t0)
         vocab = vocabulary(texts)
         for name in names:
@@ -416,11 +421,13 @@ def main_ood(a: argparse.Namespace, model, configs: Sequence) -> tuple[str, str,
     cfg = next((c for c in configs if getattr(c, "karpathy_json", None)), None)
     if cfg is None:
         raise EvalConfigError("--ood needs --retrieval-json (a Karpathy-style test JSON)")
+    per_query: dict = {}
     results = run_ood(model, cfg.karpathy_json, cfg.images_root, cfg.image_size, a.device, a.ood_corruptions,
                       a.ood_severities, a.ood_seed, a.evidential_clamp, cfg.batch_size, cfg.workers, cfg.amp,
-                      cfg.caption_prefix)
+                      cfg.caption_prefix, per_query=per_query)
     out = a.ood_out or os.path.join(os.path.dirname(a.out) if a.out else ".", "ood")
     paths = write_ood(results, out)
+    Path(out, "uncertainty_per_query.json").write_text(json.dumps(per_query))  # clean test, u = K / S
     print(f"wrote {', '.join(paths)}")
     print(to_markdown_ood(results).split("\n\n")[0])
     return paths
