@@ -146,6 +146,15 @@ def check_targets(rows: list[dict]) -> list[str]:
     return out
 
 
+def save_tables(folder: str, stem: str, text: str, rows: list[dict]) -> None:
+    """<folder>/<stem>.md (the Markdown shown) and <stem>.json (the rows behind it)."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"{stem}.md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(folder, f"{stem}.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+
+
 def run_grid(variants: list[str], seeds: list[int], shards: str, raw: str, runs: str, steps: int,
              workers: int, extra: list[str] | None = None, **kwargs) -> list[dict]:
     rows = []
@@ -217,11 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text + "\n\n" + "\n".join(checks))
     print(f"\n{len(args.seeds)} seed(s); chance R@1 on {args.test} images: {100 / max(1, args.test):.1f} %. "
           f"Total {time.perf_counter() - start:.0f} s. Runs, metrics and plots: {args.runs}")
-    os.makedirs(args.runs, exist_ok=True)
-    with open(os.path.join(args.runs, "results.md"), "w") as f:
-        f.write("\n".join(conversion) + "\n\n" + text + "\n\n" + "\n".join(checks) + "\n")
-    with open(os.path.join(args.runs, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    save_tables(args.runs, "results", "\n".join(conversion) + "\n\n" + text + "\n\n" + "\n".join(checks), results)
     return 0
 
 

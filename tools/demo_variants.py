@@ -122,11 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
     text = table(rows)
     print("\n" + text)
-    os.makedirs(args.runs, exist_ok=True)
-    with open(os.path.join(args.runs, "variants.md"), "w") as f:
-        f.write(text + "\n")
-    with open(os.path.join(args.runs, "variants.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+    demo.save_tables(args.runs, "variants", text, rows)
     return 0
 
 

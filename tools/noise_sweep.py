@@ -119,11 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     title = f"{args.steps} steps per run, {len(args.seeds)} seed(s); configs/demo.yaml"
     png = plot(rows, args.fractions, variants, args.plot or os.path.join(args.runs, "noise_sweep.png"), title)
     print("\n" + text + f"\n\nplot: {png}")
-    os.makedirs(args.runs, exist_ok=True)
-    with open(os.path.join(args.runs, "sweep.md"), "w") as f:
-        f.write(text + "\n")
-    with open(os.path.join(args.runs, "sweep.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+    demo.save_tables(args.runs, "sweep", text, rows)
     return 0
 
 
