@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from pipelines.faults import BadSamples
-from pipelines.sampling import EpochPlan
+from pipelines.sampling import DEFAULT_BLOCK_SHARDS, EpochPlan, shuffle_mode
 from pipelines.schema import Batch
 from pipelines.shardset import ShardSet
+from pipelines.storage import DEFAULT_CACHE_DIR, DEFAULT_CACHE_LIMIT, parse_size
 from pipelines.transforms import AugmentSpec
 
 BACKENDS = ("dali", "torch")
@@ -37,7 +38,10 @@ class LoaderConfig:
     on_error: str = "raise"  # raise | skip: bad shards when opening, bad images mid-epoch (substituted)
     max_bad_in_a_row: int = 100  # under skip: a longer run of undecodable images is an error
     drop_last: bool | None = None  # default: True for train, False for eval
-    shuffle: bool | None = None  # default: True for train, False for eval
+    shuffle: bool | str | None = None  # global (True) | block | none (False); default: global for train, none for eval
+    shuffle_block_shards: int = DEFAULT_BLOCK_SHARDS  # shuffle="block": shards whose samples are mixed together
+    cache_dir: str = DEFAULT_CACHE_DIR  # s3:// shards only: the local cache (a folder per url and rank)
+    cache_limit: int | str = DEFAULT_CACHE_LIMIT  # s3:// shards only: bytes (or "8GiB") the cache may hold
 
     def __post_init__(self):
         for name, value, allowed in (("format", self.format, ("wds", "arrow", "rec")),
@@ -48,7 +52,10 @@ class LoaderConfig:
                 raise ValueError(f"loader {name} must be one of {allowed}, not {value!r}")
         train = self.split == "train"
         self.drop_last = train if self.drop_last is None else self.drop_last
-        self.shuffle = train if self.shuffle is None else self.shuffle
+        self.shuffle = shuffle_mode(train if self.shuffle is None else self.shuffle)
+        if self.shuffle_block_shards < 1:
+            raise ValueError(f"loader shuffle_block_shards must be ≥ 1, not {self.shuffle_block_shards}")
+        self.cache_limit = parse_size(self.cache_limit)
 
     def augment(self) -> AugmentSpec:
         return AugmentSpec(size=self.image_size, train=self.split == "train", flip=self.flip)
@@ -57,7 +64,10 @@ class LoaderConfig:
 class Loader:
     def __init__(self, cfg: LoaderConfig, shardset: ShardSet | None = None):
         self.cfg = cfg
-        self.shardset = shardset or ShardSet(cfg.shards, cfg.format, cfg.on_error)
+        self.shardset = shardset or ShardSet(cfg.shards, cfg.format, cfg.on_error, cfg.cache_dir, cfg.cache_limit,
+                                             cfg.rank)
+        ends = self.shardset.ends.tolist()  # samples per shard: what shuffle="block" permutes by
+        self.shard_sizes = tuple(b - a for a, b in zip([0] + ends, ends))
         self.epoch = 0
         self.batches_yielded = 0
         self.offset = 0  # samples of this epoch consumed under another world/batch size (elastic)
@@ -73,7 +83,8 @@ class Loader:
         epoch = self.epoch if epoch is None else epoch
         return EpochPlan(total=len(self.shardset), batch_size=c.batch_size, seed=c.seed, epoch=epoch,
                          rank=c.rank, world_size=c.world_size, shuffle=c.shuffle, drop_last=c.drop_last,
-                         offset=self.offset if epoch == self.epoch else 0)
+                         offset=self.offset if epoch == self.epoch else 0, block_shards=c.shuffle_block_shards,
+                         shard_sizes=self.shard_sizes)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -96,20 +107,25 @@ class Loader:
 
     def __iter__(self) -> Iterator[Batch]:
         """The rest of the current epoch; afterwards the loader moves on to the next epoch."""
-        for batch in self._backend.iterate(self.plan(), self.batches_yielded):
+        plan = self.plan()
+        self.shardset.follow(plan, self.batches_yielded)  # object storage: the cache fetches ahead of it
+        for batch in self._backend.iterate(plan, self.batches_yielded):
             self.batches_yielded += 1
+            self.shardset.follow(plan, self.batches_yielded)
             yield batch
         self.epoch, self.batches_yielded, self.offset = self.epoch + 1, 0, 0
 
     def close(self) -> None:
         """Stop the backend's worker processes now rather than when the loader is collected."""
         self._backend.close()
+        self.shardset.close()
 
     def state_dict(self) -> dict:
         c = self.cfg
         return {"epoch": self.epoch, "batches_yielded": self.batches_yielded, "offset": self.offset,
                 "seed": c.seed, "world_size": c.world_size, "batch_size": c.batch_size,
-                "samples": len(self.shardset), "bad_samples": self.bad.state_dict()}
+                "samples": len(self.shardset), "shuffle": c.shuffle, "shuffle_block_shards": c.shuffle_block_shards,
+                "bad_samples": self.bad.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue where `state` left off. At the world size and batch size it was saved with,
@@ -121,16 +137,26 @@ class Loader:
             if state[k] != here[k]:
                 raise ValueError(f"loader state has {k}={state[k]} but this loader has {here[k]}: "
                                  "resume with the same data and seed")
+        if "shuffle" in state:  # absent from states saved before shuffle modes: nothing to compare
+            saved, now = (_shuffle_label(d["shuffle"], d.get("shuffle_block_shards")) for d in (state, here))
+            if saved != now:
+                raise ValueError(f"loader state was saved with shuffle={saved} but this loader has shuffle={now}: "
+                                 "the epoch's order differs; resume with the saved shuffle setting")
         self.epoch, self.offset = state["epoch"], state.get("offset", 0)
         self.batches_yielded = state["batches_yielded"]
         if (state["world_size"], state["batch_size"]) != (here["world_size"], here["batch_size"]):
             saved = EpochPlan(total=len(self.shardset), batch_size=state["batch_size"], seed=state["seed"],
                               epoch=self.epoch, world_size=state["world_size"], shuffle=self.cfg.shuffle,
-                              drop_last=self.cfg.drop_last, offset=self.offset)
+                              drop_last=self.cfg.drop_last, offset=self.offset,
+                              block_shards=self.cfg.shuffle_block_shards, shard_sizes=self.shard_sizes)
             self.offset, self.batches_yielded = saved.consumed(self.batches_yielded), 0
             if self.epoch_batches == 0:  # too few samples left for one batch per rank: next epoch
                 self.set_epoch(self.epoch + 1)
         self.bad.load_state_dict(state.get("bad_samples", {}))
+
+
+def _shuffle_label(mode: str, block_shards: int | None) -> str:
+    return f"block/{block_shards} shards" if mode == "block" else mode
 
 
 def build_loader(cfg: LoaderConfig) -> Loader:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,49 @@ def test_stages_report_cpu_per_stage_and_the_epoch_boundary(shards, tmp_path, ca
         assert 0 < r["plan_us"] < r["read_us"] < r["graph_us"] and r["loader_us"] > 0 and r["native_us"] > 0
         assert r["loader_first_batch_s"] > 0 and "loader_boundary_ms" in r and "native_boundary_ms" in r
     assert "| format | samples | plan | read | graph |" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # three 2-s measurements, worker start-ups and the resume checks: ~30 s
+def test_quick_run_measures_peers_and_their_resume(shards, tmp_path, capsys):
+    """Mosaic Streaming and LitData read the same wds samples (exported once); every loader,
+    ours included, resumes mid-epoch exactly from its state_dict."""
+    pytest.importorskip("streaming")
+    pytest.importorskip("litdata")
+    out = tmp_path / "peers.json"
+    assert bench_loader.main(["--shards", str(shards), "--format", "wds,rec", "--backends", "torch,mosaic,litdata",
+                              "--workers", "2", "--quick", "--resume-check", "--peers-dir", str(tmp_path / "peers"),
+                              "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = {(r["backend"], r["format"]): r for r in report["results"]}
+    assert set(rows) == {("torch", "wds"), ("mosaic", "wds"), ("litdata", "wds"), ("torch", "rec")}
+    for backend in ("mosaic", "litdata"):
+        r = rows[backend, "wds"]
+        assert r["median"] > 0 and r["first_batch_s"][0] > 0 and r["tokens"] == "raw"
+        assert r["ratio_torch"] == pytest.approx(r["median"] / rows["torch", "wds"]["median"])
+        assert (tmp_path / "peers" / backend / "index.json").exists()
+    assert {(s["backend"], s["format"]) for s in report["skipped"]} == {("mosaic", "rec"), ("litdata", "rec")}
+    resume = {r["backend"]: r for r in report["resume"]}
+    assert set(resume) == {"torch", "mosaic", "litdata"}
+    for r in resume.values():
+        assert r["epoch_samples"] == 96 and r["before_stop"] == 32 and r["after_restore"] == 64
+        assert r["exact"] and r["repeated"] == 0 and r["missing"] == 0
+    printed = capsys.readouterr().out
+    assert "| mosaic | wds |" in printed and "Mid-epoch resume" in printed and "| litdata | 96 |" in printed
+
+
+@pytest.mark.slow  # a moto server, uploads, two 2-s measurements and the resume checks: ~30 s
+def test_s3_rows_read_from_a_loopback_server(shards, tmp_path, capsys):
+    """--s3: our loader (s3:// + cache) and both peers read the same data from moto on 127.0.0.1."""
+    pytest.importorskip("moto")
+    out = tmp_path / "s3.json"
+    before = os.environ.get("AWS_ENDPOINT_URL")
+    assert bench_loader.main(["--shards", str(shards), "--backends", "torch,mosaic,litdata,openclip",
+                              "--workers", "2", "--quick", "--s3", "--resume-check", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    labels = {r["label"]: r for r in report["results"]}
+    assert set(labels) == {"torch (s3)", "mosaic (s3)", "litdata (s3)"}
+    assert all(r["median"] > 0 for r in labels.values())
+    assert report["skipped"] == [{"backend": "openclip (s3)", "format": "wds",
+                                  "reason": "reads local files only (--s3)"}]
+    assert all(r["exact"] for r in report["resume"]) and len(report["resume"]) == 3
+    assert os.environ.get("AWS_ENDPOINT_URL") == before  # the server's variables are gone

@@ -10,6 +10,12 @@ pipeline, WebLoader and per-sample `open_clip.tokenize` in the workers) with our
 transform: a baseline nobody can call weak. `dali-native` is DALI's own reader feeding the same
 augment graph, no tokens: the bound for our plan + external-source layer. Each repeat builds its
 loader afresh, warms up (excluded), then counts images over `--seconds`, crossing epochs.
+`mosaic` / `litdata` are Mosaic Streaming's StreamingDataset + StreamingDataLoader and LitData's
+StreamingDataset + StreamingDataLoader over the wds shards exported once into MDS / LitData
+chunks (tools/bench_peers.py), with the torch baseline's decode + augmentation and the caption
+tokenized in the workers. `--resume-check` stops each loader mid-epoch, restores a fresh one from
+its state_dict and says whether the epoch's keys came out exactly as uninterrupted. `--s3`
+serves every dataset from a loopback S3 server (moto) instead of the local disk.
 `--stages` adds, per format, the DALI path's CPU per image by stage, its first batch and the cost
 of an epoch boundary beside DALI's reader (`tools/bench_stages.py`).
 """
@@ -34,11 +40,13 @@ from pipelines.schema import CONTEXT_LENGTH
 from pipelines.shardset import ShardSet
 from pipelines.transforms import AugmentSpec
 
-BACKENDS = ("dali-gpu", "dali-cpu", "torch", "openclip", "dali-native")
+BACKENDS = ("dali-gpu", "dali-cpu", "torch", "openclip", "dali-native", "mosaic", "litdata")
+PEERS = ("mosaic", "litdata")
 FORMATS = ("wds", "arrow", "rec")
 WARMUP_BATCHES = 2
 WARMUP_FRACTION = 0.1
-PACKAGES = ("torch", "torchvision", "nvidia-dali-cuda120", "webdataset", "open_clip_torch", "pillow", "numpy")
+PACKAGES = ("torch", "torchvision", "nvidia-dali-cuda120", "webdataset", "open_clip_torch", "pillow", "numpy",
+            "mosaicml-streaming", "litdata", "moto")
 
 # Each call yields the next epoch's batch sizes: the timer sees epoch boundaries as training does.
 Epochs = Callable[[], Iterator[int]]
@@ -75,12 +83,16 @@ def _check_tokens(raw: torch.Tensor, n: int) -> None:
         raise BenchError(f"batch of {n} came with tokens of shape {tuple(raw.shape)}, not ({n}, 77)")
 
 
+def our_config(args: Namespace, folder: str, fmt: str, backend: str, device: str, hw_load: float) -> LoaderConfig:
+    cache = {"cache_dir": os.path.join(args.peers_dir, "cache", "ours")} if folder.startswith("s3://") else {}
+    return LoaderConfig(shards=folder, format=fmt, backend=backend, device=device, split="train",
+                        batch_size=args.batch_size, image_size=args.image_size, workers=args.workers,
+                        hw_decoder_load=hw_load, **cache)
+
+
 def ours(args: Namespace, folder: str, fmt: str, backend: str, device: str,
          hw_load: float) -> tuple[Epochs, Callable[[], None]]:
-    cfg = LoaderConfig(shards=folder, format=fmt, backend=backend, device=device, split="train",
-                       batch_size=args.batch_size, image_size=args.image_size, workers=args.workers,
-                       hw_decoder_load=hw_load)
-    loader = build_loader(cfg)
+    loader = build_loader(our_config(args, folder, fmt, backend, device, hw_load))
 
     def epoch() -> Iterator[int]:
         for batch in loader:
@@ -129,6 +141,47 @@ def openclip(args: Namespace, folder: str) -> tuple[Epochs, Callable[[], None]]:
         if getattr(info.dataloader, "_iterator", None) is not None:
             info.dataloader._iterator._shutdown_workers()
     return epoch, close
+
+
+def peer(args: Namespace, reader: str) -> tuple[Epochs, Callable[[], None]]:
+    from tools.bench_peers import open_peer, peer_epochs
+
+    loader, close = open_peer(reader, args.peer_locations[reader], args.batch_size, args.workers,
+                              args.image_size, cache=os.path.join(args.peers_dir, "cache", reader))
+    return peer_epochs(loader), close
+
+
+def resume_checks(args: Namespace, folder: str) -> list[dict]:
+    """Exact mid-epoch resume of each loader asked for (wds), stopped after half an epoch."""
+    import shutil
+
+    from tools.bench_peers import open_peer, resume_check
+
+    stop = max(1, len(ShardSet(folder, "wds")) // args.batch_size // 2) if not folder.startswith("s3://") \
+        else max(1, args.resume_stop)
+    rows = []
+    for backend in args.backends:
+        if backend in PEERS:
+            cache = os.path.join(args.peers_dir, "cache", f"resume-{backend}")
+
+            def make(backend=backend, cache=cache):
+                shutil.rmtree(cache, ignore_errors=True)  # each loader starts cold, as after a restart
+                return open_peer(backend, args.peer_locations[backend], args.batch_size, args.workers,
+                                 args.image_size, cache=cache)
+            keys = lambda batch: batch[2]  # noqa: E731
+        elif backend in ("torch", "dali-cpu"):
+            def make(backend=backend):
+                loader = build_loader(our_config(args, folder, "wds", "torch" if backend == "torch" else "dali",
+                                                 "cpu", args.hw_decoder_load[0]))
+                return loader, loader.close
+            keys = lambda batch: batch.keys  # noqa: E731
+        else:
+            continue
+        log(f"resume check: {backend}, stop after {stop} batches")
+        rows.append({"backend": backend, "source": "s3" if folder.startswith("s3://") else "local",
+                     "stop_after_batches": stop, **resume_check(make, keys, stop)})
+        log(f"  {rows[-1]}")
+    return rows
 
 
 def native(args: Namespace, folder: str, fmt: str, device: str,
@@ -235,6 +288,8 @@ def plan(args: Namespace, fmt: str, folder: str) -> list[tuple[Result, Callable,
             runs.append((Result(backend, fmt, backend),
                          lambda b=backend: ours(args, folder, fmt, "torch" if b == "torch" else "dali",
                                                 "cpu", args.hw_decoder_load[0]), False))
+        elif backend in PEERS:
+            runs.append((Result(backend, fmt, backend, tokens="raw"), lambda b=backend: peer(args, b), False))
         elif backend == "openclip":
             runs.append((Result(backend, fmt, backend, tokens="raw"), lambda: openclip(args, folder), False))
         else:
@@ -243,14 +298,21 @@ def plan(args: Namespace, fmt: str, folder: str) -> list[tuple[Result, Callable,
                                 hw_decoder_load=args.hw_decoder_load[0] if gpu else None),
                          lambda: native(args, folder, fmt, args.native_device, args.hw_decoder_load[0]),
                          gpu))
+    if args.s3:
+        for res, _, _ in runs:
+            res.label += " (s3)"
     return runs
 
 
-def skip_reason(backend: str, fmt: str, gpu: bool) -> str | None:
+def skip_reason(backend: str, fmt: str, gpu: bool, s3: bool = False) -> str | None:
     if gpu and not torch.cuda.is_available():
         return "no CUDA device on this machine"
+    if s3 and backend in ("openclip", "dali-native"):
+        return "reads local files only (--s3)"
     if backend == "openclip" and fmt != "wds":
         return "open_clip's loader reads webdataset tars only"
+    if backend in PEERS and fmt != "wds":
+        return "its dataset is exported from the wds shards: measured on the wds row"
     if backend == "dali-native" and fmt == "arrow":
         return "DALI has no Arrow reader"
     return None
@@ -259,11 +321,22 @@ def skip_reason(backend: str, fmt: str, gpu: bool) -> str | None:
 def table(results: list[Result]) -> str:
     def ratio(r: float | None) -> str:
         return "–" if r is None else f"{r:.2f}×"
-    lines = ["| backend | format | images/s (median) | min – max | × torch | × openclip | tokens |",
-             "|---|---|---:|---:|---:|---:|---|"]
+    lines = ["| backend | format | images/s (median) | min – max | × torch | × openclip | first batch s | tokens |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
     for r in results:
         lines.append(f"| {r.label} | {r.format} | {r.median:,.0f} | {min(r.rates):,.0f} – "
-                     f"{max(r.rates):,.0f} | {ratio(r.ratio_torch)} | {ratio(r.ratio_openclip)} | {r.tokens} |")
+                     f"{max(r.rates):,.0f} | {ratio(r.ratio_torch)} | {ratio(r.ratio_openclip)} | "
+                     f"{statistics.median(r.first_batch_s):.2f} | {r.tokens} |")
+    return "\n".join(lines)
+
+
+def resume_table(rows: list[dict]) -> str:
+    lines = ["| loader | epoch samples | stopped after | resumed exactly | repeated | missing | note |",
+             "|---|---:|---:|---|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['backend']}{' (s3)' if r.get('source') == 's3' else ''} | {r['epoch_samples']} | {r.get('before_stop', '–')} samples | "
+                     f"{'yes' if r['exact'] else 'no'} | {r.get('repeated', '–')} | {r.get('missing', '–')} | "
+                     f"{r.get('error', '')} |")
     return "\n".join(lines)
 
 
@@ -286,6 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="JSON with every raw figure and the machine")
     p.add_argument("--stages", action="store_true", help="also measure CPU per image by stage and "
                    "the epoch boundary of the DALI path beside DALI's reader (tools/bench_stages.py)")
+    p.add_argument("--peers-dir", help="where mosaic/litdata datasets and caches go (default: a temporary folder)")
+    p.add_argument("--resume-check", action="store_true", help="also check exact mid-epoch resume (wds) of "
+                   "torch, dali-cpu, mosaic and litdata among --backends")
+    p.add_argument("--resume-stop", type=int, default=2, help="--s3 resume check: batches before the stop")
+    p.add_argument("--s3", action="store_true", help="serve the wds shards and the peers' datasets from a "
+                   "loopback S3 server (moto) and read them through each loader's s3:// support")
     p.add_argument("--quick", action="store_true", help="2 s, 1 repeat, batch 32, 64 px: for tests")
     return p
 
@@ -302,12 +381,46 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bench-loader: unknown backend/format {bad} or non-positive --repeats/--seconds/"
               f"--batch-size; backends: {', '.join(BACKENDS)}; formats: {', '.join(FORMATS)}", file=sys.stderr)
         return 2
+    import contextlib
+    import shutil
+    import tempfile
+
+    with contextlib.ExitStack() as stack:
+        if args.peers_dir is None:
+            args.peers_dir = tempfile.mkdtemp(prefix="bench_loader_peers_")
+            stack.callback(shutil.rmtree, args.peers_dir, True)
+        return run(args, formats, stack)
+
+
+def run(args: Namespace, formats: list[str], stack) -> int:
+    def local(fmt: str) -> str:
+        sub = os.path.join(args.shards, fmt)
+        return sub if os.path.isdir(sub) else args.shards
+    folders = {fmt: local(fmt) for fmt in formats}
+    args.peer_locations = {}
+    if want := [b for b in args.backends if b in PEERS and "wds" in formats]:
+        from tools.bench_peers import export
+
+        for reader in want:
+            log(f"export the wds shards for {reader} (once; not timed)")
+            args.peer_locations[reader] = export(folders["wds"], args.peers_dir, reader)
+    if args.s3:
+        from tools.bench_peers import loopback_s3, upload
+
+        stack.enter_context(loopback_s3())
+        for fmt in formats:
+            folders[fmt] = upload(folders[fmt], f"s3://bench/{fmt}")
+        for reader, path in args.peer_locations.items():
+            args.peer_locations[reader] = upload(path, f"s3://bench/{reader}")
+        log(f"serving {', '.join([*folders.values(), *args.peer_locations.values()])} from {os.environ['AWS_ENDPOINT_URL']}")
     results: list[Result] = []
     skipped: list[dict] = []
     stage_rows: list[dict] = []
+    resume_rows: list[dict] = []
     for fmt in formats:
-        sub = os.path.join(args.shards, fmt)
-        folder = sub if os.path.isdir(sub) else args.shards
+        folder = folders[fmt]
+        if args.resume_check and fmt == "wds":
+            resume_rows = resume_checks(args, folder)
         if args.stages:
             from tools.bench_stages import stages
 
@@ -317,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(f"stages {fmt}: {stage_rows[-1]}")
         runs = []
         for res, opener, gpu in plan(args, fmt, folder):
-            reason = skip_reason(res.backend, fmt, gpu)
+            reason = skip_reason(res.backend, fmt, gpu, args.s3)
             if reason:
                 log(f"skip {res.label} on {fmt}: {reason}")
                 skipped.append({"backend": res.label, "format": fmt, "reason": reason})
@@ -349,15 +462,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print("\nCPU per image by stage, first batch and epoch boundary (dali-cpu):\n")
         print(stages_table(stage_rows))
+    if resume_rows:
+        print("\nMid-epoch resume (wds): stop, state_dict, fresh loader, load_state_dict, run to the end:\n")
+        print(resume_table(resume_rows))
     for s in skipped:
         print(f"skipped {s['backend']} on {s['format']}: {s['reason']}")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        config = {k: v for k, v in vars(args).items() if k != "out"}
+        config = {k: v for k, v in vars(args).items() if k not in ("out", "peer_locations")}
         rows = [{**vars(r), "median": r.median, "min": min(r.rates), "max": max(r.rates)} for r in results]
         with open(args.out, "w") as f:
             json.dump({"machine": info, "config": config, "results": rows, "skipped": skipped,
-                       "stages": stage_rows}, f, indent=1)
+                       "stages": stage_rows, "resume": resume_rows}, f, indent=1)
         log(f"wrote {args.out}")
     return 0
 

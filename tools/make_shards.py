@@ -4,17 +4,16 @@
 
 The input is listed by a source adapter (tools/sources/), expanded into samples (one per caption
 or one per image), cut into fixed slices of --samples-per-shard input samples, and each slice is
-converted by a worker process into every requested format at once (tools/shard_worker.py).
+converted by a worker into every requested format at once (tools/shard_worker.py); the workers
+are a local process pool or Ray tasks (--distributor, tools/distribute.py).
 Output: `OUT/<format>/` holding the shards, `manifest.json`, `stats.json` (and `sizes.json` for
 wds) and `.parts/` (the plan and per-shard completion records that --resume trusts).
 """
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import itertools
 import json
-import multiprocessing as mp
 import os
 import random
 import shutil
@@ -26,14 +25,17 @@ from typing import Iterator
 
 from tqdm import tqdm
 
+from pipelines import storage
 from pipelines.formats import recordio
 from pipelines.formats.base import TMP_SUFFIX
 from pipelines.formats.registry import FORMATS
 from pipelines.schema import SCHEMA_VERSION
-from pipelines.text import TOKENIZER_NAME, clean_text, load_tokenizer
+from pipelines.text import TOKENIZER_NAME, clean_text
 from tools.caption import CaptionSidecar, load_sidecar
-from tools.image_policy import DEFAULT_MAX_PIXELS, ImagePolicy
-from tools.shard_worker import PARTS_DIR, ShardJob, WorkItem, convert_shard, init_worker, shard_is_complete
+from tools.image_policy import DEFAULT_MAX_PIXELS, RESIZE_BACKENDS, ImagePolicy
+from tools import remote_out
+from tools.distribute import DISTRIBUTORS, DistributorError, make_distributor
+from tools.shard_worker import PARTS_DIR, ShardJob, WorkItem, shard_is_complete
 from tools.sources import SOURCES, get_source
 from tools.sources.base import SourceError, SourceOptions, SourceRecord
 
@@ -57,6 +59,7 @@ class ConvertConfig:
     samples_per_shard: int = 10_000
     resize: int | None = None
     quality: int = 95
+    resize_backend: str = "pillow"
     max_pixels: int = DEFAULT_MAX_PIXELS
     tokenize: bool = False
     captions_per_image: str = "all"
@@ -68,7 +71,7 @@ class ConvertConfig:
     split: str | None = None
 
     def policy(self) -> ImagePolicy:
-        return ImagePolicy(self.resize, self.quality, self.max_pixels)
+        return ImagePolicy(self.resize, self.quality, self.max_pixels, self.resize_backend)
 
     def source_options(self) -> SourceOptions:
         return SourceOptions(images_root=self.images_root, image_column=self.image_column,
@@ -114,6 +117,7 @@ def prepare_output(out: str, cfg: ConvertConfig, resume: bool, overwrite: bool) 
             else:
                 with open(plan_path) as f:
                     previous = json.load(f)
+                previous.setdefault("resize_backend", "pillow")  # plans written before the option
                 if previous != plan:
                     diff = sorted(k for k in plan if plan[k] != previous.get(k))
                     raise UsageError(f"{folder} holds another conversion (differs in {', '.join(diff)}); "
@@ -122,58 +126,66 @@ def prepare_output(out: str, cfg: ConvertConfig, resume: bool, overwrite: bool) 
                     raise UsageError(f"{folder} already holds this conversion; pass --resume to finish "
                                      "it or --overwrite to redo it")
         os.makedirs(os.path.join(folder, PARTS_DIR), exist_ok=True)
-        for name in os.listdir(folder):
-            if name.endswith(TMP_SUFFIX):
-                os.remove(os.path.join(folder, name))
+        for sub in (folder, os.path.join(folder, PARTS_DIR)):  # what a killed worker was writing
+            for name in os.listdir(sub):
+                if name.endswith(TMP_SUFFIX):
+                    os.remove(os.path.join(sub, name))
         with open(plan_path, "w") as f:
             json.dump(plan, f, indent=1, sort_keys=True)
 
 
 def run(cfg: ConvertConfig, out: str, workers: int, resume: bool = False, overwrite: bool = False,
-        progress: bool = True) -> dict:
-    """Convert; return the stats. Raises UsageError / SourceError on bad input."""
+        progress: bool = True, distributor: str = "local", ray_address: str | None = None,
+        staging: str | None = None) -> dict:
+    """Convert; return the stats. Raises UsageError / SourceError / DistributorError on bad input.
+    An `s3://` out is written through the local `staging` folder (tools/remote_out.py)."""
+    remote, shown = None, out
+    if storage.is_remote(out):
+        remote, out = out, os.path.abspath(staging or remote_out.default_staging(out))
+        try:
+            remote_out.check_target(remote, cfg.formats, overwrite)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        if not overwrite:
+            remote_out.pull_small_files(remote, out, cfg.formats)
     prepare_output(out, cfg, resume, overwrite)
+    sizes = remote_out.remote_sizes(remote, cfg.formats) if remote and resume else None
     sidecar = load_sidecar(cfg.synthetic_captions) if cfg.synthetic_captions else None
     job = ShardJob(out=out, formats=cfg.formats, policy=cfg.policy(), tokenize=cfg.tokenize,
-                   keep_uncaptioned=cfg.keep_uncaptioned, source=cfg.source)
+                   keep_uncaptioned=cfg.keep_uncaptioned, source=cfg.source, remote=remote)
     records = get_source(cfg.source)(cfg.input, cfg.source_options())
     plan = enumerate(chunks(expand(records, cfg, sidecar), cfg.samples_per_shard))
     results: dict[int, dict] = {}
+    reused: list[int] = []
     start = time.perf_counter()
-    bar = tqdm(desc=f"make-shards → {out}", unit=" samples", disable=not progress, smoothing=0.1)
+    bar = tqdm(desc=f"make-shards → {shown}", unit=" samples", disable=not progress, smoothing=0.1)
 
-    def done(record: dict) -> None:
+    def done(record: dict, was_reused: bool = False) -> None:
+        """The one place a finished shard (converted now, or kept by --resume) is recorded."""
         results[int(record["shard"])] = record
+        if was_reused:
+            reused.append(int(record["shard"]))
         bar.update(record["read"])
         bar.set_postfix(written=sum(r["written"] for r in results.values()), refresh=False)
 
-    reused = 0
-    if workers <= 1:
+    def to_convert():
         for shard, items in plan:
-            existing = shard_is_complete(out, cfg.formats, shard) if resume else None
-            reused += existing is not None
-            done(existing or convert_shard(shard, items, job))
-    else:
-        if cfg.tokenize or "rec" in cfg.formats:
-            load_tokenizer()  # once, before the fork, instead of once per worker
-        # fork: workers inherit what the main process has loaded.
-        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=init_worker) as pool:
-            pending: set[cf.Future] = set()
-            for shard, items in plan:
-                if resume and (existing := shard_is_complete(out, cfg.formats, shard)):
-                    reused += 1
-                    done(existing)
-                    continue
-                pending.add(pool.submit(convert_shard, shard, items, job))
-                if len(pending) >= 2 * workers:  # bound the items held in memory
-                    finished, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
-                    for fut in finished:
-                        done(fut.result())
-            for fut in cf.as_completed(pending):
-                done(fut.result())
+            if resume and (existing := shard_is_complete(out, cfg.formats, shard, sizes)):
+                done(existing, was_reused=True)
+            else:
+                yield shard, items
+
+    with make_distributor(distributor, job, workers, ray_address) as dist:
+        for record in dist.map_unordered(to_convert()):
+            done(record)
     bar.close()
     elapsed = time.perf_counter() - start
-    return finalize(out, cfg, [results[k] for k in sorted(results)], elapsed, reused)
+    if remote:  # indexes written by Ray workers on other nodes
+        remote_out.pull_small_files(remote, out, cfg.formats)
+    stats = finalize(out, cfg, [results[k] for k in sorted(results)], elapsed, len(reused))
+    if remote:
+        remote_out.publish_final(remote, out, cfg.formats, PLAN_FILE)
+    return stats
 
 
 def finalize(out: str, cfg: ConvertConfig, parts: list[dict], elapsed: float, reused: int) -> dict:
@@ -207,7 +219,8 @@ def finalize(out: str, cfg: ConvertConfig, parts: list[dict], elapsed: float, re
         folder = os.path.join(out, fmt)
         if fmt == "rec":
             rec_names = [f["name"] for f in shards if f["name"].endswith(".rec")]
-            manifest["dali_index"] = os.path.basename(recordio.write_combined_index(folder, rec_names))
+            sizes = {f["name"]: f["bytes"] for f in shards}  # the .rec files may be uploaded already
+            manifest["dali_index"] = os.path.basename(recordio.write_combined_index(folder, rec_names, sizes))
         _write_json(os.path.join(folder, "manifest.json"), manifest)
         _write_json(os.path.join(folder, "stats.json"), stats)
         if fmt == "wds":
@@ -235,10 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images-root", help="folder the input's image paths are relative to")
     p.add_argument("--synthetic-captions", help="JSONL/TSV sidecar of synthetic captions")
     p.add_argument("--format", default="wds", help="comma-separated: wds, arrow, rec")
-    p.add_argument("--out", required=True, help="output folder; one subfolder per format")
+    p.add_argument("--out", required=True, help="output folder, or s3://bucket/prefix; one subfolder per format")
+    p.add_argument("--staging", help="with an s3:// --out: the local folder shards are written to before "
+                                     "upload (default ~/.cache/lip-pipeline/staging/<out>)")
     p.add_argument("--samples-per-shard", type=int, default=10_000)
     p.add_argument("--resize", type=int, metavar="SHORT_SIDE", help="shorter side; never upscales")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding")
+    p.add_argument("--resize-backend", choices=RESIZE_BACKENDS, default="pillow",
+                   help="bicubic resize by Pillow or by torch's faster uint8 kernel (other bytes)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="skip larger images")
     p.add_argument("--tokenize", action="store_true", help="store CLIP BPE tokens (rec always does)")
     p.add_argument("--captions-per-image", choices=("all", "first", "random"), default="all",
@@ -250,7 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=("title", "description", "tags", "title+description", "all"))
     p.add_argument("--split", help="Karpathy JSON inputs: keep only this split")
     p.add_argument("--seed", type=int, default=0, help="seed of --captions-per-image random")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="local worker processes; with --distributor ray and no --ray-address, the local Ray's CPUs")
+    p.add_argument("--distributor", choices=DISTRIBUTORS, default="local",
+                   help="where shards are converted: a local process pool, or Ray tasks (pip install '.[ray]')")
+    p.add_argument("--ray-address", help="Ray head to join (host:port, or 'auto'); default: start a local Ray")
     p.add_argument("--resume", action="store_true", help="keep finished shards, redo the rest")
     p.add_argument("--overwrite", action="store_true", help="replace whatever --out holds")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -284,8 +305,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         cfg = config_from_args(args)
-        stats = run(cfg, args.out, args.workers, args.resume, args.overwrite, progress=not args.quiet)
-    except (UsageError, SourceError, FileNotFoundError) as e:
+        if args.ray_address and args.distributor != "ray":
+            raise UsageError("--ray-address needs --distributor ray")
+        stats = run(cfg, args.out, args.workers, args.resume, args.overwrite, progress=not args.quiet,
+                    distributor=args.distributor, ray_address=args.ray_address, staging=args.staging)
+    except (UsageError, SourceError, DistributorError, FileNotFoundError, storage.StorageError) as e:
         print(f"make-shards: error: {e}", file=sys.stderr)
         return 2
     reasons = ", ".join(f"{k} {v}" for k, v in stats["skipped_by_reason"].items()) or "none"

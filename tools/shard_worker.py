@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -18,10 +19,14 @@ from pipelines.formats.registry import WRITERS
 from pipelines.schema import Sample
 from pipelines.text import tokenize
 from tools.image_policy import ImagePolicy, SkipSample, process_image
+from tools.remote_out import publish_shard
 from tools.sources.base import SourceRecord, TarMember
 
 TOKENIZE_BLOCK = 256  # samples tokenized per call: batching amortizes the tokenizer's overhead
 PARTS_DIR = ".parts"  # per format folder: per-shard completion records that --resume trusts
+# Test hook: a file `kill-<shard stem>` in this folder makes the first worker that claims it die by
+# SIGKILL before converting that shard, as the OOM killer would (tests of retries and of resume).
+FAULT_DIR_ENV = "MAKE_SHARDS_FAULT_DIR"
 
 
 @dataclass
@@ -43,6 +48,7 @@ class ShardJob:
     tokenize: bool  # tokens in wds/arrow; rec always carries them (ALIP's label)
     keep_uncaptioned: bool
     source: str
+    remote: str | None = None  # --out s3://...: `out` is the staging folder, shards are published here
 
 
 def init_worker() -> None:
@@ -98,11 +104,25 @@ def set_tokens(samples: list[Sample]) -> None:
         s.tokens = rows if s.syn else np.repeat(rows, 2, axis=0)
 
 
+def inject_fault(shard: int) -> None:
+    folder = os.environ.get(FAULT_DIR_ENV)
+    if not folder:
+        return
+    armed = os.path.join(folder, f"kill-{shard_stem(shard)}")
+    try:
+        os.rename(armed, armed + ".fired")  # atomic: exactly one attempt claims it
+    except FileNotFoundError:
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def convert_shard(shard: int, items: list[WorkItem], job: ShardJob) -> dict:
     """Write shard `shard` in every format and its completion record; return that record."""
+    inject_fault(shard)
     need_tokens = job.tokenize or "rec" in job.formats
     writers = {}
     for fmt in job.formats:
+        os.makedirs(os.path.join(job.out, fmt), exist_ok=True)  # a Ray node's own staging folder
         kwargs = {"id_base": items[0].index} if fmt == "rec" else {}
         writers[fmt] = WRITERS[fmt](os.path.join(job.out, fmt), shard,
                                     with_tokens=need_tokens if fmt == "rec" else job.tokenize, **kwargs)
@@ -142,11 +162,15 @@ def convert_shard(shard: int, items: list[WorkItem], job: ShardJob) -> dict:
         with open(path + TMP_SUFFIX, "w") as fh:
             json.dump({**counts, "samples": f.samples, "files": f.files}, fh, sort_keys=True)
         os.replace(path + TMP_SUFFIX, path)
+        if job.remote:
+            publish_shard(job.remote, job.out, fmt, f.files, path)
     return {**counts, "files": {fmt: {"samples": f.samples, "files": f.files} for fmt, f in files.items()}}
 
 
-def shard_is_complete(out: str, formats: tuple[str, ...], shard: int) -> dict | None:
-    """The shard's record if every format has it and every file it names is on disk at its size."""
+def shard_is_complete(out: str, formats: tuple[str, ...], shard: int,
+                      remote_sizes: dict[str, dict[str, int]] | None = None) -> dict | None:
+    """The shard's record if every format has it and every file it names is on disk at its size
+    (with `remote_sizes`, {format: {name: bytes}} of an object store: there)."""
     record = None
     for fmt in formats:
         path = part_path(out, fmt, shard)
@@ -155,6 +179,10 @@ def shard_is_complete(out: str, formats: tuple[str, ...], shard: int) -> dict | 
         with open(path) as f:
             part = json.load(f)
         for name, info in part["files"].items():
+            if remote_sizes is not None:
+                if remote_sizes[fmt].get(name) != info["bytes"]:
+                    return None
+                continue
             p = os.path.join(out, fmt, name)
             if not os.path.exists(p) or os.path.getsize(p) != info["bytes"]:
                 return None

@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from pipelines.sampling import DEFAULT_BLOCK_SHARDS
+from pipelines.storage import parse_size
+
 
 class ConfigError(ValueError):
     pass
@@ -16,7 +19,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    train_shards: str = ""  # a make-shards format folder, e.g. shards/demo/train/wds
+    train_shards: str = ""  # a make-shards format folder, e.g. shards/demo/train/wds, or s3://bucket/prefix
     format: str = "wds"
     backend: str = "torch"  # torch | dali
     device: str = "auto"  # auto (gpu when CUDA is present) | gpu | cpu
@@ -25,6 +28,10 @@ class DataConfig:
     workers: int = 2
     flip: bool = True
     hw_decoder_load: float = 0.65
+    shuffle: str = "global"  # global (all samples) | block (shards, then samples within blocks: network storage)
+    shuffle_block_shards: int = DEFAULT_BLOCK_SHARDS  # shuffle=block: shards whose samples are mixed together
+    cache_dir: str = "~/.cache/lip-pipeline/shards"  # s3:// shards: the local cache, a folder per url and rank
+    cache_limit: str = "8GiB"  # s3:// shards: what that cache may hold (bytes, or with a unit)
 
 
 @dataclass
@@ -114,13 +121,20 @@ class TrainConfig:
                   ("data.backend", self.data.backend, ("torch", "dali")),
                   ("data.device", self.data.device, ("auto", "gpu", "cpu")),
                   ("data.format", self.data.format, ("wds", "arrow", "rec")),
+                  ("data.shuffle", self.data.shuffle, ("global", "block")),
                   ("loss.normalize", self.loss.normalize, ("mean", "weight_sum")),
                   ("loss.h_init", self.loss.h_init, ("one", "first_batch"))]
         for key, value, allowed in checks:
             if value not in allowed:
                 raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
         if not self.data.train_shards:
-            raise ConfigError("data.train_shards: required (a make-shards format folder)")
+            raise ConfigError("data.train_shards: required (a make-shards format folder or s3://bucket/prefix)")
+        try:
+            parse_size(self.data.cache_limit)
+        except ValueError as e:
+            raise ConfigError(f"data.cache_limit: {e}") from None
+        if self.data.shuffle_block_shards < 1:
+            raise ConfigError("data.shuffle_block_shards: must be ≥ 1")
         if self.optim.accum_steps < 1:
             raise ConfigError("optim.accum_steps: must be ≥ 1")
         return self

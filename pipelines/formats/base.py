@@ -59,6 +59,13 @@ class ProcessLocal:
             self._handle, self.pid = self._opener(), pid
         return self._handle
 
+    def close(self) -> None:
+        """Let go of this process's handle now (the shard cache evicted the file): closed when
+        there is a closer, else dropped (a memory map lives on while views of it do)."""
+        handle, self._handle, self.pid = self._handle, None, None
+        if handle is not None and self._closer is not None:
+            self._closer(handle)
+
     def __getstate__(self):
         return {**self.__dict__, "_handle": None, "pid": None}
 

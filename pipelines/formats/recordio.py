@@ -142,21 +142,22 @@ def _close(f) -> None:
 COMBINED_INDEX = "all.idx"
 
 
-def combined_index_lines(folder: str, rec_names: list[str]) -> list[str]:
+def combined_index_lines(folder: str, rec_names: list[str], sizes: dict[str, int] | None = None) -> list[str]:
     """Index over the concatenation of `rec_names`: DALI's `fn.readers.mxnet` takes many .rec
-    files but one index whose offsets run across all of them, in the order given."""
+    files but one index whose offsets run across all of them, in the order given. `sizes` (name ->
+    bytes) stands in for .rec files that are not local (already uploaded to object storage)."""
     lines, base = [], 0
     for name in rec_names:
         path = f"{folder}/{name}"
         lines += [f"{rid}\t{base + off}\n" for rid, off in read_index(path[: -len('.rec')] + ".idx")]
-        base += os.path.getsize(path)
+        base += sizes[name] if sizes else os.path.getsize(path)
     return lines
 
 
-def write_combined_index(folder: str, rec_names: list[str]) -> str:
+def write_combined_index(folder: str, rec_names: list[str], sizes: dict[str, int] | None = None) -> str:
     path = f"{folder}/{COMBINED_INDEX}"
     with open(path, "w") as f:
-        f.writelines(combined_index_lines(folder, rec_names))
+        f.writelines(combined_index_lines(folder, rec_names, sizes))
     return path
 
 
