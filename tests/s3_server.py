@@ -15,18 +15,19 @@ import s3` in a test module gives a module-scoped server.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import socket
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import pytest
 
-ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
-       "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
-CLEARED = ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
+if __name__ == "__main__":  # run as a script: the repository root holds tools/
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tools.bench_peers import LOOPBACK_ENV, loopback_s3
+
 
 
 class DropProxy:
@@ -109,34 +110,18 @@ class S3Server:
 
 @contextlib.contextmanager
 def s3_server(bucket: str = "lip-test", proxy: bool = True) -> Iterator[S3Server]:
-    """Start moto on 127.0.0.1, create `bucket`, point the AWS variables at it; undo all on exit."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    moto.start()
-    host, port = moto.get_host_and_port()
-    drop = DropProxy((host, port)) if proxy else None
-    direct = f"http://{host}:{port}"
-    server = S3Server(f"http://127.0.0.1:{drop.port}" if drop else direct, direct, bucket, drop)
-    saved = {k: os.environ.get(k) for k in (*ENV, *CLEARED, "AWS_ENDPOINT_URL")}
-    os.environ.update(ENV, AWS_ENDPOINT_URL=server.endpoint)
-    for k in CLEARED:
-        os.environ.pop(k, None)
-    try:
-        import boto3
-
-        boto3.client("s3", endpoint_url=direct).create_bucket(Bucket=bucket)
-        yield server
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        if drop:
-            drop.close()
-        moto.stop()
+    """Start moto on 127.0.0.1, create `bucket`, point the AWS variables at it (at the proxy in
+    front of it with `proxy=True`); undo all on exit."""
+    with loopback_s3(bucket) as direct:
+        host, port = direct.rsplit("//", 1)[1].split(":")
+        drop = DropProxy((host, int(port))) if proxy else None
+        server = S3Server(f"http://127.0.0.1:{drop.port}" if drop else direct, direct, bucket, drop)
+        os.environ["AWS_ENDPOINT_URL"] = server.endpoint  # loopback_s3 restores it on exit
+        try:
+            yield server
+        finally:
+            if drop:
+                drop.close()
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +134,7 @@ if __name__ == "__main__":
     import time
 
     with s3_server(proxy=False) as s:
-        print(f"export AWS_ENDPOINT_URL={s.endpoint} " + " ".join(f"{k}={v}" for k, v in ENV.items()))
+        print(f"export AWS_ENDPOINT_URL={s.endpoint} " + " ".join(f"{k}={v}" for k, v in LOOPBACK_ENV.items()))
         print(f"bucket: s3://{s.bucket}  (Ctrl-C stops)", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             while True:

@@ -273,11 +273,16 @@ def resume_check(make: Callable[[], tuple], keys: Callable, stop_after: int) -> 
 
 # ---------------------------------------------------------------- loopback S3 (bench-loader --s3)
 
+LOOPBACK_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
+                "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
+LOOPBACK_CLEARED = ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
+
+
 @contextlib.contextmanager
 def loopback_s3(bucket: str = "bench") -> Iterator[str]:
     """moto's S3 server on 127.0.0.1 (a free port), `bucket` created, the AWS variables (and
-    Mosaic's S3_ENDPOINT_URL) pointing at it while the context is open. The same as
-    tests/s3_server.py without its fault-injecting proxy (tools do not import tests)."""
+    Mosaic's S3_ENDPOINT_URL) pointing at it while the context is open; yields its endpoint.
+    tests/s3_server.py puts its fault-injecting proxy in front of this one."""
     import logging
 
     import boto3
@@ -288,13 +293,11 @@ def loopback_s3(bucket: str = "bench") -> Iterator[str]:
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint,
-           "S3_ENDPOINT_URL": endpoint}  # Mosaic reads this one
-    saved = {k: os.environ.get(k) for k in (*env, "AWS_ENDPOINT_URL_S3", "AWS_PROFILE")}
+    env = {**LOOPBACK_ENV, "AWS_ENDPOINT_URL": endpoint, "S3_ENDPOINT_URL": endpoint}  # Mosaic reads the last
+    saved = {k: os.environ.get(k) for k in (*env, *LOOPBACK_CLEARED)}
     os.environ.update(env)
-    os.environ.pop("AWS_ENDPOINT_URL_S3", None)
-    os.environ.pop("AWS_PROFILE", None)
+    for k in LOOPBACK_CLEARED:
+        os.environ.pop(k, None)
     try:
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
         yield endpoint
