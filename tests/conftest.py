@@ -16,20 +16,25 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+def synthetic_input(syn: Path, n: int, size: int = 64) -> list[str]:
+    """`n` synthetic images with synthetic captions in `syn`; returns make-shards' input arguments."""
+    from tools import make_synthetic
+
+    assert make_synthetic.main(["--out", str(syn), "--train", str(n), "--test", "0", "--size", str(size),
+                                "--workers", "1"]) == 0
+    return ["--source", "table", "--input", str(syn / "train.jsonl"), "--image-column", "image",
+            "--caption-column", "caption", "--synthetic-captions", str(syn / "train_syn.jsonl")]
+
+
 def build_synthetic_shards(root: Path, n: int, formats: str, per_shard: int) -> Path:
     """`n` synthetic 64-px images with synthetic captions, tokenized, converted to `formats`
     under `root/shards/<format>`: the project's own data, so tests using it never skip."""
-    from tools import make_shards, make_synthetic
+    from tools import make_shards
 
-    syn = root / "syn"
-    assert make_synthetic.main(["--out", str(syn), "--train", str(n), "--test", "0", "--size", "64",
-                                "--workers", "1"]) == 0
     out = root / "shards"
-    assert make_shards.main(["--source", "table", "--input", str(syn / "train.jsonl"),
-                             "--image-column", "image", "--caption-column", "caption",
-                             "--synthetic-captions", str(syn / "train_syn.jsonl"), "--tokenize",
-                             "--format", formats, "--samples-per-shard", str(per_shard), "--out", str(out),
-                             "--workers", "1", "--quiet"]) == 0
+    assert make_shards.main(synthetic_input(root / "syn", n) + [
+        "--tokenize", "--format", formats, "--samples-per-shard", str(per_shard), "--out", str(out),
+        "--workers", "1", "--quiet"]) == 0
     return out
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tools import make_shards, make_synthetic
+from conftest import synthetic_input
+from tools import make_shards
 from tools.shard_worker import FAULT_DIR_ENV
 
 ray = pytest.importorskip("ray")
@@ -27,11 +28,7 @@ TIMINGS = ("seconds", "samples_per_second")  # stats.json: wall-clock figures, l
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> list[str]:
     """36 synthetic images with synthetic captions: make-shards' input arguments (no --out)."""
-    syn = tmp_path_factory.mktemp("syn")
-    assert make_synthetic.main(["--out", str(syn), "--train", "36", "--test", "0", "--size", "48",
-                                "--workers", "1"]) == 0
-    return ["--source", "table", "--input", str(syn / "train.jsonl"), "--image-column", "image",
-            "--caption-column", "caption", "--synthetic-captions", str(syn / "train_syn.jsonl")]
+    return synthetic_input(tmp_path_factory.mktemp("syn"), 36, size=48)
 
 
 @pytest.fixture(scope="module")

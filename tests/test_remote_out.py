@@ -12,7 +12,8 @@ import pytest
 from pipelines import storage
 from pipelines.loader import LoaderConfig, build_loader
 from s3_server import s3  # noqa: F401 - the module-scoped server fixture
-from tools import make_shards, make_synthetic
+from conftest import synthetic_input
+from tools import make_shards
 
 ARGS = ["--format", "wds,arrow,rec", "--tokenize", "--samples-per-shard", "6", "--quiet"]
 TIMINGS = ("seconds", "samples_per_second", "shards_reused")
@@ -20,11 +21,7 @@ TIMINGS = ("seconds", "samples_per_second", "shards_reused")
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> list[str]:
-    syn = tmp_path_factory.mktemp("syn")
-    assert make_synthetic.main(["--out", str(syn), "--train", "30", "--test", "0", "--size", "40",
-                                "--workers", "1"]) == 0
-    return ["--source", "table", "--input", str(syn / "train.jsonl"), "--image-column", "image",
-            "--caption-column", "caption", "--synthetic-captions", str(syn / "train_syn.jsonl")]
+    return synthetic_input(tmp_path_factory.mktemp("syn"), 30, size=40)
 
 
 @pytest.fixture(scope="module")
