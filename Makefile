@@ -21,7 +21,7 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m tools.demo --out $(DEMO_DIR)
 
-# The full effect: ALIP's gates need time to find the noise (≈ 3x the demo's training time).
+# 2,000 steps per mode (README, Demo results: measured, ALIP's margin does not appear with more steps here).
 demo-long: $(STAMP)
 	$(PY) -m tools.demo --out $(DEMO_DIR) --runs runs/demo-long --steps 2000
 
