@@ -122,28 +122,46 @@ def marked_pids(mark: str) -> list[int]:
     return pids
 
 
+def describe(pid: int) -> str:
+    """pid, command line, and which run markers it carries: what a failure needs to say."""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200]
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return f"{pid} (gone)"
+    marks = [e.decode() for e in env if e.startswith(b"MAKE_SHARDS_")]
+    return f"{pid} {cmd!r} {marks}"
+
+
 def kill_mid_run(dataset, out: Path, *extra: str) -> None:
-    """Start make-shards, SIGKILL it once its first shard is done; then no process it started may
-    live on (checked for 15 s: Ray's own processes take a moment to go)."""
+    """Start make-shards, SIGKILL it once its first shard is done and its workers are up (shard 1
+    is held, so the run cannot finish first however slow the machine); then no process it started
+    may live on (checked for 15 s: Ray's own processes take a moment to go)."""
     mark = f"LIP_TEST_RUN={uuid.uuid4().hex}"
-    env = {k: v for k, v in os.environ.items() if k not in (FAULT_DIR_ENV, "RAY_ADDRESS")}
+    faults = out.parent / f"{out.name}-faults"
+    faults.mkdir()
+    (faults / "hold-000001").touch()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env[mark.split("=")[0]] = mark.split("=")[1]
+    env[FAULT_DIR_ENV] = str(faults)
     proc = subprocess.Popen([sys.executable, "-m", "tools.make_shards", *dataset, *ARGS, "--out", str(out),
                              "--samples-per-shard", "2", *extra], cwd=REPO, env=env)
     first = out / "rec" / ".parts" / "000000.json"
     deadline = time.time() + 180
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
+    while not (first.exists() and len(marked_pids(mark)) >= 3) and proc.poll() is None \
+            and time.time() < deadline:
+        time.sleep(0.05)
     assert proc.poll() is None, "make-shards ended before the kill"
-    assert len(marked_pids(mark)) >= 2, "no workers started"
+    assert first.exists() and len(marked_pids(mark)) >= 3, "no shard done or no workers started in 180 s"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     deadline = time.time() + 15
     while (left := marked_pids(mark)) and time.time() < deadline:
         time.sleep(0.2)
+    described = [describe(pid) for pid in left]
     for pid in left:  # do not leak them into the rest of the test session
         os.kill(pid, signal.SIGKILL)
-    assert not left, f"orphans of the killed make-shards: {left}"
+    assert not left, f"orphans of the killed make-shards: {described}"
     assert not (out / "wds" / "manifest.json").exists(), "the kill should land mid-run"
 
 

@@ -7,8 +7,8 @@ bytes depend only on its slice of the input, so the output is the same whichever
 Workers die with the process that started them (a SIGKILLed, OOM-killed or preempted make-shards
 must not leave workers holding memory): pool workers ask the kernel for SIGKILL when their parent
 dies (Linux `prctl(PR_SET_PDEATHSIG)`) and also poll their parent pid (every platform); a local
-Ray cluster that make-shards started is watched by a forked reaper that kills every process of
-that cluster once the pipe make-shards holds open closes. A worker killed mid-shard leaves only
+Ray cluster that make-shards started is watched by a forked reaper (`tools/reaper.py`) that kills
+every process of that cluster once the pipe make-shards holds open closes. A worker killed mid-shard leaves only
 `*.tmp` files, which --resume deletes: a shard counts as done only once its completion record,
 written last, names files of the recorded sizes.
 """
@@ -23,15 +23,14 @@ import signal
 import sys
 import threading
 import time
-import uuid
 from abc import ABC, abstractmethod
 from typing import Iterable, Iterator
 
 from pipelines.text import load_tokenizer
+from tools.reaper import start_reaper, stop_reaper
 from tools.shard_worker import ShardJob, WorkItem, convert_shard, init_worker
 
 DISTRIBUTORS = ("local", "ray")
-RAY_SESSION_ENV = "MAKE_SHARDS_RAY_SESSION"  # marks every process of a local Ray cluster we start
 PARENT_POLL_S = 0.5
 RAY_TASK_RETRIES = 3  # a killed worker (OOM, preemption) or a transient OSError: run the shard again
 
@@ -184,60 +183,6 @@ class RayCluster(Distributor):
         if self.reaper is not None:
             stop_reaper(*self.reaper)
             self.reaper = None
-
-
-def start_reaper() -> tuple[int, int]:
-    """Fork a process that outlives us, and once the pipe we hold closes (we exited, however),
-    SIGKILLs every process carrying this session's mark in its environment: Ray's own clean-up
-    misses some (a SIGKILLed driver left its dashboard and runtime-env agents running, measured).
-    Returns (reaper pid, the pipe's write end)."""
-    token = uuid.uuid4().hex
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the reaper: system calls only, nothing of the parent's state
-        try:
-            os.close(write_end)
-            os.setsid()  # out of our process group: a group kill or Ctrl-C must not take it along
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            while os.read(read_end, 1):
-                pass
-            for _ in range(20):  # processes can spawn while we kill: until none is left
-                if not kill_marked(f"{RAY_SESSION_ENV}={token}".encode()):
-                    break
-                time.sleep(0.1)
-        finally:
-            os._exit(0)
-    os.close(read_end)
-    os.environ[RAY_SESSION_ENV] = token  # inherited by every process ray.init starts from now on
-    return pid, write_end
-
-
-def stop_reaper(pid: int, write_end: int) -> None:
-    os.environ.pop(RAY_SESSION_ENV, None)
-    os.close(write_end)
-    os.waitpid(pid, 0)
-
-
-def kill_marked(mark: bytes) -> int:
-    """SIGKILL every process whose initial environment holds `mark`; return how many (Linux /proc;
-    elsewhere 0, and Ray's own reaper is all there is)."""
-    killed = 0
-    try:
-        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
-    except FileNotFoundError:
-        return 0
-    for pid in pids:
-        if pid == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if mark not in f.read().split(b"\0"):
-                    continue
-            os.kill(pid, signal.SIGKILL)
-            killed += 1
-        except OSError:  # gone meanwhile, or not ours to read
-            continue
-    return killed
 
 
 def make_distributor(name: str, job: ShardJob, workers: int, ray_address: str | None = None) -> Distributor:

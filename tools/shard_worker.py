@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -105,9 +106,13 @@ def set_tokens(samples: list[Sample]) -> None:
 
 
 def inject_fault(shard: int) -> None:
+    """Test hooks: `kill-<shard>` SIGKILLs the first attempt at that shard; while `hold-<shard>`
+    exists, the shard waits (a run that cannot finish before a test kills it)."""
     folder = os.environ.get(FAULT_DIR_ENV)
     if not folder:
         return
+    while os.path.exists(os.path.join(folder, f"hold-{shard_stem(shard)}")):
+        time.sleep(0.05)
     armed = os.path.join(folder, f"kill-{shard_stem(shard)}")
     try:
         os.rename(armed, armed + ".fired")  # atomic: exactly one attempt claims it
