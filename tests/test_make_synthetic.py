@@ -184,3 +184,16 @@ def test_test_captions_unique_by_redraw_and_drop():
 def test_rejects_bad_arguments(tmp_path, bad):
     with pytest.raises(SystemExit):
         ms.main(["--out", str(tmp_path / "x"), *ARGS, *bad])
+
+
+def test_plain_alt_style_names_every_group_and_changes_only_the_raw_texts(out, train, tmp_path):
+    plain_out = _run(tmp_path / "plain", "--workers", "1", "--alt-style", "plain")
+    plain = _jsonl(plain_out / "train.jsonl")
+    assert [r["noise"] for r in plain] == [r["noise"] for r in train]
+    assert [r["description"] for r in plain] == [r["description"] for r in train]
+    assert (plain_out / "images/train/000000007.jpg").read_bytes() == (out / "images/train/000000007.jpg").read_bytes()
+    for r in plain:
+        alt = r["caption_before_noise"]
+        assert _colors_in(alt) == {s["color"] for s in r["shapes"]}, alt  # every group, nothing false
+        assert not re.search(r"\d", alt), alt  # no camera file names
+    assert json.loads((plain_out / "synthetic.json").read_text())["args"]["alt_style"] == "plain"

@@ -64,6 +64,9 @@ OFFTOPIC = ("best deals on shoes", "click here", "free shipping on orders over $
             "untitled-1", "image placeholder", "sponsored", "buy now, pay later",
             "limited time offer", "log in to see more", "cheap flights to paris",
             "top 10 dinner recipes", "home | about | contact")
+# Caption-like alt-text (`--alt-style plain`): what a careful uploader writes; a swap then differs
+# from the image's captions in content only, not in style.
+PLAIN_TEMPLATES = ("{x}", "a photo of {x}", "{x} on a {t} background", "picture of {x}", "{x}, drawn")
 HASHTAGS = ("#art", "#colors", "#design", "#abstract", "#instaart", "#pattern", "#geometry",
             "#minimal", "#photooftheday", "#artwork", "#graphic", "#nofilter")
 
@@ -88,6 +91,7 @@ class RenderConfig:
     size: int
     quality: int
     side_ratio: float = 1.5
+    alt_style: str = "web"
 
 
 def position_of(x: float, y: float) -> str:
@@ -231,8 +235,13 @@ def _paraphrases(groups: list[Group], texture: str, bg: str) -> list[str]:
     ]
 
 
-def _alt_text(rng: random.Random, groups: list[Group], texture: str, accent: bool) -> str:
-    """Accurate but loosely phrased alt-text: may leave groups out, never states anything false."""
+def _alt_text(rng: random.Random, groups: list[Group], texture: str, accent: bool, style: str = "web") -> str:
+    """Accurate alt-text, never stating anything false. `web`: loosely phrased, may leave groups out;
+    `plain`: every group with its count, in caption-like wording."""
+    if style == "plain":
+        x = _join([_phrase(g, where=rng.random() < 0.5) for g in groups])
+        templates = ACCENT_TEMPLATES if accent else PLAIN_TEMPLATES
+        return rng.choice(templates).format(x=x, n=rng.randint(1000, 9999), t=TEXTURES[texture])
     mentioned = [g for g in groups if rng.random() < 0.7] or [groups[0]]
     loose = " and ".join(_phrase(g, count="bare", where=rng.random() < 0.2) for g in mentioned)
     n, roll = rng.randint(1000, 9999), rng.random()
@@ -268,7 +277,7 @@ def make_sample(cfg: RenderConfig, task: tuple[str, int, bool, int]) -> dict[str
                            "shapes": [asdict(g) for g in groups]}
     if split == "train":
         rec["syn"] = trng.sample(paraphrases, trng.randint(1, 2))
-        rec["alt"] = _alt_text(trng, groups, texture, accent)
+        rec["alt"] = _alt_text(trng, groups, texture, accent, cfg.alt_style)
     else:
         rec["captions"] = [description, *trng.sample(paraphrases, trng.randint(1, 4))]
     return rec
@@ -343,15 +352,15 @@ def _write_jsonl(path: str, rows: list[dict[str, Any]]) -> None:
 
 
 def generate(out: str, n_train: int, n_test: int, fractions: dict[str, float], *, seed: int = 0,
-             size: int = 160, quality: int = 90, workers: int = 1, side_ratio: float = 1.5
-             ) -> dict[str, int]:
+             size: int = 160, quality: int = 90, workers: int = 1, side_ratio: float = 1.5,
+             alt_style: str = "web") -> dict[str, int]:
     """Write the whole dataset under `out`; returns the count per noise kind."""
     for split in ("train", "test"):
         os.makedirs(os.path.join(out, "images", split), exist_ok=True)
     labels = plan_noise(n_train, fractions, seed)
     tasks = [("train", i, labels[i] == "mojibake", 0) for i in range(n_train)]
     tasks += [("test", i, False, 0) for i in range(n_test)]
-    work = partial(make_sample, RenderConfig(out, seed, size, quality, side_ratio))
+    work = partial(make_sample, RenderConfig(out, seed, size, quality, side_ratio, alt_style))
     recs: list[dict[str, Any]] = []
     with tqdm(total=len(tasks), desc="make-synthetic", unit="img", file=sys.stderr) as bar:
         if workers <= 1:
@@ -399,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sides vary from --size up to this multiple; 1 makes square images, whose "
                         "centre crop at evaluation keeps shapes at the edges")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--alt-style", choices=("web", "plain"), default="web",
+                   help="raw alt-text before noise: web (loose, partial, camera names) or plain (every "
+                        "group, caption-like wording: noise then differs from the captions in content only)")
     for kind, default in (("swap", 0.3), ("truncate", 0.1), ("offtopic", 0.1), ("hashtag", 0.2),
                           ("mojibake", 0.1)):
         p.add_argument(f"--{kind}-fraction", type=float, default=default,
@@ -421,12 +433,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     start = time.perf_counter()
     counts = generate(args.out, args.train, args.test, fractions, seed=args.seed, size=args.size,
-                      quality=args.quality, workers=args.workers, side_ratio=args.max_side_ratio)
+                      quality=args.quality, workers=args.workers, side_ratio=args.max_side_ratio,
+                      alt_style=args.alt_style)
     # Only what determines the content: the same file for any --out and --workers.
     meta = {"version": SYNTHETIC_VERSION,
             "args": {"train": args.train, "test": args.test, "size": args.size,
                      "max_side_ratio": args.max_side_ratio, "seed": args.seed,
-                     "quality": args.quality, "fractions": fractions},
+                     "quality": args.quality, "fractions": fractions, "alt_style": args.alt_style},
             "counts": {"train": args.train, "test": args.test}, "noise": counts}
     with open(os.path.join(args.out, "synthetic.json"), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
