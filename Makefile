@@ -21,7 +21,7 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m tools.demo --out $(DEMO_DIR)
 
-# 2,000 steps per mode (README, Demo results: measured, ALIP's margin does not appear with more steps here).
+# 2,000 steps per mode (README, Demo results: measured on the web-style data, more steps alone did not give ALIP its margin).
 demo-long: $(STAMP)
 	$(PY) -m tools.demo --out $(DEMO_DIR) --runs runs/demo-long --steps 2000
 

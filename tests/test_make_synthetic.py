@@ -197,3 +197,13 @@ def test_plain_alt_style_names_every_group_and_changes_only_the_raw_texts(out, t
         assert _colors_in(alt) == {s["color"] for s in r["shapes"]}, alt  # every group, nothing false
         assert not re.search(r"\d", alt), alt  # no camera file names
     assert json.loads((plain_out / "synthetic.json").read_text())["args"]["alt_style"] == "plain"
+
+
+def test_caption_alt_style_is_a_paraphrase_other_than_the_synthetic_captions(tmp_path):
+    out = _run(tmp_path / "caption", "--workers", "1", "--alt-style", "caption")
+    syn = {r["key"]: r["caption"] for r in _jsonl(out / "train_syn.jsonl")}
+    for r in _jsonl(out / "train.jsonl"):
+        alt = r["caption_before_noise"]
+        assert alt not in syn[r["key"]] and _colors_in(alt) == {s["color"] for s in r["shapes"]}, alt
+        if r["noise"] == "clean":
+            assert alt == r["caption"] and alt.endswith(".")

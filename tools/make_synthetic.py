@@ -235,9 +235,14 @@ def _paraphrases(groups: list[Group], texture: str, bg: str) -> list[str]:
     ]
 
 
-def _alt_text(rng: random.Random, groups: list[Group], texture: str, accent: bool, style: str = "web") -> str:
+def _alt_text(rng: random.Random, groups: list[Group], texture: str, accent: bool, style: str = "web",
+              unused: Sequence[str] = ()) -> str:
     """Accurate alt-text, never stating anything false. `web`: loosely phrased, may leave groups out;
-    `plain`: every group with its count, in caption-like wording."""
+    `plain`: every group with its count, in caption-like wording; `caption`: one of the `unused`
+    paraphrases (the captioner's own style, but not one of this image's synthetic captions)."""
+    if style == "caption":
+        x = rng.choice(list(unused)).rstrip(".")
+        return rng.choice(ACCENT_TEMPLATES).format(x=x) if accent else f"{x}."
     if style == "plain":
         x = _join([_phrase(g, where=rng.random() < 0.5) for g in groups])
         templates = ACCENT_TEMPLATES if accent else PLAIN_TEMPLATES
@@ -277,7 +282,8 @@ def make_sample(cfg: RenderConfig, task: tuple[str, int, bool, int]) -> dict[str
                            "shapes": [asdict(g) for g in groups]}
     if split == "train":
         rec["syn"] = trng.sample(paraphrases, trng.randint(1, 2))
-        rec["alt"] = _alt_text(trng, groups, texture, accent, cfg.alt_style)
+        rec["alt"] = _alt_text(trng, groups, texture, accent, cfg.alt_style,
+                               [c for c in paraphrases if c not in rec["syn"]])
     else:
         rec["captions"] = [description, *trng.sample(paraphrases, trng.randint(1, 4))]
     return rec
@@ -408,9 +414,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sides vary from --size up to this multiple; 1 makes square images, whose "
                         "centre crop at evaluation keeps shapes at the edges")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--alt-style", choices=("web", "plain"), default="web",
-                   help="raw alt-text before noise: web (loose, partial, camera names) or plain (every "
-                        "group, caption-like wording: noise then differs from the captions in content only)")
+    p.add_argument("--alt-style", choices=("web", "plain", "caption"), default="web",
+                   help="raw alt-text before noise: web (loose, partial, camera names), plain (every group, "
+                        "caption-like wording) or caption (another of the image's paraphrases, in the synthetic "
+                        "captions' own style: noise then differs from the captions in content only)")
     for kind, default in (("swap", 0.3), ("truncate", 0.1), ("offtopic", 0.1), ("hashtag", 0.2),
                           ("mojibake", 0.1)):
         p.add_argument(f"--{kind}-fraction", type=float, default=default,
