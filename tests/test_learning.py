@@ -60,6 +60,9 @@ def test_tiny_run_learns(data, tmp_path):
     assert torch.all((weights["w_sample"][seen] > 0) & (weights["w_sample"][seen] <= 1))
     aucs = training_auc(str(Path(result["run_dir"]) / "sample_weights.pt"), str(shards), "wds")
     assert 0.0 <= aucs["auc_train_w_sample"] <= 1.0 and aucs["n_train_final_epoch"] >= N_TRAIN - BATCH
+    assert 0.0 <= aucs["auc_train_gate_margin"] <= 1.0 and 0.0 <= aucs["passed_swap"] <= 1.0
+    # the clip ties, the margin does not: W_s = min(1, exp(γ·margin)) per sample
+    assert torch.allclose(weights["w_sample"][seen], torch.exp(2.0 * weights["gate_margin"][seen]).clamp(max=1.0))
 
 
 class _Batch:
@@ -86,13 +89,21 @@ def test_sample_weights_record_by_id_or_key_and_keep_the_last():
 
     log = SampleWeights(5, torch.device("cpu"), steps_per_epoch=2, shardset=_ShardSet(list("abcde")))
     # rank 1 of 2: its rows are the second half of the global-batch weights
-    info = {"w_sample": torch.tensor([9.0, 9.0, 0.5, 1.0]), "w_raw": torch.tensor([9.0, 9.0, 0.5, 2.0])}
+    info = {"w_sample": torch.tensor([9.0, 9.0, 0.5, 1.0]), "w_raw": torch.tensor([9.0, 9.0, 0.5, 2.0]),
+            "s_tc": torch.tensor([9.0, 9.0, 0.25, 0.75]), "h_tc": torch.tensor(0.5, dtype=torch.float64),
+            "syn_mask": torch.tensor([True, True, True, False])}
     log.record(1, _Batch(["c", "a"], torch.tensor([2, 0])), info, rank=1)
-    info = {"w_sample": torch.tensor([0.25, 0.75]), "w_raw": torch.tensor([1.0, 1.0])}
+    info = {"w_sample": torch.tensor([0.25, 0.75]), "w_raw": torch.tensor([1.0, 1.0]),
+            "s_tc": torch.tensor([0.0, 0.375]), "h_tc": torch.tensor(0.5, dtype=torch.float64),
+            "syn_mask": torch.tensor([True, True])}
     log.record(3, _Batch(["a", "e"]), info)  # no ids: looked up by key
     state = log.merged()
     assert state["step"].tolist() == [3, -1, 1, -1, 3]
     assert state["w_sample"].tolist()[::2] == [0.25, 0.5, 0.75]
     assert state["w_pair"].tolist()[::2] == [0.25, 0.25, 0.75]
-    assert torch.isnan(state["w_sample"][[1, 3]]).all()
+    assert state["gate_margin"].tolist()[::2] == [-0.5, -0.25, -0.125]
+    assert torch.isnan(state["w_sample"][[1, 3]]).all() and torch.isnan(state["gate_margin"][[1, 3]]).all()
+    # a sample without a synthetic caption is never gated: margin +inf
+    log.record(4, _Batch(["b"], torch.tensor([1])), {**info, "syn_mask": torch.tensor([False, True])})
+    assert log.merged()["gate_margin"][1] == float("inf")
     assert final_epoch(state).tolist() == [True, False, False, False, True]  # steps 2..3

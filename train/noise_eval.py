@@ -5,7 +5,9 @@ records `meta.noise` per sample), as the AUC of ranking swapped raw texts below 
   are monotone in these, so it is the AUC the gates would have with the final model;
 - training time (`training_auc`): by the weights the gates actually gave each sample when it was
   last trained on in the final epoch (`sample_weights.pt`, train/sample_weights.py): W_s and
-  W_s·W_t. W_s is clipped at 1, so clean-looking samples tie; ties count half."""
+  W_s·W_t. W_s is clipped at 1, so every sample the gate passes ties with the others; ties count
+  half. The margin S_tc − H_tc the gate saw (same record) ranks those too: its AUC is what the
+  gate's ranking gives as trained, the gap to W_s's is what the clip's ties cost."""
 from __future__ import annotations
 
 import numpy as np
@@ -81,8 +83,15 @@ def training_auc(weights_file: str, shards: str, fmt: str, positive: str = "swap
         raise ValueError(f"{weights_file}: {len(state['step'])} samples, but {shards} holds {len(shardset)}")
     keep = final_epoch(state).numpy()
     labels = [n if k else None for n, k in zip(noise_labels(shardset), keep)]
-    values = np.stack([state["w_sample"].numpy(), state["w_pair"].numpy()], axis=1)
+    names = ["w_sample", "w_pair"] + (["gate_margin"] if "gate_margin" in state else [])  # older runs lack it
+    values = np.stack([state[n].numpy() for n in names], axis=1)
     pos, neg = _split(values, labels, positive, negative, weights_file)
-    return {"auc_train_w_sample": auc(-pos[:, 0], -neg[:, 0]),
-            "auc_train_w_sample_raw": auc(-pos[:, 1], -neg[:, 1]),
-            "n_train_final_epoch": int(keep.sum())}
+    out = {"auc_train_w_sample": auc(-pos[:, 0], -neg[:, 0]),
+           "auc_train_w_sample_raw": auc(-pos[:, 1], -neg[:, 1]),
+           "n_train_final_epoch": int(keep.sum())}
+    if "gate_margin" in names:
+        out["auc_train_gate_margin"] = auc(-pos[:, 2], -neg[:, 2])
+        # the clip's ties: samples the gate passed (W_s = 1), per kind
+        out["passed_swap"] = float((pos[:, 0] >= 1).mean())
+        out["passed_clean"] = float((neg[:, 0] >= 1).mean())
+    return out

@@ -7,6 +7,8 @@ waits for the GPU; `merged()` combines the ranks (each records only its own rows
 checkpoints and `sample_weights.pt` hold:
     w_sample  float32 [N]  the last W_s (language gate) per sample id, NaN if never seen
     w_pair    float32 [N]  the last W_s·W_t (the raw path's total weight)
+    gate_margin float32 [N]  the last S_tc − H_tc, the language gate's score before W_s clips it at 1
+                           (+inf for a sample without a synthetic caption: never gated)
     step      int64   [N]  the step that weight belongs to (1-based), -1 if never seen
 plus `steps_per_epoch`, so readers can keep the final epoch's records only.
 """
@@ -25,6 +27,7 @@ class SampleWeights:
         self._key_to_id: dict[str, int] | None = None
         self.w_sample = torch.full((n,), float("nan"), device=device)
         self.w_pair = torch.full((n,), float("nan"), device=device)
+        self.gate_margin = torch.full((n,), float("nan"), device=device)
         self.step = torch.full((n,), -1, dtype=torch.int64, device=device)
 
     @classmethod
@@ -50,27 +53,32 @@ class SampleWeights:
         w_sample = info["w_sample"][rows].float()
         self.w_sample[ids] = w_sample
         self.w_pair[ids] = w_sample * info["w_raw"][rows].float()
+        # W_s = min(1, exp(γ·margin)) ties every sample above the running mean at 1; the margin
+        # keeps their order, so readers can tell the gate's ranking from the clip's ties.
+        margin = (info["s_tc"][rows] - info["h_tc"]).float()
+        self.gate_margin[ids] = torch.where(info["syn_mask"][rows], margin, torch.full_like(margin, float("inf")))
         self.step[ids] = step
 
     @torch.no_grad()
     def merged(self, world_size: int = 1) -> dict:
         """Every rank's latest record per sample (all ranks must call it: it all-reduces)."""
-        step, w_sample, w_pair = self.step.clone(), self.w_sample.clone(), self.w_pair.clone()
+        step = self.step.clone()
+        values = [self.w_sample.clone(), self.w_pair.clone(), self.gate_margin.clone()]
         if world_size > 1:
             dist.all_reduce(step, op=dist.ReduceOp.MAX)
             # A sample is trained on by one rank per step, so the latest record is one rank's.
             mine = self.step == step
-            for w in (w_sample, w_pair):
-                w.copy_(torch.where(mine, w.nan_to_num(0.0), torch.zeros_like(w)))
+            for w in values:
+                w.copy_(torch.where(mine, w.nan_to_num(0.0, posinf=float("inf")), torch.zeros_like(w)))
                 dist.all_reduce(w)
-            unseen = step < 0
-            w_sample[unseen], w_pair[unseen] = float("nan"), float("nan")
-        return {"w_sample": w_sample.cpu(), "w_pair": w_pair.cpu(), "step": step.cpu(),
-                "steps_per_epoch": self.steps_per_epoch}
+                w[step < 0] = float("nan")
+        return {"w_sample": values[0].cpu(), "w_pair": values[1].cpu(), "gate_margin": values[2].cpu(),
+                "step": step.cpu(), "steps_per_epoch": self.steps_per_epoch}
 
     def load_state_dict(self, state: dict) -> None:
-        for name in ("w_sample", "w_pair", "step"):
-            getattr(self, name).copy_(state[name].to(self.device))
+        for name in ("w_sample", "w_pair", "gate_margin", "step"):
+            if name in state:  # checkpoints from before gate_margin was recorded keep it unknown (NaN)
+                getattr(self, name).copy_(state[name].to(self.device))
 
     def save(self, path: str, world_size: int = 1, is_main: bool = True) -> None:
         state = self.merged(world_size)
