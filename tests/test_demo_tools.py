@@ -35,6 +35,13 @@ def test_target_checks_name_each_claim():
     assert checks[0].endswith("yes") and checks[1].endswith("yes")  # order on RSUM and mean R@1
     assert "clip-both mean R@1 >= 10 %: 6.0: NO" in checks
     assert any("training-time W_s" in c and c.endswith("yes") for c in checks)
+    assert not any("passed by the gate" in c for c in checks)  # rows without the margin record
+    gated = [{**r, "passed_swap": 0.25, "passed_clean": 0.95, "auc_train_gate_margin": 0.9}
+             if r["variant"] == "alip" else r for r in ROWS]
+    checks = demo.check_targets(gated)
+    assert "alip language gate AUC (training-time S_tc − H_tc) >= 0.90: 0.900: yes" in checks
+    assert checks[-1] == ("alip W_s = 1 (passed by the gate, tied) for 25 % of swapped and 95 % of clean "
+                          "raw texts in the final epoch")
 
 
 def test_sweep_table_and_plot(tmp_path):

@@ -116,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         rows += [{**r, "swap": frac} for r in found]
 
     text = sweep_table(rows, args.fractions, variants)
-    title = f"{args.steps} steps per run, {len(args.seeds)} seed(s); configs/demo.yaml"
+    per_point = sorted({len({(r["variant"], r["seed"]) for r in rows if r["swap"] == f}) // len(variants)
+                        for f in args.fractions})  # --include may bring other seed counts
+    seeds = f"{per_point[0]}" if len(per_point) == 1 else f"{per_point[0]}–{per_point[-1]}"
+    title = f"{args.steps} steps per run, {seeds} seed(s) per point; configs/demo.yaml"
     png = plot(rows, args.fractions, variants, args.plot or os.path.join(args.runs, "noise_sweep.png"), title)
     print("\n" + text + f"\n\nplot: {png}")
     demo.save_tables(args.runs, "sweep", text, rows)
