@@ -8,8 +8,10 @@ and resume tests compare files), so writers must not embed times, hostnames or r
 from __future__ import annotations
 
 import hashlib
+import json
 import mmap
 import os
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -75,6 +77,47 @@ def map_file(path: str) -> mmap.mmap:
     bytes are copied once (into DALI's shared memory), not twice as with `pread`."""
     with open(path, "rb") as f:
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def write_atomic(path: str, data: bytes | str) -> None:
+    """Write a whole file so that no reader ever sees it partial, even after a SIGKILL or a power
+    cut: a temporary file beside it (unique per process and thread), flushed and fsynced, renamed
+    over `path`, then the folder fsynced so the rename itself is durable. A kill leaves either the
+    old file or the new one, plus at worst a `*.tmp-*` file the tools clear on their next run."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    fsync_dir(folder)
+
+
+def write_json_atomic(path: str, obj, **dumps) -> None:
+    """`write_atomic` of `json.dumps(obj, **dumps)` plus a final newline (defaults: indent 1,
+    sorted keys: the metadata files' layout)."""
+    dumps = {"indent": 1, "sort_keys": True, **dumps}
+    write_atomic(path, json.dumps(obj, **dumps) + "\n")
+
+
+def fsync_dir(folder: str) -> None:
+    """Make renames and new names in `folder` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def file_digest(path: str) -> str:
