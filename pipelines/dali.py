@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Iterator
 
 import numpy as np
@@ -30,8 +31,12 @@ from pipelines.faults import BadSamples
 from pipelines.images import decode_rgb
 from pipelines.sampling import EpochPlan
 from pipelines.schema import CONTEXT_LENGTH, Batch
-from pipelines.shardset import ShardSet
+from pipelines.shardset import SampleReadError, ShardSet, position_of
+from pipelines.storage import StorageError
 from pipelines.transforms import CLIP_MEAN, CLIP_STD, AugmentSpec
+
+
+PREFETCH = 2  # batches DALI prepares ahead of the one it yields
 
 
 class PlanSource:
@@ -68,7 +73,27 @@ class PlanSource:
             torch.set_num_threads(1)
             self._pid = os.getpid()
         epoch, ids = self.planned(info.iteration)
-        return self.shardset.read_batch(self.bad.apply(ids), self.seed, epoch)
+        try:
+            return self.shardset.read_batch(self.bad.apply(ids), self.seed, epoch,
+                                            position_of(epoch, self.position(info.iteration)[1]))
+        except Exception as e:  # noqa: BLE001 - DALI passes on only the text: tag it with batch and cause
+            raise RuntimeError(source_error(info.iteration, e)) from None
+
+
+# DALI re-raises a worker's error as text, when the pipeline reaches that iteration, which may be
+# after batches prefetched before it: the tag says which iteration failed and why.
+_TAG = re.compile(r"\[lip-source iteration=(\d+) kind=(\w+)(?: id=(\d+))?\] ([^\n]*)")
+
+
+def source_error(iteration: int, e: BaseException) -> str:
+    """An external-source failure as one tagged line: a storage failure (never a bad sample), a
+    sample whose bytes cannot be read (`SampleReadError`: that sample is bad), or another error."""
+    message = f"{type(e).__name__}: {e}".replace("\n", " ")
+    if isinstance(e, StorageError):
+        return f"[lip-source iteration={iteration} kind=storage] {e}".replace("\n", " ")
+    if isinstance(e, SampleReadError):
+        return f"[lip-source iteration={iteration} kind=sample id={e.gid}] {e}".replace("\n", " ")
+    return f"[lip-source iteration={iteration} kind=other] {message}"
 
 
 def augment_graph(jpegs, spec: AugmentSpec, decode_device: str, hw_decoder_load: float):
@@ -96,7 +121,7 @@ def build_pipeline(cfg, source: PlanSource, seed: int):
     @pipeline_def(batch_size=cfg.batch_size, num_threads=max(1, cfg.workers),
                   device_id=torch.cuda.current_device() if gpu else None, seed=seed,
                   py_num_workers=max(1, cfg.workers), py_start_method="spawn" if gpu else "fork",
-                  prefetch_queue_depth=2, exec_dynamic=True)
+                  prefetch_queue_depth=PREFETCH, exec_dynamic=True)
     def pipe():
         jpegs, text = fn.external_source(source, num_outputs=2, batch=True, batch_info=True,
                                          parallel=True, dtype=[types.UINT8, types.INT32])
@@ -165,7 +190,7 @@ class DaliBackend:
                     images, text = self.pipe.run()
                     break
                 except Exception as e:  # noqa: BLE001 - DALI reports decode errors as RuntimeError
-                    self._recover(e, self.source.planned(self.next)[1])  # marks ≥ 1 sample bad or raises
+                    self._recover(e)  # marks ≥ 1 sample bad or raises
                     self._build(plan, b)
             _, planned = self.source.planned(self.next)
             self.next += 1
@@ -178,11 +203,29 @@ class DaliBackend:
                         text[:, -1].to(self.device, torch.bool),
                         self.shardset.keys(ids), torch.from_numpy(ids))
 
-    def _recover(self, error: Exception, planned: np.ndarray) -> None:
+    def _recover(self, error: Exception) -> None:
+        """After `run()` failed: the source's tagged error names its batch and cause; a decode
+        failure inside the graph does not, so the batches that can be in flight are searched for
+        samples that do not decode (the output batch first, then those prefetched after it)."""
+        source = self.source
         self.close()  # a pipeline that raised is no longer valid
-        found = find_bad(self.shardset, self.bad.apply(planned))
-        if not found:
-            keys = ", ".join(self.shardset.where(int(g)) for g in self.bad.apply(planned)[:4])
-            raise RuntimeError(f"DALI failed a batch holding {keys}, ...: {error}") from error
-        for gid, message in found:
-            self.bad.report(gid, self.shardset.where(gid), message)
+        tag = _TAG.search(str(error))
+        if tag is not None:
+            iteration, kind, gid, message = int(tag[1]), tag[2], tag[3], tag[4]
+            if kind == "storage":
+                raise StorageError(message) from None
+            if kind == "sample":
+                self.bad.report(int(gid), self.shardset.where(int(gid)), message)
+                return
+            _, planned = source.planned(iteration)
+            raise RuntimeError(f"reading batch {iteration} (from {self.shardset.where(int(planned[0]))}, ...) "
+                               f"failed: {message}") from None
+        for i in range(self.next, self.next + PREFETCH + 1):
+            found = find_bad(self.shardset, self.bad.apply(source.planned(i)[1]))
+            for gid, message in found:
+                self.bad.report(gid, self.shardset.where(gid), message)
+            if found:
+                return
+        planned = self.bad.apply(source.planned(self.next)[1])
+        keys = ", ".join(self.shardset.where(int(g)) for g in planned[:4])
+        raise RuntimeError(f"DALI failed a batch holding {keys}, ...: {error}") from error

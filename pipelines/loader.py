@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from pipelines.faults import BadSamples
+from pipelines.formats.base import DEFAULT_OPEN_SHARDS
 from pipelines.sampling import DEFAULT_BLOCK_SHARDS, EpochPlan, shuffle_mode
 from pipelines.schema import Batch
 from pipelines.shardset import ShardSet
@@ -40,8 +41,9 @@ class LoaderConfig:
     drop_last: bool | None = None  # default: True for train, False for eval
     shuffle: bool | str | None = None  # global (True) | block | none (False); default: global for train, none for eval
     shuffle_block_shards: int = DEFAULT_BLOCK_SHARDS  # shuffle="block": shards whose samples are mixed together
-    cache_dir: str = DEFAULT_CACHE_DIR  # s3:// shards only: the local cache (a folder per url and rank)
-    cache_limit: int | str = DEFAULT_CACHE_LIMIT  # s3:// shards only: bytes (or "8GiB") the cache may hold
+    cache_dir: str = DEFAULT_CACHE_DIR  # the node's cache: s3:// shards (a folder per url) and indexes built here
+    cache_limit: int | str = DEFAULT_CACHE_LIMIT  # s3:// shards only: bytes (or "8GiB") the node's cache may hold
+    max_open_shards: int = DEFAULT_OPEN_SHARDS  # shard files each process keeps mapped (least recently used closed)
 
     def __post_init__(self):
         for name, value, allowed in (("format", self.format, ("wds", "arrow", "rec")),
@@ -65,7 +67,7 @@ class Loader:
     def __init__(self, cfg: LoaderConfig, shardset: ShardSet | None = None):
         self.cfg = cfg
         self.shardset = shardset or ShardSet(cfg.shards, cfg.format, cfg.on_error, cfg.cache_dir, cfg.cache_limit,
-                                             cfg.rank)
+                                             cfg.max_open_shards)
         ends = self.shardset.ends.tolist()  # samples per shard: what shuffle="block" permutes by
         self.shard_sizes = tuple(b - a for a, b in zip([0] + ends, ends))
         self.epoch = 0

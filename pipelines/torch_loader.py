@@ -20,7 +20,7 @@ from pipelines.faults import BadSamples
 from pipelines.images import decode_rgb
 from pipelines.sampling import EpochPlan, mix
 from pipelines.schema import Batch
-from pipelines.shardset import ShardSet
+from pipelines.shardset import SampleReadError, ShardSet, position_of
 from pipelines.text import sample_tokens
 from pipelines.transforms import CLIP_MEAN, CLIP_STD, AugmentSpec
 
@@ -47,23 +47,33 @@ def worker_batches(plan: EpochPlan, start: int) -> Iterator[np.ndarray]:
             yield start + j, ids
 
 
-def read_samples(src, shardset: ShardSet, bad: BadSamples):
+def read_samples(src, shardset: ShardSet, bad: BadSamples, epoch: int):
+    """Read each batch's samples; a sample whose bytes cannot be read is bad as an undecodable
+    image is (reported, substituted). A storage failure is an error, never a bad sample."""
     for j, ids in src:
+        found = len(bad)
         ids = bad.apply(ids)  # bad samples met in earlier epochs or before a resume
-        yield j, ids, [shardset.get(int(g)) for g in ids]
+        while True:
+            try:
+                samples = shardset.samples(ids, position_of(epoch, j))
+                break
+            except SampleReadError as e:
+                bad.report(e.gid, shardset.where(e.gid), e)
+                ids = bad.apply(ids)
+        yield j, ids, samples, found
 
 
 def decode_augment(src, transform, seed: int, epoch: int, shardset: ShardSet, bad: BadSamples):
     """Decode and augment; an image that does not decode is reported (an error under
     on_error="raise") and replaced by its substitute, whose image is decoded in its place."""
-    for j, ids, samples in src:
+    for j, ids, samples, found in src:
         # Crops depend on (seed, epoch, batch), not on which worker runs the batch or when the
         # DataLoader was created: a resumed run sees the same augmentation. fork_rng: with
         # workers=0 this runs in the training process, whose global RNG must stay untouched.
         images = []
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(mix(seed, epoch, j))  # CPU only: keep CUDA's RNG
-            found, ids = len(bad), ids.copy()
+            ids = ids.copy()
             for k, s in enumerate(samples):
                 while True:
                     try:
@@ -97,7 +107,7 @@ class TorchBackend:
         cfg = self.cfg
         pipeline = wds.DataPipeline(
             functools.partial(worker_batches, plan, start),
-            wds.pipelinefilter(read_samples)(self.shardset, self.bad),
+            wds.pipelinefilter(read_samples)(self.shardset, self.bad, plan.epoch),
             wds.pipelinefilter(decode_augment)(torchvision_transform(cfg.augment()), cfg.seed, plan.epoch,
                                                self.shardset, self.bad),
             wds.pipelinefilter(tokenize_batch)(cfg.seed, plan.epoch),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import sys
 import threading
@@ -30,6 +31,9 @@ from tools.bench_peers import LOOPBACK_ENV, loopback_s3
 
 
 
+_REQUEST = re.compile(rb"(GET|HEAD|PUT|POST|DELETE) (/[^ ]*) HTTP/1\.1\r\n")
+
+
 class DropProxy:
     """Forward TCP connections to `upstream`; once armed, cut the first connection whose response
     stream (server → client) passes `n` bytes since arming, at exactly that byte."""
@@ -39,6 +43,7 @@ class DropProxy:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.dropped = 0
+        self.requests: list[tuple[str, str]] = []  # (method, path) of every request passed on
         self._armed: int | None = None
         self._lock = threading.Lock()
         self._closed = False
@@ -69,7 +74,11 @@ class DropProxy:
                 data = src.recv(65536)
                 if not data:
                     break
-                if counter is not None:
+                if counter is None:  # client → server: note each request line
+                    with self._lock:
+                        self.requests += [(m.group(1).decode(), m.group(2).decode())
+                                          for m in _REQUEST.finditer(data)]
+                else:
                     with self._lock:
                         limit = self._armed
                         if limit is not None and counter["sent"] + len(data) > limit:
@@ -106,6 +115,11 @@ class S3Server:
     @property
     def dropped(self) -> int:
         return self.proxy.dropped if self.proxy else 0
+
+    @property
+    def requests(self) -> list[tuple[str, str]]:
+        """(method, path) of every request through the proxy so far (all processes)."""
+        return list(self.proxy.requests) if self.proxy else []
 
 
 @contextlib.contextmanager

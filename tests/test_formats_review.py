@@ -58,10 +58,30 @@ def write_shard(folder, fmt: str, samples: list[Sample], with_tokens: bool = Tru
     return str(folder / f"000000{SUFFIX[fmt]}")
 
 
-def open_shard(fmt: str, path: str):
-    if fmt == "wds":
-        return wds.WdsShard(path, path[:-4] + ".idx")
-    return arrow.ArrowShard(path) if fmt == "arrow" else recordio.RecShard(path)
+class OneShard:
+    """Random access to the one shard of a folder, through the loader's ShardSet: `get(i)` (the
+    whole sample, copied) and `read(i)` (the hot path: image view, tokens, synthetic captions)."""
+
+    def __init__(self, fmt: str, path: str):
+        from pipelines.shardset import ShardSet
+
+        self.set = ShardSet(os.path.dirname(path), fmt, cache_dir=os.path.join(os.path.dirname(path), ".cache"))
+
+    def __len__(self) -> int:
+        return len(self.set)
+
+    def get(self, i: int) -> Sample:
+        return self.set.get(i)
+
+    def key(self, i: int) -> str:
+        return self.set.key(i)
+
+    def read(self, i: int):
+        return self.set._read(np.array([i]), 0, whole=False)[0]
+
+
+def open_shard(fmt: str, path: str) -> OneShard:
+    return OneShard(fmt, path)
 
 
 def as_tuple(s: Sample) -> tuple:
@@ -82,8 +102,8 @@ class ShardDataset:
     def __getitem__(self, i: int):
         sample = self.shard.get(i)
         image, tokens = self.shard.read(i)[:2]
-        handles = [h for h in vars(self.shard).values() if hasattr(h, "pid")]
-        own = bool(handles) and all(h.pid == os.getpid() for h in handles if h.pid is not None)
+        # The worker maps the shard itself: what it inherited from its parent is not its to use.
+        own = self.shard.set._open._pid == os.getpid() and len(self.shard.set._open) == 1
         # pickled: the DataLoader's collate would turn tuples into lists
         return i, pickle.dumps(as_tuple(sample)), bytes(image), np.asarray(tokens).tobytes(), own
 
@@ -133,7 +153,7 @@ def test_tar_with_dot_slash_members_loads(tmp_path):
 
     keys = [s.key for s in samples]
     assert [s.key for s in wds.iter_samples(str(tar))] == keys
-    shard = wds.WdsShard(str(tar), None)  # no .idx, no manifest: indexed by one scan
+    shard = open_shard("wds", str(tar))  # no .idx, no manifest: indexed by one scan
     assert [shard.get(i).key for i in range(len(shard))] == keys
     assert [shard.get(i).image for i in range(len(shard))] == [s.image for s in samples]
     assert [shard.key(i) for i in range(len(shard))] == keys
@@ -169,7 +189,7 @@ def test_arrow_reads_shards_written_in_the_ipc_file_format(tmp_path):
         writer.write_table(table)
     assert old.read_bytes().startswith(b"ARROW1")
     assert [as_tuple(s) for s in arrow.iter_samples(str(old))] == [as_tuple(s) for s in samples]
-    shard = arrow.ArrowShard(str(old))
+    shard = open_shard("arrow", str(old))
     assert [as_tuple(shard.get(i)) for i in range(6)] == [as_tuple(s) for s in samples]
 
 

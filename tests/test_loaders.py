@@ -499,9 +499,12 @@ def test_truncated_tar(shards, tmp_path, backend):
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_missing_index(shards, tmp_path, backend):
+    """A folder without its folder index (converted before index.bin existed) is indexed from the
+    shards' .idx files; a shard whose .idx is gone too is a bad shard."""
     _, expect = shards
     folder = copy_wds(shards, tmp_path)
     lost = shard_keys(folder / "000001.tar")
+    (folder / "index.bin").unlink()
     (folder / "000001.idx").unlink()
     check_raise(folder, "000001.tar", "000001.idx missing")
     check_skip(folder, backend, set(expect) - set(lost), {"bad_shard": 1}, expect)

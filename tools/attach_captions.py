@@ -26,6 +26,7 @@ from dataclasses import replace
 
 from tqdm import tqdm
 
+from pipelines.folder_index import index_for_manifest
 from pipelines.formats import recordio
 from pipelines.formats.registry import DATA_SUFFIX, WRITERS, get_format
 from pipelines.schema import Sample
@@ -143,6 +144,7 @@ def attach_folder(folder: str, sidecar: CaptionSidecar, out_folder: str, mode: s
             stats = json.load(f)
         stats.update(with_synthetic_caption=counts["with_syn"], attach_captions=summary)
         _write_json(os.path.join(out_folder, "stats.json"), stats)
+    manifest["index"] = index_for_manifest(out_folder, fmt, entries)  # new captions: new offsets
     _write_json(os.path.join(out_folder, "manifest.json"), manifest)  # last: the folder is complete
     return {"folder": out_folder, "format": fmt, **summary}
 

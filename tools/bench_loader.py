@@ -117,7 +117,7 @@ def openclip(args: Namespace, folder: str) -> tuple[Epochs, Callable[[], None]]:
     oc_data.tarfile_to_samples_nothrow = tarfile_to_samples_nothrow
 
     shardset = ShardSet(folder, "wds")
-    tars = [s.path for s in shardset.shards]
+    tars = list(shardset.paths)
     if len(tars) < args.workers:
         raise BenchError(f"open_clip needs at least one shard per worker: {len(tars)} shards, "
                          f"{args.workers} workers (make-shards --samples-per-shard lower)")
@@ -190,11 +190,11 @@ def native(args: Namespace, folder: str, fmt: str, device: str,
 
     from pipelines.dali import augment_graph, to_torch  # the loader's own graph and output conversion
 
-    shards = ShardSet(folder, fmt).shards
+    shards = ShardSet(folder, fmt).paths
     if fmt == "wds":
         def reader():
-            return fn.readers.webdataset(paths=[s.path for s in shards], ext=["jpg;png;jpeg;webp"],
-                                         index_paths=[s.path[:-len(".tar")] + ".idx" for s in shards],
+            return fn.readers.webdataset(paths=list(shards), ext=["jpg;png;jpeg;webp"],
+                                         index_paths=[p[:-len(".tar")] + ".idx" for p in shards],
                                          random_shuffle=True, name="Reader")
     elif fmt == "rec":
         index = os.path.join(folder, "all.idx")
@@ -202,7 +202,7 @@ def native(args: Namespace, folder: str, fmt: str, device: str,
             raise BenchError(f"{index} missing: make-shards writes it for DALI's mxnet reader")
 
         def reader():
-            return fn.readers.mxnet(path=[s.path for s in shards], index_path=[index],
+            return fn.readers.mxnet(path=list(shards), index_path=[index],
                                     random_shuffle=True, name="Reader")[0]
     else:
         raise BenchError(f"DALI has no reader for {fmt}")

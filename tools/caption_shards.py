@@ -260,7 +260,7 @@ def caption_shard(loader, captioner: Captioner, cfg: CaptionConfig, s: int, bar)
     end = int(shardset.ends[s])
     state = loader.state_dict()
     loader.load_state_dict({**state, "epoch": 0, "batches_yielded": 0, "offset": start})
-    name = os.path.basename(shardset.shards[s].path)
+    name = os.path.basename(shardset.paths[s])
     counts: Counter = Counter()
     lines: dict[str, list[str]] = {}
     pos = start
@@ -319,7 +319,7 @@ def run(cfg: CaptionConfig, out: str, batch_size: int = 16, device: str = "cpu",
                                        split="eval", batch_size=batch_size, image_size=captioner.size,
                                        workers=workers, on_error=on_error))
     shardset = loader.shardset
-    names = [os.path.basename(sh.path) for sh in shardset.shards]
+    names = [os.path.basename(p) for p in shardset.paths]
     records: dict[str, dict] = {}
     for n in names:
         path = os.path.join(parts, n + ".json")

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from pipelines import storage
 from pipelines.formats import recordio
+from pipelines.folder_index import index_for_manifest
 from pipelines.formats.base import TMP_SUFFIX
 from pipelines.formats.registry import FORMATS
 from pipelines.schema import SCHEMA_VERSION
@@ -128,8 +129,9 @@ def prepare_output(out: str, cfg: ConvertConfig, resume: bool, overwrite: bool) 
         os.makedirs(os.path.join(folder, PARTS_DIR), exist_ok=True)
         for sub in (folder, os.path.join(folder, PARTS_DIR)):  # what a killed worker was writing
             for name in os.listdir(sub):
-                if name.endswith(TMP_SUFFIX):
-                    os.remove(os.path.join(sub, name))
+                if name.endswith(TMP_SUFFIX) or TMP_SUFFIX + "-" in name:  # `x.tmp`, `x.tmp-<pid>[...]`
+                    path = os.path.join(sub, name)
+                    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         with open(plan_path, "w") as f:
             json.dump(plan, f, indent=1, sort_keys=True)
 
@@ -217,6 +219,9 @@ def finalize(out: str, cfg: ConvertConfig, parts: list[dict], elapsed: float, re
             "arguments": asdict(cfg), "files": shards,
         }
         folder = os.path.join(out, fmt)
+        # The folder index: what a loader maps instead of parsing every shard's .idx (and, in object
+        # storage, fetches instead of one object per shard).
+        manifest["index"] = index_for_manifest(folder, fmt, shards, os.path.join(folder, PARTS_DIR))
         if fmt == "rec":
             rec_names = [f["name"] for f in shards if f["name"].endswith(".rec")]
             sizes = {f["name"]: f["bytes"] for f in shards}  # the .rec files may be uploaded already

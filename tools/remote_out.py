@@ -20,7 +20,7 @@ from pipelines import storage
 
 DATA_SUFFIXES = (".tar", ".arrow", ".rec")
 PARTS_DIR = ".parts"
-FINAL_FILES = ("all.idx", "sizes.json", "stats.json", "manifest.json")  # manifest last
+FINAL_FILES = ("all.idx", "index.bin", "sizes.json", "stats.json", "manifest.json")  # manifest last
 
 
 def default_staging(url: str) -> str:
@@ -76,9 +76,13 @@ def remote_sizes(url: str, formats: tuple[str, ...]) -> dict[str, dict[str, int]
 
 
 def publish_shard(url: str, staging: str, fmt: str, files: dict, record_path: str) -> None:
-    """Upload one format's files of a finished shard, then its record; drop the data files."""
+    """Upload one format's files of a finished shard, its piece of the folder index, then its
+    record; drop the data files."""
     for name in sorted(files):
         storage.upload_file(os.path.join(staging, fmt, name), storage.join(url, fmt, name))
+    piece = record_path[: -len(".json")] + ".piece"
+    if os.path.exists(piece):
+        storage.upload_file(piece, storage.join(url, fmt, PARTS_DIR, os.path.basename(piece)))
     storage.upload_file(record_path, storage.join(url, fmt, PARTS_DIR, os.path.basename(record_path)))
     for name in files:
         if name.endswith(DATA_SUFFIXES):

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipelines.folder_index import PIECE_SUFFIX, shard_piece, write_piece
 from pipelines.formats.base import TMP_SUFFIX, shard_stem
-from pipelines.formats.registry import WRITERS
+from pipelines.formats.registry import DATA_SUFFIX, WRITERS
 from pipelines.schema import Sample
 from pipelines.text import tokenize
 from tools.image_policy import ImagePolicy, SkipSample, process_image
@@ -164,6 +165,9 @@ def convert_shard(shard: int, items: list[WorkItem], job: ShardJob) -> dict:
     for fmt, f in files.items():
         path = part_path(job.out, fmt, shard)
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        if f.samples:  # the shard's piece of the folder index, while its data file is at hand
+            write_piece(path[: -len(".json")] + PIECE_SUFFIX, fmt,
+                        shard_piece(os.path.join(job.out, fmt), fmt, shard_stem(shard) + DATA_SUFFIX[fmt], f.files))
         with open(path + TMP_SUFFIX, "w") as fh:
             json.dump({**counts, "samples": f.samples, "files": f.files}, fh, sort_keys=True)
         os.replace(path + TMP_SUFFIX, path)

@@ -15,14 +15,15 @@ struct<bytes, path>, which would change the column every other reader sees.
 """
 from __future__ import annotations
 
-import functools
 import json
+import os
 from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 
-from pipelines.formats.base import ProcessLocal, ShardWriter
+from pipelines.formats.base import ShardWriter
+from pipelines.formats.index import Piece
 from pipelines.schema import CONTEXT_LENGTH, SCHEMA_VERSION, TOKENS_PER_SAMPLE, Sample
 
 # Small record batches bound the writer's memory; readers index rows, not batches.
@@ -93,12 +94,16 @@ _FILE_MAGIC = b"ARROW1"
 
 def open_table(path: str) -> pa.Table:
     """Memory-map a shard: zero-copy, rows addressable by index. Reads the IPC stream format
-    and, for shards written before it, the IPC file format."""
+    and, for shards written before it, the IPC file format. No descriptor stays open: the
+    mapping lives as long as the table (or a view of its buffers) does."""
     source = pa.memory_map(path, "r")
-    if source.read(len(_FILE_MAGIC)) == _FILE_MAGIC:
-        return pa.ipc.open_file(source).read_all()
-    source.seek(0)
-    return pa.ipc.open_stream(source).read_all()
+    try:
+        if source.read(len(_FILE_MAGIC)) == _FILE_MAGIC:
+            return pa.ipc.open_file(source).read_all()
+        source.seek(0)
+        return pa.ipc.open_stream(source).read_all()
+    finally:
+        source.close()
 
 
 def row_to_sample(table: pa.Table, i: int) -> Sample:
@@ -120,39 +125,20 @@ def iter_samples(path: str) -> Iterator[Sample]:
         yield row_to_sample(table, i)
 
 
-def _column_views(path: str) -> "ColumnViews":
-    return ColumnViews(open_table(path))
-
-
-class ArrowShard:
-    """Random access to one memory-mapped IPC shard, mapped lazily in each process that reads
-    it (`ProcessLocal`: a forked worker maps the file itself instead of inheriting the map)."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self._len = open_table(path).num_rows
-        self._columns = ProcessLocal(functools.partial(_column_views, path))
-
-    def __len__(self) -> int:
-        return self._len
-
-    def get(self, i: int) -> Sample:
-        return row_to_sample(self._columns.get().table, i)
-
-    def key(self, i: int) -> str:
-        return self._columns.get().table.column("key")[i].as_py()
-
-    def read(self, i: int) -> tuple[np.ndarray, np.ndarray | None, int]:
-        """The loader's hot path: (image bytes as a uint8 view into the memory map, tokens int32
-        [R, 77] or None, number of synthetic captions) from numpy views of the column buffers."""
-        return self._columns.get().read(i)
+def index_piece(path: str, name: str | None = None) -> Piece:
+    """Shard `path`'s part of the folder index: its row count and keys (rows are read through
+    the table itself, so no per-sample offsets are stored)."""
+    keys = open_table(path).column("key").to_pylist()
+    return Piece(name or os.path.basename(path), os.path.getsize(path), None, keys)
 
 
 class ColumnViews:
-    """numpy views of a memory-mapped table's jpg, syn and tokens buffers, per record batch."""
+    """numpy views of a memory-mapped table's jpg, syn and tokens buffers, per record batch: the
+    loader's open handle on an Arrow shard."""
 
-    def __init__(self, table: pa.Table):
-        self.table = table
+    def __init__(self, path: str):
+        table = open_table(path)
+        self.path, self.table = path, table
         self.starts = np.cumsum([0] + [b.num_rows for b in table.to_batches()])
         self.chunks = []
         for batch in table.to_batches():
@@ -182,3 +168,10 @@ class ColumnViews:
         if extra is not None and extra[0][r + 1] > extra[0][r]:
             row_tokens = np.concatenate([row_tokens, extra[1][extra[0][r]:extra[0][r + 1]]])
         return data[offsets[r]:offsets[r + 1]], row_tokens, int(n_syn[r])
+
+    def get(self, i: int) -> Sample:
+        return row_to_sample(self.table, i)
+
+    def close(self) -> None:
+        """Let go of the table: the mapping goes once no view of it is left."""
+        self.table, self.chunks = None, []

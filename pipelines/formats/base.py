@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 import threading
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
 
 from pipelines.schema import Sample
 
@@ -38,45 +41,62 @@ class ShardFiles:
         return sum(f["bytes"] for f in self.files.values())
 
 
-class ProcessLocal:
-    """A handle (fd, file, memory map) opened lazily and reopened in every process that uses it.
+DEFAULT_OPEN_SHARDS = 64  # shard files one process keeps mapped (OpenShards)
 
-    A DataLoader worker started by fork inherits its parent's open handles; a buffered file shares
-    its offset with the parent and the other workers, so concurrent seeks and reads silently return
-    another sample's bytes. Remembering the pid that opened the handle makes every process open
-    its own. Pickling (spawn, forkserver) drops the handle too.
-    """
 
-    def __init__(self, opener: Callable[[], Any], closer: Callable[[Any], None] | None = None):
-        self._opener, self._closer = opener, closer
-        self._handle: Any = None
-        self.pid: int | None = None  # the process that opened the current handle
+class MappedFile:
+    """A whole file mapped read-only, as a numpy uint8 array, holding no descriptor: the
+    loader's hot path takes views of it, so image bytes are copied once (into DALI's shared
+    memory), not twice as with `pread`. The mapping goes when `close()` has dropped it and no
+    view of it is left."""
 
-    def get(self) -> Any:
-        pid = os.getpid()
-        if self.pid != pid:
-            inherited, self._handle = self._handle, None
-            if inherited is not None and self._closer is not None:
-                self._closer(inherited)  # our copy only: fork duplicated the descriptor
-            self._handle, self.pid = self._opener(), pid
-        return self._handle
+    def __init__(self, path: str):
+        self.path = path
+        mm = pa.memory_map(path, "r")
+        try:
+            self.buf = np.frombuffer(mm.read_buffer(), np.uint8)
+        finally:
+            mm.close()
 
     def close(self) -> None:
-        """Let go of this process's handle now (the shard cache evicted the file): closed when
-        there is a closer, else dropped (a memory map lives on while views of it do)."""
-        handle, self._handle, self.pid = self._handle, None, None
-        if handle is not None and self._closer is not None:
-            self._closer(handle)
+        self.buf = None
+
+
+class OpenShards:
+    """The shard files one process has open (mapped), at most `capacity` of them: the least
+    recently used is closed when another opens, and `close()` closes them all. A forked process
+    starts with none of its parent's (it maps what it reads itself); pickling sends none."""
+
+    def __init__(self, capacity: int = DEFAULT_OPEN_SHARDS):
+        if capacity < 1:
+            raise ValueError(f"at least one shard must stay open, not {capacity}")
+        self.capacity = capacity
+        self._open: OrderedDict = OrderedDict()
+        self._pid = os.getpid()
+
+    def get(self, key, opener: Callable[[], Any]):
+        if self._pid != os.getpid():  # a forked child: the parent's handles are not ours to use
+            self._open, self._pid = OrderedDict(), os.getpid()
+        handle = self._open.get(key)
+        if handle is not None:
+            self._open.move_to_end(key)
+            return handle
+        handle = self._open[key] = opener()
+        while len(self._open) > self.capacity:
+            self._open.popitem(last=False)[1].close()
+        return handle
+
+    def close(self) -> None:
+        if self._pid == os.getpid():
+            for handle in self._open.values():
+                handle.close()
+        self._open.clear()
+
+    def __len__(self) -> int:
+        return len(self._open) if self._pid == os.getpid() else 0
 
     def __getstate__(self):
-        return {**self.__dict__, "_handle": None, "pid": None}
-
-
-def map_file(path: str) -> mmap.mmap:
-    """A read-only memory map of a shard file: the loader's hot path takes views of it, so image
-    bytes are copied once (into DALI's shared memory), not twice as with `pread`."""
-    with open(path, "rb") as f:
-        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return {"capacity": self.capacity, "_open": OrderedDict(), "_pid": None}
 
 
 def write_atomic(path: str, data: bytes | str) -> None:

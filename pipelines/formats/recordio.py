@@ -16,7 +16,7 @@ mxnet itself is retired (it pins numpy<1.24), so the format is written here.
 """
 from __future__ import annotations
 
-import functools
+import contextlib
 import json
 import os
 import struct
@@ -24,7 +24,8 @@ from typing import Iterator
 
 import numpy as np
 
-from pipelines.formats.base import ProcessLocal, ShardWriter, map_file
+from pipelines.formats.base import MappedFile, ShardWriter
+from pipelines.formats.index import SAMPLE_DTYPES, Piece
 from pipelines.schema import CONTEXT_LENGTH, TOKENS_PER_SAMPLE, Sample
 
 MAGIC = 0xCED7230A
@@ -135,10 +136,6 @@ def iter_samples(rec_path: str) -> Iterator[Sample]:
             )
 
 
-def _close(f) -> None:
-    f.close()
-
-
 COMBINED_INDEX = "all.idx"
 
 
@@ -161,51 +158,85 @@ def write_combined_index(folder: str, rec_names: list[str], sizes: dict[str, int
     return path
 
 
-class RecShard:
-    """Random access to one .rec through its .idx, texts from its JSONL sidecar. The file is
-    opened lazily in each process that reads it (`ProcessLocal`: forked workers never share an
-    inherited handle)."""
+def index_piece(rec_path: str, name: str | None = None, size: int | None = None) -> Piece:
+    """Shard `rec_path`'s part of the folder index from its `.idx`, its `.jsonl` sidecar and the
+    record headers. A record past the end of the file is left out (problem "truncated"); a
+    record without its text line, or an unreadable sidecar, leaves the whole shard out. `size`:
+    the .rec's bytes when it is not at hand (in object storage): records are then taken to run
+    from their offset to the next one, and the loader checks each header when it reads it."""
+    stem = rec_path[: -len(".rec")]
+    local = size is None
+    size = os.path.getsize(rec_path) if local else size
+    index = read_index(stem + ".idx")
+    lines: dict[int, tuple[int, int, str, int, int]] = {}  # id -> (offset, length, key, n_syn, n_tok)
+    with open(stem + ".jsonl", "rb") as f:
+        offset = 0
+        for line in f:
+            row = json.loads(line)
+            lines[row["id"]] = (offset, len(line), row["key"], len(row["syn"]), 2 + len(row.get("extra_tokens") or ()))
+            offset += len(line)
+    missing = [rid for rid, _ in index if rid not in lines]
+    if missing:
+        raise ValueError(f"{stem}.jsonl: no text for record ids {missing[:5]}; reconvert this shard")
+    rows, keys, problems = [], [], []
+    ends = [off for _, off in index[1:]] + [size]
+    with open(rec_path, "rb") if local else contextlib.nullcontext() as f:
+        for (rid, start), end in zip(index, ends):
+            text_off, text_len, key, n_syn, n_tok = lines[rid]
+            if local:
+                head = os.pread(f.fileno(), 8, start)
+                magic, lrecord = struct.unpack("<II", head) if len(head) == 8 else (None, 0)
+                span = 8 + (lrecord & _LENGTH_MASK)
+            else:
+                magic, lrecord, span = MAGIC, 0, end - start  # padding included: checked on read
+            if magic != MAGIC or lrecord >> 29 or start + span > size:
+                problems.append(("truncated", f"{rec_path}: bad or truncated record {rid} at offset {start} "
+                                              f"(sample {key})"))
+                continue
+            rows.append((start, span, text_off, text_len, n_syn, n_tok))
+            keys.append(key)
+    samples = np.array(rows, SAMPLE_DTYPES["rec"]) if rows else np.zeros(0, SAMPLE_DTYPES["rec"])
+    return Piece(name or os.path.basename(rec_path), size, samples, keys, problems)
+
+
+def _text_row(text: np.ndarray, rec) -> dict:
+    start = int(rec["text"])
+    return json.loads(text[start:start + int(rec["text_size"])].tobytes())
+
+
+def read_sample(buf: np.ndarray, text: np.ndarray, rec, path: str, key: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """The loader's hot path for one record of a mapped .rec (`text`: its mapped .jsonl, read only
+    for token rows beyond the two in the record): image bytes as a uint8 view, tokens int32
+    [R, 77], number of synthetic captions."""
+    offset, span = int(rec["start"]), int(rec["span"])
+    magic, lrecord = struct.unpack_from("<II", buf, offset) if offset + 8 <= len(buf) else (None, 0)
+    length = lrecord & _LENGTH_MASK
+    if magic != MAGIC or lrecord >> 29 or offset + 8 + length > len(buf) or not 0 <= span - 8 - length < 4:
+        raise ValueError(f"{path}: bad or truncated record at offset {offset} (sample {key}); "
+                         "reconvert this shard")
+    start = offset + 8 + _IR_HEADER.size
+    flag = _IR_HEADER.unpack_from(buf, offset + 8)[0]
+    extra = _text_row(text, rec).get("extra_tokens") if int(rec["n_tok"]) > 2 else None
+    tokens = label_tokens(np.frombuffer(buf, "<f4", flag, start), extra)
+    image = buf[start + 4 * flag:offset + 8 + length]
+    return image, tokens, int(rec["n_syn"])
+
+
+def get_sample(buf: np.ndarray, text: np.ndarray, rec, path: str, key: str) -> Sample:
+    """One whole sample: the record's image and tokens, its sidecar line's strings (copied)."""
+    image, tokens, _ = read_sample(buf, text, rec, path, key)
+    row = _text_row(text, rec)
+    return Sample(key=row["key"], image=image.tobytes(), txt=row["txt"], syn=row["syn"], meta=row["meta"],
+                  tokens=np.array(tokens), image_ext=row["meta"].get("image_format", "jpg"))
+
+
+class RecFiles:
+    """The loader's open handle on a RecordIO shard: the .rec and its .jsonl sidecar, mapped."""
 
     def __init__(self, rec_path: str):
         self.path = rec_path
-        stem = rec_path[: -len(".rec")]
-        self.index = read_index(stem + ".idx")
-        with open(stem + ".jsonl", encoding="utf-8") as f:
-            texts = {row["id"]: row for row in map(json.loads, f)}
-        missing = [rid for rid, _ in self.index if rid not in texts]
-        if missing:
-            raise ValueError(f"{stem}.jsonl: no text for record ids {missing[:5]}; reconvert this shard")
-        self.texts = [texts[rid] for rid, _ in self.index]
-        # Token rows 2.. parsed once here, so reading a sample never converts lists.
-        self._extra = [np.asarray(row.pop("extra_tokens"), np.int32).reshape(-1, CONTEXT_LENGTH)
-                       if "extra_tokens" in row else None for row in self.texts]
-        self._f = ProcessLocal(functools.partial(open, rec_path, "rb"), _close)
-        self._map = ProcessLocal(functools.partial(map_file, rec_path))
+        self.buf = MappedFile(rec_path).buf
+        self.text = MappedFile(rec_path[: -len(".rec")] + ".jsonl").buf
 
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def get(self, i: int) -> Sample:
-        _, label, image = unpack_payload(read_record(self._f.get(), self.index[i][1]))
-        row = self.texts[i]
-        return Sample(key=row["key"], image=image, txt=row["txt"], syn=row["syn"], meta=row["meta"],
-                      tokens=label_tokens(label, self._extra[i]),
-                      image_ext=row["meta"].get("image_format", "jpg"))
-
-    def key(self, i: int) -> str:
-        return self.texts[i]["key"]
-
-    def read(self, i: int) -> tuple[np.ndarray, np.ndarray, int]:
-        """The loader's hot path: (image bytes as a uint8 view, tokens int32 [R, 77], number of
-        synthetic captions): views of the memory-mapped file, nothing copied."""
-        buf, offset = self._map.get(), self.index[i][1]
-        magic, lrecord = struct.unpack_from("<II", buf, offset) if offset + 8 <= len(buf) else (None, 0)
-        length = lrecord & _LENGTH_MASK
-        if magic != MAGIC or lrecord >> 29 or offset + 8 + length > len(buf):
-            raise ValueError(f"{self.path}: bad or truncated record at offset {offset} "
-                             f"(sample {self.key(i)}); reconvert this shard")
-        start = offset + 8 + _IR_HEADER.size
-        flag = _IR_HEADER.unpack_from(buf, offset + 8)[0]
-        tokens = label_tokens(np.frombuffer(buf, "<f4", flag, start), self._extra[i])
-        image = np.frombuffer(buf, np.uint8, length - _IR_HEADER.size - 4 * flag, start + 4 * flag)
-        return image, tokens, len(self.texts[i]["syn"])
+    def close(self) -> None:
+        self.buf = self.text = None

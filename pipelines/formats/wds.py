@@ -11,7 +11,6 @@ exactly as DALI's own `wds2idx` writes it, so no reader ever scans a tar to inde
 """
 from __future__ import annotations
 
-import functools
 import io
 import json
 import math
@@ -21,7 +20,8 @@ from typing import Iterator
 
 import numpy as np
 
-from pipelines.formats.base import ProcessLocal, ShardWriter, map_file
+from pipelines.formats.base import ShardWriter
+from pipelines.formats.index import SAMPLE_DTYPES, Piece
 from pipelines.schema import Sample
 
 INDEX_VERSION = "v1.2"
@@ -154,82 +154,125 @@ def index_tar(tar_path: str) -> list[list[tuple[str, int, int, str]]]:
     return samples
 
 
-class WdsShard:
-    """Random access to one tar through its DALI index: a sample is a few `pread`s. The file is
-    opened lazily in each process that reads it (`ProcessLocal`)."""
-
-    def __init__(self, tar_path: str, idx_path: str | None):
-        self.path = tar_path
-        self.index = read_index(idx_path) if idx_path else index_tar(tar_path)
-        self.size = os.path.getsize(tar_path)
-        self._fd = ProcessLocal(functools.partial(os.open, tar_path, os.O_RDONLY), os.close)
-        self._map = ProcessLocal(functools.partial(map_file, tar_path))
-        self._spans: list | None = None
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def get(self, i: int) -> Sample:
-        fd = self._fd.get()
-        parts = {}
-        for ext, offset, size, name in self.index[i]:
-            if offset + size > self.size:
-                raise ValueError(f"{self.path}: member {name} ends past the end of the file "
-                                 "(truncated tar); reconvert or drop this shard")
-            parts[ext] = os.pread(fd, size, offset)
-        return decode_sample(split_name(self.index[i][0][3])[0], parts)
-
-    def key(self, i: int) -> str:
-        return split_name(self.index[i][0][3])[0]
-
-    def read(self, i: int) -> tuple[np.ndarray, np.ndarray | None, int]:
-        """The loader's hot path: (image bytes as a uint8 view, tokens int32 [R, 77] or None,
-        number of synthetic captions): views of the memory-mapped tar, nothing copied."""
-        if self._spans is None:
-            self._spans = [member_spans(parts) for parts in self.index]
-        if self._spans[i] is None:
-            raise ValueError(f"{self.path}: sample {self.key(i)} has no image member")
-        img_off, img_size, tok_off, tok_size, syn_off, syn_size, start, length = self._spans[i]
-        buf = self._map.get()
-        if start + length > len(buf):
-            raise ValueError(f"{self.path}: sample {self.key(i)} ends past the end of the file "
-                             "(truncated tar); reconvert or drop this shard")
-        image = np.frombuffer(buf, np.uint8, img_size, img_off)
-        tokens = None if tok_off < 0 else npy_view(buf, tok_off, tok_size)
-        n_syn = buf[syn_off:syn_off + syn_size].count(b"\n") + 1 if syn_size else 0
-        return image, tokens, n_syn
+def index_piece(tar_path: str, idx_path: str | None, name: str | None = None, size: int | None = None) -> Piece:
+    """Shard `tar_path`'s part of the folder index, from its DALI index (`idx_path`) or, for a tar
+    that came without one, from a scan. Samples without an image or text member, or with a
+    member past the end of the file, are left out and named in the piece's problems. `size`:
+    the tar's bytes when the tar itself is not at hand (in object storage)."""
+    size = os.path.getsize(tar_path) if size is None else size
+    parts_list = read_index(idx_path) if idx_path else index_tar(tar_path)
+    rows, keys, problems = [], [], []
+    prev_end = 0  # a sample's headers begin where the previous sample's last member ends
+    for parts in parts_list:
+        key = split_name(parts[0][3])[0]
+        start = prev_end
+        end = max(off + -(-sz // _BLOCK) * _BLOCK for _, off, sz, _ in parts)
+        prev_end = max(prev_end, end)
+        exts = {ext: (off, sz) for ext, off, sz, _ in parts}
+        image = next((exts[e] for e in ("jpg", "png", "webp", "jpeg") if e in exts), None)
+        if image is None:
+            problems.append(("missing_image", f"{tar_path}: sample {key} has no image member"))
+        elif "txt" not in exts:
+            problems.append(("missing_text", f"{tar_path}: sample {key} has no txt member"))
+        elif any(off + sz > size for _, off, sz, _ in parts):
+            problems.append(("truncated", f"{tar_path}: sample {key} lies past the end of the file (truncated tar)"))
+        else:
+            syn, tok = exts.get("syn.txt", (start, 0)), exts.get("tok.npy", (start, 0))
+            rows.append((start, min(end, size) - start, image[0] - start, image[1], syn[0] - start, syn[1],
+                         tok[0] - start, tok[1]))
+            keys.append(key)
+    samples = np.array(rows, SAMPLE_DTYPES["wds"]) if rows else np.zeros(0, SAMPLE_DTYPES["wds"])
+    return Piece(name or os.path.basename(tar_path), size, samples, keys, problems)
 
 
-def member_spans(parts: list[tuple[str, int, int, str]]) -> tuple[int, ...] | None:
-    """(offset, size) of the image, tokens (-1, 0 if none) and synthetic captions (0, 0 if none),
-    then the first byte and byte count covering them: what `WdsShard.read` fetches in one read."""
-    exts = {ext: (off, size) for ext, off, size, _ in parts}
-    image = next((exts[e] for e in ("jpg", "png", "webp", "jpeg") if e in exts), None)
-    if image is None:
-        return None  # ShardSet leaves such samples out; reading one is an error below
-    tokens = exts.get("tok.npy", (-1, 0))
-    syn = exts.get("syn.txt", (0, 0))
-    used = [image] + [m for m in (tokens, syn) if m[1] > 0]
-    start = min(off for off, _ in used)
-    end = max(off + size for off, size in used)
-    return (*image, *tokens, *syn, start, end - start)
+def _header_name(block: bytes) -> tuple[str, int, bytes]:
+    """(name, data size, type flag) of one 512-byte tar header (GNU, ustar or v7)."""
+    info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+    return info.name, info.size, info.type
+
+
+def _pax_path(data: bytes) -> str | None:
+    """The `path` record of a pax extended header ("<len> path=<name>\\n" records)."""
+    pos = 0
+    while pos < len(data):
+        space = data.find(b" ", pos)
+        if space < 0:
+            break
+        length = int(data[pos:space])
+        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
+        if key == b"path":
+            return value.decode("utf-8", "surrogateescape")
+        pos += length
+    return None
+
+
+def read_members(buf, start: int, span: int) -> dict[str, bytes]:
+    """The members of the sample whose headers span `buf[start:start + span]`, extension ->
+    bytes: what `decode_sample` takes. Walks the tar headers (GNU long names and pax paths
+    included; directories and global headers skipped), so foreign tars read as ours do."""
+    parts, pos, end, long_name = {}, start, start + span, None
+    while pos + _BLOCK <= end:
+        block = bytes(buf[pos:pos + _BLOCK])
+        if not block.strip(b"\0"):
+            break
+        name, size, kind = _header_name(block)
+        data = pos + _BLOCK
+        pos = data + -(-size // _BLOCK) * _BLOCK
+        if kind == tarfile.GNUTYPE_LONGNAME:
+            long_name = bytes(buf[data:data + size]).rstrip(b"\0").decode("utf-8", "surrogateescape")
+        elif kind == tarfile.XHDTYPE:
+            long_name = _pax_path(bytes(buf[data:data + size])) or long_name
+        elif kind in tarfile.REGULAR_TYPES:
+            parts[split_name(long_name or name)[1]] = bytes(buf[data:data + size])
+            long_name = None
+        else:  # directories, links, global pax headers: not sample members
+            long_name = None
+    return parts
+
+
+def read_sample(buf: np.ndarray, rec, path: str, key: str) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """The loader's hot path for one sample of a mapped tar (`rec`: its index record): image
+    bytes as a uint8 view, tokens int32 [R, 77] (view) or None, number of synthetic captions."""
+    start, span = int(rec["start"]), int(rec["span"])
+    if start + span > len(buf):
+        raise ValueError(f"{path}: sample {key} ends past the end of the file (truncated tar); "
+                         "reconvert or drop this shard")
+    image = buf[start + int(rec["image"]):start + int(rec["image"]) + int(rec["image_size"])]
+    tok_size = int(rec["tok_size"])
+    tokens = npy_view(buf, start + int(rec["tok"]), tok_size) if tok_size else None
+    syn_size = int(rec["syn_size"])
+    n_syn = 0
+    if syn_size:
+        syn_off = start + int(rec["syn"])
+        n_syn = int(np.count_nonzero(buf[syn_off:syn_off + syn_size] == 10)) + 1
+    return image, tokens, n_syn
+
+
+def get_sample(buf: np.ndarray, rec, path: str, key: str) -> Sample:
+    """One whole sample (every member) of a mapped tar, copied out of the mapping."""
+    start, span = int(rec["start"]), int(rec["span"])
+    if start + span > len(buf):
+        raise ValueError(f"{path}: sample {key} ends past the end of the file (truncated tar); "
+                         "reconvert or drop this shard")
+    return decode_sample(key, read_members(buf, start, span))
 
 
 _NPY_HEADERS: dict[bytes, tuple[tuple[int, ...], np.dtype, int]] = {}
 
 
-def npy_view(buf: bytes, offset: int, size: int) -> np.ndarray:
-    """A `.npy` member as an array view into `buf`: its header parsed once per distinct header
-    (all token members of a shard share one), instead of `np.load` per sample."""
-    if buf[offset:offset + 6] != b"\x93NUMPY" or buf[offset + 6] != 1:
-        return np.load(io.BytesIO(buf[offset:offset + size]), allow_pickle=False)
-    end = offset + 10 + int.from_bytes(buf[offset + 8:offset + 10], "little")
-    header = buf[offset:end]
+def npy_view(buf: np.ndarray, offset: int, size: int) -> np.ndarray:
+    """A `.npy` member as an array view into `buf` (uint8): its header parsed once per distinct
+    header (all token members of a shard share one), instead of `np.load` per sample."""
+    head = buf[offset:offset + 10].tobytes()
+    if head[:6] != b"\x93NUMPY" or head[6] != 1:
+        return np.load(io.BytesIO(buf[offset:offset + size].tobytes()), allow_pickle=False)
+    end = offset + 10 + int.from_bytes(head[8:10], "little")
+    header = buf[offset:end].tobytes()
     spec = _NPY_HEADERS.get(header)
     if spec is None:
         shape, fortran, dtype = np.lib.format.read_array_header_1_0(io.BytesIO(header[8:]))
         if fortran:
-            return np.load(io.BytesIO(buf[offset:offset + size]), allow_pickle=False)
+            return np.load(io.BytesIO(buf[offset:offset + size].tobytes()), allow_pickle=False)
         spec = _NPY_HEADERS[header] = (shape, dtype, math.prod(shape))
     shape, dtype, count = spec
     return np.frombuffer(buf, dtype, count, end).reshape(shape)

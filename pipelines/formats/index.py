@@ -1,0 +1,293 @@
+"""The folder index (`index.bin`): one file per format folder holding, as compact memory-mapped
+arrays, where every sample of every shard lies.
+
+Opening a folder of 100 M samples must not cost 100 M Python objects per rank (the per-shard
+`.idx` parsed into tuples cost 1.5 KB a sample), nor one request per shard in object storage. So
+the converter writes, beside the shards, one index per folder:
+
+    magic "LIPINDEX" | uint64 header length | JSON header | arrays, each 64-byte aligned
+
+The JSON header holds the format, the shard names, the problems found while indexing (samples or
+shards left out, with the reason) and where each array lies. The arrays:
+    shards    [S]  per shard: first row, readable samples, data-file bytes and sha256, and for
+                   RecordIO its text sidecar's bytes and sha256 (what a cache needs to fetch it)
+    samples   [N]  per sample, in the format's own record layout (`SAMPLE_DTYPES`): byte offsets
+                   and sizes of what the loader's hot path reads (wds, rec; Arrow needs none)
+    key_ends  [N]  uint64: end of each sample's key in `keys`
+    keys      [K]  uint8: every key, UTF-8, end to end
+Rows are the samples a loader can read, shard after shard; samples that cannot be read (no image,
+no text, past the end of the file) are left out and named in the header's problems, so a loader
+applies its error policy without looking at them again.
+
+The file is mapped without holding a descriptor (`pyarrow.memory_map`, then closed), so the ranks
+and workers of a node share its pages through the page cache, a sample costs its bytes in the
+arrays (about 50 B) and nothing in Python until a batch reads it, and pickling an index (a spawned
+worker) sends only its path. Byte-identical for identical shards: no times, no host names.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from pipelines.formats.base import fsync_dir
+
+INDEX_NAME = "index.bin"
+MAGIC = b"LIPINDEX"
+VERSION = 1
+ALIGN = 64
+MAX_MESSAGES = 10_000  # problem messages kept verbatim; counts per reason are always exact
+
+SAMPLE_DTYPES = {
+    # start: the sample's first tar header; span: bytes through its last member's padded data.
+    # image/syn/tok: member data offsets relative to start (0 with size 0: no such member).
+    "wds": np.dtype([("start", "<u8"), ("span", "<u4"), ("image", "<u4"), ("image_size", "<u4"),
+                     ("syn", "<u4"), ("syn_size", "<u4"), ("tok", "<u4"), ("tok_size", "<u4")]),
+    # start/span: the framed record; text/text_size: its line in the .jsonl sidecar; n_syn:
+    # synthetic captions; n_tok: token rows (2 in the record, the rest in the sidecar line).
+    "rec": np.dtype([("start", "<u8"), ("span", "<u4"), ("text", "<u8"), ("text_size", "<u4"),
+                     ("n_syn", "<u2"), ("n_tok", "<u2")]),
+    "arrow": None,
+}
+SHARD_DTYPE = np.dtype([("row0", "<u8"), ("count", "<u8"), ("bytes", "<u8"), ("sha256", "u1", 32),
+                        ("text_bytes", "<u8"), ("text_sha256", "u1", 32), ("mtime_ns", "<i8")])
+
+
+class IndexError_(ValueError):
+    """A file that is not a folder index of this version: names it and the fix."""
+
+
+@dataclass
+class Piece:
+    """One shard's part of a folder index, as a format module's `index_piece` builds it."""
+
+    name: str
+    bytes: int
+    samples: np.ndarray | None  # the format's SAMPLE_DTYPES record per readable sample (None: arrow)
+    keys: list[str]
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (reason, message), samples or the shard
+    sha256: str | None = None
+    text_bytes: int = 0
+    text_sha256: str | None = None
+    mtime_ns: int = 0  # 0 unless the index is a loader's cache of a folder it did not write
+
+    def __post_init__(self):
+        n = len(self.keys)
+        if self.samples is not None and len(self.samples) != n:
+            raise ValueError(f"{self.name}: {len(self.samples)} sample records for {n} keys")
+
+
+def _descr(dtype: np.dtype):
+    """A dtype as JSON: its type string, or for a record its fields [name, type, shape?]."""
+    if dtype.names is None:
+        return dtype.str
+    return [[name, dtype.fields[name][0].base.str, list(dtype.fields[name][0].shape)] for name in dtype.names]
+
+
+def _dtype(spec) -> np.dtype:
+    if isinstance(spec, str):
+        return np.dtype(spec)
+    return np.dtype([(name, base, tuple(shape)) if shape else (name, base) for name, base, shape in spec])
+
+
+def _digest(hexdigest: str | None) -> np.ndarray:
+    return np.frombuffer(bytes.fromhex(hexdigest), np.uint8) if hexdigest else np.zeros(32, np.uint8)
+
+
+def _hex(row) -> str | None:
+    raw = bytes(row)
+    return raw.hex() if any(raw) else None
+
+
+class IndexWriter:
+    """Streams pieces into an index file: per-sample sections go to temporary files as pieces
+    arrive (memory stays one shard's worth whatever N), `close` writes header and sections."""
+
+    def __init__(self, path: str, fmt: str):
+        self.path, self.format = path, fmt
+        self.dtype = SAMPLE_DTYPES[fmt]
+        # Beside the target, named like every temporary file of the tools (`*.tmp-*`): a converter
+        # killed mid-write leaves nothing its next run does not recognise and clear.
+        self._tmp = f"{path}.tmp-{os.getpid()}.d"
+        shutil.rmtree(self._tmp, ignore_errors=True)
+        os.makedirs(self._tmp)
+        self._files = {name: open(os.path.join(self._tmp, name), "wb") for name in ("samples", "key_ends", "keys")}
+        self.names: list[str] = []
+        self.shards: list[tuple] = []
+        self.problems: list[list] = []
+        self.reasons: Counter = Counter()
+        self.rows = self.key_bytes = 0
+
+    def add(self, piece: Piece) -> None:
+        encoded = [k.encode("utf-8") for k in piece.keys]
+        lengths = np.fromiter((len(k) for k in encoded), np.uint64, len(encoded))
+        ends = self.key_bytes + np.cumsum(lengths, dtype=np.uint64)
+        self._files["key_ends"].write(ends.astype("<u8").tobytes())
+        self._files["keys"].write(b"".join(encoded))
+        if self.dtype is not None:
+            self._files["samples"].write(np.ascontiguousarray(piece.samples, self.dtype).tobytes())
+        self.key_bytes += int(lengths.sum())
+        s = len(self.names)
+        self.names.append(piece.name)
+        self.shards.append((self.rows, len(encoded), piece.bytes, _digest(piece.sha256), piece.text_bytes,
+                            _digest(piece.text_sha256), piece.mtime_ns))
+        for reason, message in piece.problems:
+            self.reasons[reason] += 1
+            if len(self.problems) < MAX_MESSAGES:
+                self.problems.append([s, reason, message])
+        self.rows += len(encoded)
+
+    def close(self) -> str:
+        """Write the index (temporary name, fsync, rename) and return its path."""
+        for f in self._files.values():
+            f.close()
+        try:
+            shards = np.array(self.shards, SHARD_DTYPE) if self.shards else np.zeros(0, SHARD_DTYPE)
+            sections = [("shards", SHARD_DTYPE, len(shards), shards.tobytes()),
+                        ("samples", self.dtype, self.rows if self.dtype is not None else 0, "samples"),
+                        ("key_ends", np.dtype("<u8"), self.rows, "key_ends"),
+                        ("keys", np.dtype("u1"), self.key_bytes, "keys")]
+            header = {"format": self.format, "version": VERSION, "samples": self.rows, "names": self.names,
+                      "problems": self.problems, "problem_counts": dict(sorted(self.reasons.items())),
+                      "arrays": {}}
+            # Offsets depend on the header's own length: lay the arrays out after a generous guess,
+            # then grow the guess until the header fits before the first array.
+            room = ALIGN
+            while True:
+                offset = room
+                for name, dtype, count, _ in sections:
+                    if dtype is None:
+                        continue
+                    header["arrays"][name] = {"offset": offset, "dtype": _descr(dtype), "count": count}
+                    offset = -(-(offset + count * dtype.itemsize) // ALIGN) * ALIGN
+                blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+                if len(MAGIC) + 8 + len(blob) <= room:
+                    break
+                room = -(-(len(MAGIC) + 8 + len(blob)) // ALIGN) * ALIGN
+            tmp = f"{self.path}.tmp-{os.getpid()}"
+            with open(tmp, "wb") as out:
+                out.write(MAGIC + struct.pack("<Q", len(blob)) + blob)
+                for name, dtype, count, data in sections:
+                    if dtype is None:
+                        continue
+                    out.write(b"\0" * (header["arrays"][name]["offset"] - out.tell()))
+                    if isinstance(data, bytes):
+                        out.write(data)
+                    else:
+                        with open(os.path.join(self._tmp, data), "rb") as src:
+                            shutil.copyfileobj(src, out, 1 << 22)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, self.path)
+            fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        finally:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+        return self.path
+
+    def abort(self) -> None:
+        for f in self._files.values():
+            f.close()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def write_index(path: str, fmt: str, pieces) -> str:
+    """Write the index of `pieces` (an iterable of `Piece`, in shard order) to `path`."""
+    writer = IndexWriter(path, fmt)
+    try:
+        for piece in pieces:
+            writer.add(piece)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close()
+
+
+class FolderIndex:
+    """A folder index mapped read-only. Arrays are numpy views into the mapping; pickling keeps
+    the path only and the receiving process maps the file itself (the page cache is shared)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._load()
+
+    def _load(self) -> None:
+        try:
+            mm = pa.memory_map(self.path, "r")
+        except (OSError, pa.ArrowException) as e:
+            raise IndexError_(f"{self.path}: cannot map the folder index ({e})") from None
+        try:
+            buf = mm.read_buffer()
+        finally:
+            mm.close()  # the mapping lives while `buf` (and views of it) do; no descriptor stays open
+        raw = np.frombuffer(buf, np.uint8)
+        if len(raw) < len(MAGIC) + 8 or bytes(raw[:len(MAGIC)]) != MAGIC:
+            raise IndexError_(f"{self.path}: not a folder index; delete it and rerun make-shards (or index-shards)")
+        (length,) = struct.unpack("<Q", bytes(raw[len(MAGIC):len(MAGIC) + 8]))
+        header = json.loads(bytes(raw[len(MAGIC) + 8:len(MAGIC) + 8 + length]))
+        if header.get("version") != VERSION:
+            raise IndexError_(f"{self.path}: folder index version {header.get('version')}, this loader reads "
+                              f"{VERSION}; rebuild it with index-shards")
+        self.header = header
+        self.format: str = header["format"]
+        self.names: list[str] = header["names"]
+        arrays = {}
+        for name, spec in header["arrays"].items():
+            arrays[name] = np.frombuffer(buf, _dtype(spec["dtype"]), spec["count"], spec["offset"])
+        self.shards: np.ndarray = arrays["shards"]
+        self.samples: np.ndarray | None = arrays.get("samples")
+        self.key_ends: np.ndarray = arrays["key_ends"]
+        self.key_blob: np.ndarray = arrays["keys"]
+        self._pid = os.getpid()
+
+    def __getstate__(self):
+        return {"path": self.path}
+
+    def __setstate__(self, state):
+        self.path = state["path"]
+        self._load()
+
+    def __len__(self) -> int:
+        return len(self.key_ends)
+
+    @property
+    def problems(self) -> list[tuple[int, str, str]]:
+        """(shard number, reason, message) of what indexing left out (the first MAX_MESSAGES)."""
+        return [tuple(p) for p in self.header["problems"]]
+
+    @property
+    def problem_counts(self) -> dict[str, int]:
+        return dict(self.header["problem_counts"])
+
+    def key(self, row: int) -> str:
+        end = int(self.key_ends[row])
+        start = int(self.key_ends[row - 1]) if row else 0
+        return self.key_blob[start:end].tobytes().decode("utf-8")
+
+    def keys(self, rows) -> list[str]:
+        rows = np.asarray(rows, np.int64)
+        ends = self.key_ends[rows].astype(np.int64)
+        starts = np.where(rows > 0, self.key_ends[np.maximum(rows - 1, 0)].astype(np.int64), 0)
+        blob = self.key_blob
+        return [blob[a:b].tobytes().decode("utf-8") for a, b in zip(starts.tolist(), ends.tolist())]
+
+    def shard_info(self, s: int) -> dict:
+        """bytes, sha256 (hex or None), text_bytes, text_sha256, mtime_ns of shard number `s`."""
+        row = self.shards[s]
+        return {"bytes": int(row["bytes"]), "sha256": _hex(row["sha256"]), "text_bytes": int(row["text_bytes"]),
+                "text_sha256": _hex(row["text_sha256"]), "mtime_ns": int(row["mtime_ns"])}
+
+    def piece(self, s: int) -> Piece:
+        """Shard `s` as a Piece again (to write an index that keeps it while others change)."""
+        row = self.shards[s]
+        lo, n = int(row["row0"]), int(row["count"])
+        info = self.shard_info(s)
+        return Piece(name=self.names[s], bytes=info["bytes"], keys=self.keys(np.arange(lo, lo + n)) if n else [],
+                     samples=None if self.samples is None else np.array(self.samples[lo:lo + n]),
+                     problems=[(r, m) for k, r, m in self.problems if k == s], sha256=info["sha256"],
+                     text_bytes=info["text_bytes"], text_sha256=info["text_sha256"], mtime_ns=info["mtime_ns"])
