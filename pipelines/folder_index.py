@@ -130,15 +130,17 @@ def write_piece(path: str, fmt: str, p: Piece) -> str:
 
 
 def write_folder_index(folder: str, fmt: str, files: dict[str, dict] | None = None, names: list[str] | None = None,
-                       pieces_dir: str | None = None) -> str:
+                       pieces_dir: str | None = None, target: str | None = None) -> str:
     """Write `folder/index.bin` (what make-shards and attach-captions call once the shards are
     final). `files`: name -> {"bytes", "sha256"} as manifest.json lists them: the index carries
     each file's digest (a cache checks what it fetches against it), and shards are indexed from
     their `.idx` / `.jsonl` with those sizes, or taken from `pieces_dir/<stem>.piece` where a
-    converter left one. Without `files`, the folder's shards are indexed as they are."""
+    converter left one. Without `files`, the folder's shards are indexed as they are. `target`:
+    write there instead (a check's fresh copy)."""
+    target = target or os.path.join(folder, INDEX_NAME)
     if files is None:
         names, strict = (names, True) if names is not None else shard_names(folder, fmt)
-        return write_index(os.path.join(folder, INDEX_NAME), fmt, pieces(fmt, folder, names, strict))
+        return write_index(target, fmt, pieces(fmt, folder, names, strict))
     names = names if names is not None else [n for n in sorted(files) if n.endswith(SUFFIX[fmt])]
 
     def assembled():
@@ -148,7 +150,7 @@ def write_folder_index(folder: str, fmt: str, files: dict[str, dict] | None = No
                 yield with_digests(FolderIndex(kept).piece(0), fmt, files)
             else:
                 yield shard_piece(folder, fmt, name, files)
-    return write_index(os.path.join(folder, INDEX_NAME), fmt, assembled())
+    return write_index(target, fmt, assembled())
 
 
 def index_for_manifest(folder: str, fmt: str, entries: list[dict], pieces_dir: str | None = None) -> dict:

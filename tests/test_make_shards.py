@@ -274,6 +274,19 @@ def test_verify_shards_names_the_bad_shard(flickr, tmp_path, capsys):
     assert "000002.idx" in capsys.readouterr().err
 
 
+def test_verify_shards_checks_the_folder_index(flickr, tmp_path, capsys):
+    """index.bin must be the one manifest.json names and match an index built afresh."""
+    out = tmp_path / "out"
+    assert convert_flickr(flickr, out, "--format", "wds", "--samples-per-shard", "100", "--workers", "1") == 0
+    index = out / "wds" / "index.bin"
+    good = index.read_bytes()
+    index.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    assert verify_shards.main([str(out), "--quiet", "--no-decode"]) == 1
+    assert "index.bin: missing, or not the folder index" in capsys.readouterr().err
+    index.write_bytes(good)
+    assert verify_shards.main([str(out), "--quiet", "--no-decode"]) == 0
+
+
 def test_workers_do_not_hang_after_the_parent_ran_openmp(tmp_path):
     """A parent that ran a parallel torch op (the demo, a notebook) and then converts with
     --workers 2: the forked workers' tokenizer used to deadlock in libgomp."""

@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import tarfile
+import tempfile
 from collections import defaultdict
 
 import numpy as np
@@ -26,7 +27,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from pipelines.folder_index import write_folder_index
 from pipelines.formats import recordio, wds
+from pipelines.formats.index import INDEX_NAME
 from pipelines.formats.base import file_digest
 from pipelines.formats.registry import DATA_SUFFIX, get_format
 from pipelines.text import TOKENIZER_NAME, tokenize
@@ -149,6 +152,7 @@ def verify_folder(folder: str, decode: bool = True, progress: bool = True) -> di
         with open(combined) as f:
             if f.readlines() != recordio.combined_index_lines(folder, rec_names):
                 raise ShardError(f"{combined}: does not match the shards' .idx files and sizes")
+    _check_folder_index(folder, fmt, manifest)
     if fmt == "wds":
         with open(os.path.join(folder, "sizes.json")) as f:
             sizes = json.load(f)
@@ -157,6 +161,25 @@ def verify_folder(folder: str, decode: bool = True, progress: bool = True) -> di
             raise ShardError(f"{folder}/sizes.json does not match the shards")
     return {"folder": folder, "format": fmt, "shards": len(per_stem), "samples": total,
             "bytes": sum(e["bytes"] for e in manifest["files"])}
+
+
+def _check_folder_index(folder: str, fmt: str, manifest: dict) -> None:
+    """index.bin (what loaders map) is the one manifest.json names, and equals an index built
+    afresh from the shards' own index files."""
+    info = manifest.get("index")
+    if info is None:
+        raise ShardError(f"{folder}/manifest.json names no folder index; rerun make-shards --resume to write "
+                         f"{INDEX_NAME}")
+    path = os.path.join(folder, info["name"])
+    if not os.path.exists(path) or os.path.getsize(path) != info["bytes"] or file_digest(path) != info["sha256"]:
+        raise ShardError(f"{path}: missing, or not the folder index manifest.json names; rerun make-shards --resume")
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh = write_folder_index(folder, fmt, {e["name"]: e for e in manifest["files"]},
+                                   target=os.path.join(tmp, INDEX_NAME))
+        with open(fresh, "rb") as a, open(path, "rb") as b:
+            if a.read() != b.read():
+                raise ShardError(f"{path}: does not match the shards (a shard changed after indexing); "
+                                 "rerun make-shards --resume")
 
 
 def format_folders(path: str) -> list[str]:

@@ -112,12 +112,11 @@ class IndexWriter:
     def __init__(self, path: str, fmt: str):
         self.path, self.format = path, fmt
         self.dtype = SAMPLE_DTYPES[fmt]
-        # Beside the target, named like every temporary file of the tools (`*.tmp-*`): a converter
-        # killed mid-write leaves nothing its next run does not recognise and clear.
-        self._tmp = f"{path}.tmp-{os.getpid()}.d"
-        shutil.rmtree(self._tmp, ignore_errors=True)
-        os.makedirs(self._tmp)
-        self._files = {name: open(os.path.join(self._tmp, name), "wb") for name in ("samples", "key_ends", "keys")}
+        # Sections wait in files beside the target, named as every temporary file of the tools
+        # (`<name>.tmp-<pid>-<n>`): a converter killed mid-write leaves nothing its next run does not
+        # recognise and clear.
+        self._tmp = {name: f"{path}.tmp-{os.getpid()}-{i}" for i, name in enumerate(("out", "samples", "key_ends", "keys"))}
+        self._files = {name: open(self._tmp[name], "wb") for name in ("samples", "key_ends", "keys")}
         self.names: list[str] = []
         self.shards: list[tuple] = []
         self.problems: list[list] = []
@@ -170,7 +169,7 @@ class IndexWriter:
                 if len(MAGIC) + 8 + len(blob) <= room:
                     break
                 room = -(-(len(MAGIC) + 8 + len(blob)) // ALIGN) * ALIGN
-            tmp = f"{self.path}.tmp-{os.getpid()}"
+            tmp = self._tmp["out"]
             with open(tmp, "wb") as out:
                 out.write(MAGIC + struct.pack("<Q", len(blob)) + blob)
                 for name, dtype, count, data in sections:
@@ -180,20 +179,25 @@ class IndexWriter:
                     if isinstance(data, bytes):
                         out.write(data)
                     else:
-                        with open(os.path.join(self._tmp, data), "rb") as src:
+                        with open(self._tmp[data], "rb") as src:
                             shutil.copyfileobj(src, out, 1 << 22)
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(tmp, self.path)
             fsync_dir(os.path.dirname(os.path.abspath(self.path)))
         finally:
-            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._clear()
         return self.path
 
     def abort(self) -> None:
         for f in self._files.values():
             f.close()
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        self._clear()
+
+    def _clear(self) -> None:
+        for path in self._tmp.values():
+            if os.path.exists(path):
+                os.remove(path)
 
 
 def write_index(path: str, fmt: str, pieces) -> str:
