@@ -30,8 +30,9 @@ class DataConfig:
     hw_decoder_load: float = 0.65
     shuffle: str = "global"  # global (all samples) | block (shards, then samples within blocks: network storage)
     shuffle_block_shards: int = DEFAULT_BLOCK_SHARDS  # shuffle=block: shards whose samples are mixed together
-    cache_dir: str = "~/.cache/lip-pipeline/shards"  # s3:// shards: the local cache, a folder per url and rank
-    cache_limit: str = "8GiB"  # s3:// shards: what that cache may hold (bytes, or with a unit)
+    cache_dir: str = "~/.cache/lip-pipeline/shards"  # the node's cache: s3:// shards (a folder per url), built indexes
+    cache_limit: str = "8GiB"  # s3:// shards: what the node's cache may hold (bytes, or with a unit)
+    max_open_shards: int = 64  # shard files each loader process keeps mapped (least recently used closed)
 
 
 @dataclass

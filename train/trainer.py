@@ -130,6 +130,7 @@ def train(cfg: TrainConfig, loader=None) -> dict:
         batch_size=cfg.data.batch_size, image_size=cfg.data.image_size, seed=cfg.run.seed,
         rank=env.rank, world_size=env.world_size, workers=cfg.data.workers, flip=cfg.data.flip,
         hw_decoder_load=cfg.data.hw_decoder_load, cache_dir=cfg.data.cache_dir, cache_limit=cfg.data.cache_limit,
+        max_open_shards=cfg.data.max_open_shards,
         shuffle=cfg.data.shuffle, shuffle_block_shards=cfg.data.shuffle_block_shards))
     accum = cfg.optim.accum_steps
     steps_per_epoch = loader.batches_per_epoch // accum
