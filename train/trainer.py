@@ -164,7 +164,7 @@ def train(cfg: TrainConfig, loader=None) -> dict:
         loss_fn.load_state_dict(state["loss"])
         if weights is not None and "sample_weights" in state:
             weights.load_state_dict(state["sample_weights"])
-        loader.load_state_dict(state["loader"])
+        loader.load_state_dict(state["loader"], accum_steps=accum)  # an epoch with < accum left is over
         checkpoint.set_rng_state(state["rng"])
         step = state["step"]
 
