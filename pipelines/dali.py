@@ -49,7 +49,7 @@ class PlanSource:
         self.shardset, self.plan, self.start, self.seed, self.bad = shardset, plan, start, seed, bad
         self.first = plan.num_batches - start  # batches left in the first epoch
         self.per_epoch = dataclasses.replace(plan, offset=0).num_batches
-        self._epoch: tuple[int, list[np.ndarray]] | None = None
+        self._later: EpochPlan | None = None  # the plan of the latest later epoch asked for
         self._pid: int | None = None
 
     def position(self, i: int) -> tuple[EpochPlan, int]:
@@ -57,14 +57,15 @@ class PlanSource:
         if i < self.first:
             return self.plan, self.start + i
         epochs, batch = divmod(i - self.first, self.per_epoch)
-        return dataclasses.replace(self.plan, epoch=self.plan.epoch + 1 + epochs, offset=0), batch
+        epoch = self.plan.epoch + 1 + epochs
+        if self._later is None or self._later.epoch != epoch:  # one plan per epoch: it caches its layout
+            self._later = dataclasses.replace(self.plan, epoch=epoch, offset=0)
+        return self._later, batch
 
     def planned(self, i: int) -> tuple[int, np.ndarray]:
-        """(epoch, planned sample ids) of iteration i; each epoch's batches are computed once."""
+        """(epoch, planned sample ids) of iteration i: O(batch), never the whole epoch."""
         plan, b = self.position(i)
-        if self._epoch is None or self._epoch[0] != (plan.epoch, plan.offset):
-            self._epoch = ((plan.epoch, plan.offset), plan.batches())
-        return plan.epoch, self._epoch[1][b]
+        return plan.epoch, plan.batch(b)
 
     def __call__(self, info):
         if self._pid != os.getpid():  # first call in this worker process

@@ -4,6 +4,9 @@ Every backend (DALI on GPU or CPU, torch DataLoader) follows the same `EpochPlan
 cannot tell them apart except by speed. The loader's state is (epoch, batches yielded in it,
 the plan's offset, seed) plus the bad samples met so far: enough to resume mid-epoch with exactly
 the samples not yet yielded, at the same or at another world size and batch size (elastic).
+The state also names the plan version that ordered the epoch (`sampling.PLAN_VERSION`): a state
+saved mid-epoch under another version cannot say which samples are left, and loading it is an
+error naming the way out; one saved at an epoch's end loads under any version.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from typing import Iterator
 
 from pipelines.faults import BadSamples
 from pipelines.formats.base import DEFAULT_OPEN_SHARDS
-from pipelines.sampling import DEFAULT_BLOCK_SHARDS, EpochPlan, shuffle_mode
+from pipelines.sampling import DEFAULT_BLOCK_SHARDS, PLAN_VERSION, EpochPlan, shuffle_mode
 from pipelines.schema import Batch
 from pipelines.shardset import ShardSet
 from pipelines.storage import DEFAULT_CACHE_DIR, DEFAULT_CACHE_LIMIT, parse_size
@@ -124,16 +127,17 @@ class Loader:
 
     def state_dict(self) -> dict:
         c = self.cfg
-        return {"epoch": self.epoch, "batches_yielded": self.batches_yielded, "offset": self.offset,
+        return {"plan": PLAN_VERSION, "epoch": self.epoch, "batches_yielded": self.batches_yielded, "offset": self.offset,
                 "seed": c.seed, "world_size": c.world_size, "batch_size": c.batch_size,
                 "samples": len(self.shardset), "shuffle": c.shuffle, "shuffle_block_shards": c.shuffle_block_shards,
                 "bad_samples": self.bad.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, accum_steps: int = 1) -> None:
         """Continue where `state` left off. At the world size and batch size it was saved with,
         exactly the batches not yet yielded follow; at others (elastic), the samples of the
         epoch no rank has yielded yet are split across this loader's ranks, then epochs follow
-        the plan for this world size."""
+        the plan for this world size. `accum_steps`: batches the caller takes together (the
+        trainer's gradient accumulation), so an epoch with fewer left than that is over."""
         here = self.state_dict()
         for k in ("seed", "samples"):
             if state[k] != here[k]:
@@ -146,15 +150,29 @@ class Loader:
                                  "the epoch's order differs; resume with the saved shuffle setting")
         self.epoch, self.offset = state["epoch"], state.get("offset", 0)
         self.batches_yielded = state["batches_yielded"]
+        self.bad.load_state_dict(state.get("bad_samples", {}))
+        before = EpochPlan(total=len(self.shardset), batch_size=state["batch_size"], seed=state["seed"],
+                           epoch=self.epoch, world_size=state["world_size"], shuffle=self.cfg.shuffle,
+                           drop_last=self.cfg.drop_last, offset=self.offset,
+                           block_shards=self.cfg.shuffle_block_shards, shard_sizes=self.shard_sizes)
+        version = state.get("plan", 1)  # states without it predate the versions: numpy's permutations
+        if version != PLAN_VERSION:
+            # Nothing of the epoch yielded, or all of it: its order does not matter. Between, it does.
+            over = self.batches_yielded >= before.num_batches // accum_steps * accum_steps
+            if not over and (self.batches_yielded or self.offset):
+                raise ValueError(
+                    f"loader state was saved mid-epoch (epoch {self.epoch}, batch {self.batches_yielded} of "
+                    f"{before.num_batches}) under epoch plan version {version}, but this loader orders epochs "
+                    f"by version {PLAN_VERSION}, so the samples that epoch has left are unknown here. Resume "
+                    "from a checkpoint saved at an epoch's end (the trainer writes one at every epoch end), or "
+                    "finish this epoch with the version that saved the state")
+            if over:
+                self.set_epoch(self.epoch + 1)
+            return
         if (state["world_size"], state["batch_size"]) != (here["world_size"], here["batch_size"]):
-            saved = EpochPlan(total=len(self.shardset), batch_size=state["batch_size"], seed=state["seed"],
-                              epoch=self.epoch, world_size=state["world_size"], shuffle=self.cfg.shuffle,
-                              drop_last=self.cfg.drop_last, offset=self.offset,
-                              block_shards=self.cfg.shuffle_block_shards, shard_sizes=self.shard_sizes)
-            self.offset, self.batches_yielded = saved.consumed(self.batches_yielded), 0
+            self.offset, self.batches_yielded = before.consumed(self.batches_yielded), 0
             if self.epoch_batches == 0:  # too few samples left for one batch per rank: next epoch
                 self.set_epoch(self.epoch + 1)
-        self.bad.load_state_dict(state.get("bad_samples", {}))
 
 
 def _shuffle_label(mode: str, block_shards: int | None) -> str:

@@ -12,7 +12,7 @@ split across the new ranks, with no sample repeated or lost (beyond the usual re
 holds for every shuffle mode because each is one permutation of the epoch that depends on
 (seed, epoch) and the data only, never on the world size.
 
-Order (`shuffle`), from the same generator seeded by (seed, epoch):
+Order (`shuffle`), each a permutation keyed by (seed, epoch):
 - "global": a permutation of all samples. Every batch draws from ~B different shards: fine on a
   local disk, ruinous over a network, where every shard is needed throughout the epoch.
 - "block": the shards are permuted, cut into blocks of `block_shards` consecutive shards of that
@@ -36,10 +36,27 @@ dropped samples differ every epoch because the permutation does. Without `drop_l
 (evaluation) the permutation is padded by wrapping around to its start until it divides by
 `world`, every rank yields `ceil(N / world)` samples, and the last batch may be partial (the
 same size on every rank); with world size 1 that is exactly every sample once.
+
+No epoch is ever materialised (plan version 2, `PLAN_VERSION`): a permutation is a function
+evaluated at the positions a batch needs (`permute`: a keyed Feistel network of `ROUNDS` rounds
+over two digits of radix ≈ √n, as format-preserving encryption does (NIST FF1's modular rounds),
+with splitmix64-style round functions keyed by (seed, epoch, ...), and cycle walking: a value
+that lands outside [0, n) is encrypted again until it lands inside, which keeps it a bijection of
+[0, n); the domain exceeds n by less than √n + 1, so walks are rare). Rank r's batch b is
+positions offset + (b·B + j)·W + r, so `batch(b)` costs O(B) time and memory at any N. "block"
+permutes the shards with one such permutation over [0, S) (O(S) once per plan: it grows with
+shards, not samples), and the samples of block k with another keyed by (seed, epoch, k) over the
+block's length; a position finds its block and then its shard by binary search over those O(S)
+bounds. `order()`, `rank_ids()`, `batches()` and `shard_order()` still give whole epochs,
+computed from the same permutation: O(N), for tests and small tools. Plan version 1 (numpy's
+permutations, materialised) ordered epochs differently; a loader state records the version it
+was saved with (pipelines/loader.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+from dataclasses import dataclass, field, fields
+from typing import Iterator, NamedTuple
 
 import numpy as np
 
@@ -69,6 +86,108 @@ def mix(*values: int) -> int:
         h = (h ^ (h >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
         h ^= h >> 31
     return h >> 1
+
+
+# --- keyed permutations evaluated per element ------------------------------------------------------
+
+PLAN_VERSION = 2  # 1: numpy permutations of the whole epoch (until issue 18); 2: keyed Feistel permutations
+ROUNDS = 6  # Feistel rounds: 4 make a pseudo-random permutation of a good round function; 2 spare
+_M0, _M1, _M2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_S29, _S27, _S31, _S32 = np.uint64(29), np.uint64(27), np.uint64(31), np.uint64(32)
+_ONE = np.uint64(1)
+# Domain tags: the permutations of one (seed, epoch) get unrelated keys.
+_GLOBAL, _SHARDS, _BLOCK = 1, 2, 3
+_CHUNK = 1 << 20  # positions per step of the whole-epoch helpers: bounds their temporaries
+
+
+def _u64(value) -> np.ndarray:
+    if isinstance(value, (int, np.integer)):
+        return np.uint64(int(value) & 0xFFFFFFFFFFFFFFFF)
+    return np.asarray(value).astype(np.uint64)  # int64 → two's complement, as `mix` masks
+
+
+def mix_array(*values) -> np.ndarray:
+    """`mix` element-wise over integers and integer arrays (broadcast together): uint64, equal
+    to `mix` of each element."""
+    values = [_u64(v) for v in values]
+    with np.errstate(over="ignore"):
+        h = np.full(np.broadcast_shapes(*(np.shape(v) for v in values)), _M0, dtype=np.uint64)
+        for v in values:
+            h = (h ^ v) * _M1
+            h = (h ^ (h >> _S27)) * _M2
+            h ^= h >> _S31
+        return h >> _ONE
+
+
+def round_keys(*key: int) -> np.ndarray:
+    """uint64 [ROUNDS]: the round keys of the permutation named by the integers `key`."""
+    return mix_array(*key, np.arange(ROUNDS))
+
+
+def _domain(n) -> tuple[np.ndarray, np.ndarray]:
+    """(a, b), uint64 of n's shape: the Feistel domain [0, a·b) for [0, n), two digits of radix
+    a = ceil(√n) (high) and b = ceil(n / a) (low), so a·b - n < a: cycle walking is rare."""
+    n = np.maximum(np.asarray(n, dtype=np.uint64), _ONE)
+    a = np.ceil(np.sqrt(n.astype(np.float64))).astype(np.uint64)
+    a -= ((a - _ONE) * (a - _ONE) >= n).astype(np.uint64)  # the float root may be one off
+    a += (a * a < n).astype(np.uint64)
+    return a, (n + a - _ONE) // a
+
+
+def _encrypt(x: np.ndarray, a, b, keys) -> np.ndarray:
+    """One pass of the Feistel network over x (uint64 < a·b): digits (high < a, low < b), each
+    round adding a keyed hash of one digit to the other modulo its radix (the radices swap every
+    round, so after an even number of rounds they are back in place)."""
+    hi, lo = np.divmod(x, b)
+    for i, k in enumerate(keys):
+        f = lo ^ k  # the round function: two multiply-xorshift steps (splitmix64's), top 32 bits
+        f *= _M1
+        f ^= f >> _S29
+        f *= _M2
+        f >>= _S32
+        f += hi
+        hi, lo = lo, f % (a if i % 2 == 0 else b)
+    return hi * b + lo
+
+
+def permute(x, n, keys) -> np.ndarray:
+    """A keyed pseudo-random bijection of [0, n) evaluated at x: int [m] in [0, n) → int64 [m].
+
+    `n` and `keys` are one permutation's (an int, uint64 [ROUNDS] from `round_keys`) or one per
+    element (int [m], uint64 [ROUNDS, m]). Cycle walking: values the network maps outside [0, n)
+    are encrypted again, only those, until every one lands inside (rare: the domain exceeds n by
+    less than √n + 1)."""
+    n = np.asarray(n, dtype=np.uint64)
+    return _walk(np.asarray(x).astype(np.uint64), n, *_domain(n), np.asarray(keys, dtype=np.uint64))
+
+
+def _walk(x: np.ndarray, n: np.ndarray, a, b, keys) -> np.ndarray:
+    """`permute` with its domain (`_domain(n)`) given: uint64 in, int64 out."""
+    with np.errstate(over="ignore"):
+        y = _encrypt(x, a, b, keys)
+        todo = np.flatnonzero(y >= n)
+        while todo.size:
+            if n.ndim:  # one permutation per element: walk with each element's own
+                z = _encrypt(y[todo], a[todo], b[todo], keys[:, todo])
+                y[todo] = z
+                todo = todo[z >= n[todo]]
+            else:
+                z = _encrypt(y[todo], a, b, keys)
+                y[todo] = z
+                todo = todo[z >= n]
+    return y.astype(np.int64)
+
+
+class _Blocks(NamedTuple):
+    """shuffle="block"'s layout of one epoch, O(S): the permuted shards laid end to end."""
+    run_ends: np.ndarray  # int64 [S]: end position of each permuted shard's run
+    shift: np.ndarray  # int64 [S]: global id - position, within that run
+    starts: np.ndarray  # int64 [blocks]: first position of each block
+    ends: np.ndarray  # int64 [blocks]
+    keys: np.ndarray  # uint64 [ROUNDS, blocks]: each block's sample permutation
+    lengths: np.ndarray  # uint64 [blocks], and its Feistel domain:
+    a: np.ndarray  # uint64 [blocks]
+    b: np.ndarray  # uint64 [blocks]
 
 
 @dataclass(frozen=True)
@@ -106,42 +225,100 @@ class EpochPlan:
             raise ValueError("shuffle='block' needs the shard sizes (shard_sizes); the loader passes "
                              "its shard set's")
 
-    def order(self) -> np.ndarray:
-        """Global sample ids of the whole epoch, before rank slicing: int64 [total]."""
+    def __getstate__(self):  # the fields only: cached layouts are rebuilt where needed (workers)
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    # --- per position and per batch: O(batch) -------------------------------------------------------
+
+    def order_at(self, positions) -> np.ndarray:
+        """Global sample ids at positions of the epoch's permutation (before rank slicing):
+        int [...] in [0, total) → int64, positions' shape. O(positions) time and memory."""
+        p = np.asarray(positions, dtype=np.int64)
+        if p.size and (p.min() < 0 or p.max() >= self.total):
+            raise IndexError(f"positions outside the epoch's {self.total} samples")
+        flat = p.reshape(-1)
+        if len(flat) <= _CHUNK:
+            return self._ids(flat).reshape(p.shape)
+        out = np.empty(len(flat), dtype=np.int64)
+        for lo in range(0, len(flat), _CHUNK):
+            out[lo:lo + _CHUNK] = self._ids(flat[lo:lo + _CHUNK])
+        return out.reshape(p.shape)
+
+    def batch(self, b: int) -> np.ndarray:
+        """This rank's batch b of the epoch: global sample ids, int64 [batch_size] (the last one
+        shorter without drop_last). O(batch_size) whatever the epoch's size."""
+        if not 0 <= b < self.num_batches:
+            raise IndexError(f"batch {b} outside this rank's {self.num_batches} batches of epoch {self.epoch}")
+        lo = b * self.batch_size
+        return self._ids(self._positions(lo, min(lo + self.batch_size, self._per_rank)))
+
+    def iter_batches(self, start: int = 0) -> Iterator[np.ndarray]:
+        """`batch(b)` for b from `start` to the end of the epoch, computed as they are taken."""
+        for b in range(start, self.num_batches):
+            yield self.batch(b)
+
+    def _ids(self, p: np.ndarray) -> np.ndarray:
+        """Global ids at positions p (int64 [m], valid): the epoch's permutation evaluated there."""
         if self.shuffle == "none":
-            return np.arange(self.total, dtype=np.int64)
-        rng = np.random.default_rng([self.seed, self.epoch])
+            return p.copy()
         if self.shuffle == "global":
-            return rng.permutation(self.total).astype(np.int64)
+            return permute(p, self.total, self._keys)
+        lay = self._blocks
+        k = np.searchsorted(lay.ends, p, side="right")  # empty blocks end where they start: skipped
+        start = lay.starts[k]
+        u = start + _walk((p - start).astype(np.uint64), lay.lengths[k], lay.a[k], lay.b[k], lay.keys[:, k])
+        # u is a position of the permuted shards laid end to end: its shard's run gives the id.
+        return u + lay.shift[np.searchsorted(lay.run_ends, u, side="right")]
+
+    def _positions(self, lo: int, hi: int) -> np.ndarray:
+        """Epoch positions of this rank's samples lo..hi-1, in the order it yields them: rank r's
+        j-th sample is position offset + j·W + r, wrapped to the epoch's start when padding."""
+        t = np.arange(lo, hi, dtype=np.int64) * self.world_size + self.rank
+        if not self.drop_last:
+            t %= self.total - self.offset  # eval padding: the permutation (from offset) again
+        return self.offset + t
+
+    @property
+    def _per_rank(self) -> int:
+        left, world = self.total - self.offset, self.world_size
+        return left // (world * self.batch_size) * self.batch_size if self.drop_last else -(-left // world)
+
+    @functools.cached_property
+    def _keys(self) -> np.ndarray:
+        return round_keys(self.seed, self.epoch, _GLOBAL)
+
+    @functools.cached_property
+    def _ends(self) -> np.ndarray:
+        """int64 [shards]: the end of each shard's global ids (storage order)."""
+        return np.cumsum(np.asarray(self.shard_sizes, dtype=np.int64))
+
+    @functools.cached_property
+    def _blocks(self) -> _Blocks:
         sizes = np.asarray(self.shard_sizes, dtype=np.int64)
-        shards = rng.permutation(len(sizes))
+        shards = permute(np.arange(len(sizes)), len(sizes), round_keys(self.seed, self.epoch, _SHARDS))
         lengths = sizes[shards]
-        # The shards' ids laid end to end in permuted order: position p of shard s's run holds
-        # id starts[s] + p, i.e. arange(total) shifted by (starts[s] - where the run begins).
-        runs = np.cumsum(lengths) - lengths
-        starts = np.cumsum(sizes) - sizes
-        ids = np.arange(self.total, dtype=np.int64) + np.repeat(starts[shards] - runs, lengths)
-        bounds = np.append(runs[::self.block_shards], self.total)
-        for lo, hi in zip(bounds[:-1], bounds[1:]):  # one in-place shuffle per block: O(total)
-            rng.shuffle(ids[lo:hi])
-        return ids
+        run_ends = np.cumsum(lengths)
+        run_starts = run_ends - lengths
+        starts = run_starts[::self.block_shards]
+        ends = np.append(starts[1:], self.total)
+        keys = mix_array(self.seed, self.epoch, _BLOCK, np.arange(len(starts))[None, :], np.arange(ROUNDS)[:, None])
+        lengths = (ends - starts).astype(np.uint64)
+        return _Blocks(run_ends, (self._ends - sizes)[shards] - run_starts, starts, ends, keys, lengths,
+                       *_domain(lengths))
+
+    # --- whole epochs: O(N), for tests, tools and small sets ----------------------------------------
+
+    def order(self) -> np.ndarray:
+        """Global sample ids of the whole epoch, before rank slicing: int64 [total]. O(N)."""
+        return self.order_at(np.arange(self.total, dtype=np.int64))
 
     def rank_ids(self) -> np.ndarray:
-        """This rank's sample ids for the epoch, in the order it yields them."""
-        order = self.order()[self.offset:]
-        world = self.world_size
-        if self.drop_last:
-            order = order[: len(order) // (world * self.batch_size) * world * self.batch_size]
-        elif len(order) % world:
-            pad = world - len(order) % world
-            order = np.concatenate([order, np.resize(order, pad)])
-        return order[self.rank::world]
+        """This rank's sample ids for the epoch, in the order it yields them. O(N / W)."""
+        return self.order_at(self._positions(0, self._per_rank))
 
     @property
     def num_batches(self) -> int:
-        left, world = self.total - self.offset, self.world_size
-        per_rank = left // (world * self.batch_size) * self.batch_size if self.drop_last else -(-left // world)
-        return -(-per_rank // self.batch_size)
+        return -(-self._per_rank // self.batch_size)
 
     def consumed(self, batches: int) -> int:
         """Samples of the permutation used up once every rank has yielded `batches` batches
@@ -150,23 +327,24 @@ class EpochPlan:
         return self.offset + min(batches * self.batch_size * self.world_size, left)
 
     def batches(self, start: int = 0) -> list[np.ndarray]:
-        """The epoch's batches of sample ids from batch `start` on (resume skips the rest)."""
-        ids = self.rank_ids()
-        return [ids[i:i + self.batch_size] for i in range(start * self.batch_size, len(ids), self.batch_size)]
+        """The epoch's batches of sample ids from batch `start` on (resume skips the rest). O(N / W):
+        loaders take `batch(b)` / `iter_batches(start)` instead."""
+        lo = min(start * self.batch_size, self._per_rank)
+        ids = self.order_at(self._positions(lo, self._per_rank))
+        return [ids[i:i + self.batch_size] for i in range(0, len(ids), self.batch_size)]
 
     def shards_of(self, ids) -> np.ndarray:
         """Shard number (position in `shard_sizes`) of each global sample id: int64, ids' shape."""
         if not self.shard_sizes:
             raise ValueError("this plan has no shard sizes; build it with shard_sizes=")
-        return np.searchsorted(np.cumsum(self.shard_sizes), ids, side="right").astype(np.int64)
+        return np.searchsorted(self._ends, ids, side="right").astype(np.int64)
 
     def shard_order(self, start: int = 0) -> np.ndarray:
         """The shards this rank reads from batch `start` to the end of the epoch, each once, in
         the order it first needs them: what a shard cache prefetches (and, by the last use,
-        may evict). int64 [shards needed]. Under "block" other ranks need the same shards at
-        about the same time (see the module docstring); under "global" this is nearly every
-        shard within the first few batches."""
-        ids = self.rank_ids()[start * self.batch_size:]
-        shards = self.shards_of(ids)
+        may evict). int64 [shards needed]; O(N / W). Under "block" other ranks need the same
+        shards at about the same time (see the module docstring); under "global" this is nearly
+        every shard within the first few batches."""
+        shards = self.shards_of(np.concatenate(self.batches(start) or [np.zeros(0, np.int64)]))
         _, first = np.unique(shards, return_index=True)
         return shards[np.sort(first)]

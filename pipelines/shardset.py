@@ -165,7 +165,7 @@ class ShardSet:
         for p, start in ((plan, batch), (following, 0)):
             n, b, step = p.num_batches, start, 8
             while b < n:
-                ids = np.concatenate([_plan_batch(p, k) for k in range(b, min(n, b + step))])
+                ids = np.concatenate([p.batch(k) for k in range(b, min(n, b + step))])
                 shards = self.numbers[np.searchsorted(self.ends, ids, side="right")]
                 _, first = np.unique(shards, return_index=True)
                 yield shards[np.sort(first)]
@@ -315,12 +315,6 @@ class ShardSet:
             raw, syn, has_syn = sample_tokens(samples, [ids[r] for r in slow], seed, epoch)
             text[slow, :CONTEXT_LENGTH], text[slow, CONTEXT_LENGTH:-1], text[slow, -1] = raw, syn, has_syn
         return images, text
-
-
-def _plan_batch(plan, b: int) -> np.ndarray:
-    """Batch b of this rank's plan: O(batch) where the plan computes single batches."""
-    batch = getattr(plan, "batch", None)
-    return batch(b) if batch is not None else plan.batches(b)[0]
 
 
 def _remote_manifest(url: str, fmt: str) -> tuple[str, dict | None]:

@@ -38,13 +38,12 @@ def torchvision_transform(spec: AugmentSpec) -> T.Compose:
 
 
 def worker_batches(plan: EpochPlan, start: int) -> Iterator[np.ndarray]:
-    """Stage 1: this DataLoader worker's share of the plan (batch j goes to worker j mod W, the
-    order in which the DataLoader collects them)."""
+    """Stage 1: this DataLoader worker's share of the plan (batch start + j goes to worker j mod W,
+    the order in which the DataLoader collects them), each batch computed when it is read."""
     info = torch.utils.data.get_worker_info()
     wid, nw = (info.id, info.num_workers) if info else (0, 1)
-    for j, ids in enumerate(plan.batches(start)):
-        if j % nw == wid:
-            yield start + j, ids
+    for b in range(start + wid, plan.num_batches, nw):  # O(batch) each: the epoch is never listed
+        yield b, plan.batch(b)
 
 
 def read_samples(src, shardset: ShardSet, bad: BadSamples, epoch: int):
@@ -121,10 +120,9 @@ class TorchBackend:
                                              prefetch_factor=4 if workers else None,
                                              generator=torch.Generator().manual_seed(mix(cfg.seed, plan.epoch)))
         device = torch.device("cuda" if cfg.device == "gpu" else "cpu")
-        planned = plan.batches(start)
         for j, (images, raw, syn, has_syn, keys, ids, news) in enumerate(loader):
             for gid, message in news.items():  # met in a worker: record it here, where state lives
                 self.bad.found.setdefault(gid, message)
-            self.bad.count(planned[j])
+            self.bad.count(plan.batch(start + j))  # runs of bad samples, in plan order
             yield Batch(images.to(device, non_blocking=True), raw.to(device, non_blocking=True),
                         syn.to(device, non_blocking=True), has_syn.to(device, non_blocking=True), keys, ids)

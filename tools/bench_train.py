@@ -68,7 +68,7 @@ class MemoryLoader:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batches_yielded": self.batches_yielded}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, accum_steps: int = 1) -> None:
         self.epoch, self.batches_yielded = state["epoch"], state["batches_yielded"]
 
 

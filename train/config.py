@@ -102,6 +102,9 @@ class RunConfig:
     keep_checkpoints: int = 2
     resume: str | None = None  # latest | a checkpoint path
     plots: bool = True
+    # alip: the gates' per-sample record holds every sample up to this many, else this many fixed
+    # ids (train/sample_weights.py): 20-28 B each per rank and per checkpoint
+    sample_record_max: int = 1_000_000
 
 
 @dataclass
@@ -138,6 +141,8 @@ class TrainConfig:
             raise ConfigError("data.shuffle_block_shards: must be ≥ 1")
         if self.optim.accum_steps < 1:
             raise ConfigError("optim.accum_steps: must be ≥ 1")
+        if self.run.sample_record_max < 1:
+            raise ConfigError("run.sample_record_max: must be ≥ 1")
         return self
 
 

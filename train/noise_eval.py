@@ -4,8 +4,8 @@ records `meta.noise` per sample), as the AUC of ranking swapped raw texts below 
   S_xt = <image, raw> (description gate), one pass over the data in eval mode; the gate weights
   are monotone in these, so it is the AUC the gates would have with the final model;
 - training time (`training_auc`): by the weights the gates actually gave each sample when it was
-  last trained on in the final epoch (`sample_weights.pt`, train/sample_weights.py): W_s and
-  W_s·W_t. W_s is clipped at 1, so every sample the gate passes ties with the others; ties count
+  last trained on in the final epoch (`sample_weights.pt`, train/sample_weights.py; every sample,
+  or the fixed subset of `run.sample_record_max` ids a large set records): W_s and W_s·W_t. W_s is clipped at 1, so every sample the gate passes ties with the others; ties count
   half. The margin S_tc − H_tc the gate saw (same record) ranks those too: its AUC is what the
   gate's ranking gives as trained, the gap to W_s's is what the clip's ties cost."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 
 from pipelines.loader import LoaderConfig, build_loader
 from pipelines.shardset import ShardSet
-from train.sample_weights import final_epoch
+from train.sample_weights import final_epoch, record_ids
 
 
 def auc(positive: np.ndarray, negative: np.ndarray) -> float:
@@ -49,9 +49,9 @@ def consistency_scores(model, shards: str, fmt: str, image_size: int, batch_size
     return out, loader.shardset
 
 
-def noise_labels(shardset: ShardSet) -> list[str | None]:
-    """meta.noise per sample id."""
-    return [shardset.get(gid).meta.get("noise") for gid in range(len(shardset))]
+def noise_labels(shardset: ShardSet, ids=None) -> list[str | None]:
+    """meta.noise per sample id (of `ids`, default every id)."""
+    return [shardset.get(int(gid)).meta.get("noise") for gid in (range(len(shardset)) if ids is None else ids)]
 
 
 def _split(values, labels, positive: str, negative: str, where: str):
@@ -79,10 +79,14 @@ def training_auc(weights_file: str, shards: str, fmt: str, positive: str = "swap
     the final epoch; `weights_file` is a run's sample_weights.pt, `shards` the folder it trained on."""
     state = torch.load(weights_file, map_location="cpu")
     shardset = ShardSet(shards, fmt)
-    if len(shardset) != len(state["step"]):
-        raise ValueError(f"{weights_file}: {len(state['step'])} samples, but {shards} holds {len(shardset)}")
+    samples = int(state.get("samples", len(state["step"])))
+    if len(shardset) != samples:
+        raise ValueError(f"{weights_file}: {samples} samples, but {shards} holds {len(shardset)}")
     keep = final_epoch(state).numpy()
-    labels = [n if k else None for n, k in zip(noise_labels(shardset), keep)]
+    ids = record_ids(state)
+    labels = [None] * len(ids)  # only the final epoch's samples are read
+    for row, label in zip(np.flatnonzero(keep), noise_labels(shardset, ids[keep])):
+        labels[row] = label
     names = ["w_sample", "w_pair"] + (["gate_margin"] if "gate_margin" in state else [])  # older runs lack it
     values = np.stack([state[n].numpy() for n in names], axis=1)
     pos, neg = _split(values, labels, positive, negative, weights_file)

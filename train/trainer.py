@@ -143,7 +143,8 @@ def train(cfg: TrainConfig, loader=None) -> dict:
 
     loss_fn = build_losses(cfg, env)
     # The gates' last weight per sample id (alip only): the training-time AUC reads it.
-    weights = SampleWeights.for_loader(loader, env.device, steps_per_epoch) if cfg.loss.mode == "alip" else None
+    weights = SampleWeights.for_loader(loader, env.device, steps_per_epoch, cfg.run.sample_record_max) \
+        if cfg.loss.mode == "alip" else None
     ddp = DDP(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None) \
         if env.world_size > 1 else model
     forward = torch.compile(ddp) if cfg.model.compile else ddp
@@ -165,7 +166,7 @@ def train(cfg: TrainConfig, loader=None) -> dict:
         loss_fn.load_state_dict(state["loss"])
         if weights is not None and "sample_weights" in state:
             weights.load_state_dict(state["sample_weights"])
-        loader.load_state_dict(state["loader"])
+        loader.load_state_dict(state["loader"], accum_steps=accum)  # an epoch with < accum left is over
         checkpoint.set_rng_state(state["rng"])
         step = state["step"]
 
