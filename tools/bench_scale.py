@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from pipelines.folder_index import SUFFIX
+from pipelines.formats.base import file_digest
 from pipelines.formats.index import INDEX_NAME, FolderIndex, write_index
 
 COMPANION = {"wds": (".idx",), "rec": (".idx", ".jsonl"), "arrow": ()}
@@ -94,7 +95,8 @@ def replicate(base: str, dest: str, shards: int) -> str:
             yield p
     info = write_index(os.path.join(dest, INDEX_NAME), fmt, tiled())
     samples = sum(int(index.shards["count"][i % len(names)]) for i in range(shards))
-    manifest.update(files=files, samples=samples, index={"name": INDEX_NAME, "bytes": os.path.getsize(info)})
+    manifest.update(files=files, samples=samples, index={"name": INDEX_NAME, "bytes": os.path.getsize(info),
+                                                                  "sha256": file_digest(info)})
     with open(os.path.join(dest, "manifest.json"), "w") as f:
         json.dump(manifest, f)
     return dest
@@ -113,16 +115,36 @@ def _status(pid: int | str = "self") -> dict[str, int]:
     return out
 
 
-def _private(pid: int) -> int:
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        return sum(int(line.split()[1]) * 1024 for line in f if line.startswith(("Private_Clean", "Private_Dirty")))
+def _mapping_rss(path: str) -> int:
+    """Resident bytes of this process's mappings of `path` (the folder index's touched pages)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            first = line.split(None, 1)[0]
+            if "-" in first and ":" not in first:  # a mapping's header line
+                inside = line.rstrip().endswith(path)
+            elif inside and first == "Rss:":
+                total += int(line.split()[1]) * 1024
+    return total
 
 
-def _handles(pid: int, folder: str) -> tuple[int, int]:
-    """(open descriptors, shard-file maps) of a process."""
-    fds = len(os.listdir(f"/proc/{pid}/fd"))
-    with open(f"/proc/{pid}/maps") as f:
-        maps = {line.split()[-1] for line in f if folder in line and not line.rstrip().endswith(INDEX_NAME)}
+def _private(pid: int) -> int | None:
+    """Private bytes (clean and dirty) of a process; None when it has gone."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            return sum(int(line.split()[1]) * 1024 for line in f if line.startswith(("Private_Clean", "Private_Dirty")))
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def _handles(pid: int, folder: str) -> tuple[int, int] | None:
+    """(open descriptors, shard-file maps) of a process; None when it has gone."""
+    try:
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+        with open(f"/proc/{pid}/maps") as f:
+            maps = {line.split()[-1] for line in f if folder in line and not line.rstrip().endswith(INDEX_NAME)}
+    except (FileNotFoundError, ProcessLookupError):
+        return None
     return fds, len(maps)
 
 
@@ -143,7 +165,9 @@ def probe(args: argparse.Namespace) -> dict:
     """One rank: open, plan, first batch, `--batches` batches, resume (see the module docstring)."""
     import torch
 
-    from pipelines.loader import LoaderConfig, build_loader
+    import pipelines.torch_loader  # noqa: F401 - imported before the baseline: libraries are not the open's cost
+    from pipelines.loader import Loader, LoaderConfig, build_loader
+    from pipelines.shardset import ShardSet
     from pipelines.storage import REQUESTS
 
     torch.set_num_threads(1)
@@ -152,10 +176,13 @@ def probe(args: argparse.Namespace) -> dict:
                        world_size=args.world, workers=args.workers, cache_dir=args.cache_dir)
     base = _status()
     t0 = time.perf_counter()
-    loader = build_loader(cfg)
-    out = {"open_s": time.perf_counter() - t0, "samples": len(loader.shardset), "shards": len(loader.shardset.paths),
-           "requests_open": sum(REQUESTS.values()), **{f"open_{k}": v for k, v in _status().items()},
-           "base_rss": base["VmRSS"]}
+    shardset = ShardSet(cfg.shards, cfg.format, cfg.on_error, cfg.cache_dir, cfg.cache_limit, cfg.max_open_shards)
+    opened = time.perf_counter() - t0
+    loader = Loader(cfg, shardset)
+    out = {"open_s": opened, "loader_s": time.perf_counter() - t0, "samples": len(shardset),
+           "shards": len(shardset.paths), "requests_open": sum(REQUESTS.values()),
+           **{f"open_{k}": v for k, v in _status().items()}, "base_rss": base["VmRSS"],
+           "base_anon": base["RssAnon"], "index_rss": _mapping_rss(shardset.index.path)}
     out["open_fds"] = len(os.listdir("/proc/self/fd"))
     if args.open_only:
         loader.close()
@@ -169,12 +196,13 @@ def probe(args: argparse.Namespace) -> dict:
     next(it)
     out["first_batch_s"] = time.perf_counter() - t0
     workers = _children(os.getpid())
-    out["worker_private"] = [_private(w) for w in workers]
-    for _ in range(args.batches - 1):
+    out["worker_private"] = [v for v in map(_private, workers) if v is not None]
+    batches = min(args.batches, len(loader))
+    for _ in range(batches - 1):
         next(it)
     folder = loader.shardset.folder
-    out["after"] = {"batches": args.batches, "main": _handles(os.getpid(), folder),
-                    "workers": [_handles(w, folder) for w in _children(os.getpid()) if os.path.exists(f"/proc/{w}")]}
+    out["after"] = {"batches": batches, "main": _handles(os.getpid(), folder),
+                    "workers": [h for h in (_handles(w, folder) for w in _children(os.getpid())) if h]}
     out.update({f"after_{k}": v for k, v in _status().items()})
     state = loader.state_dict()
     del it
@@ -218,8 +246,8 @@ def epoch_probe(args: argparse.Namespace) -> dict:
     for i, batch in enumerate(loader):
         n += len(batch)
         if i % 200 == 0:
-            peak = max([peak, len(os.listdir("/proc/self/fd"))] +
-                       [_handles(w, loader.shardset.folder)[0] for w in _children(os.getpid())])
+            held = [_handles(w, loader.shardset.folder) for w in _children(os.getpid())]
+            peak = max([peak, len(os.listdir("/proc/self/fd"))] + [h[0] for h in held if h])
     loader.close()
     return {"samples": n, "seconds": time.perf_counter() - t0, "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
             "peak_fds": peak}
@@ -284,7 +312,7 @@ def rank_epoch(args: argparse.Namespace) -> dict:
     shards = ShardSet(args.folder, args.format, cache_dir=args.cache_dir)
     ends = shards.ends.tolist()
     plan = EpochPlan(total=len(shards), batch_size=64, rank=args.rank, world_size=args.world, shuffle="block",
-                     shard_sizes=[b - a for a, b in zip([0] + ends, ends)])
+                     drop_last=False, shard_sizes=[b - a for a, b in zip([0] + ends, ends)])
     n = 0
     for b in range(plan.num_batches):
         shards.follow(plan, b)
@@ -311,18 +339,18 @@ def gib(n: float) -> str:
 
 
 def markdown(report: dict) -> str:
-    lines = ["| format | samples | shards | open s | RSS after open (anon / index pages) | plan s | first batch s "
-             "| fds / shard maps after batches (main; workers) | worker private | resume s |",
+    lines = ["| format | samples | shards | open s | RSS after open: total (the open's anonymous memory; index pages) "
+             "| plan s | first batch s | fds / shard maps after batches (main; workers) | worker private | resume s |",
              "|---|---:|---:|---:|---|---:|---:|---|---|---:|"]
     for r in report["local"]:
         after = r.get("after", {})
         workers = "; ".join(f"{f}/{m}" for f, m in after.get("workers", []))
         lines.append(f"| {r['format']} | {r['samples']:,} | {r['shards']:,} | {r['open_s']:.2f} "
-                     f"| {gib(r['open_VmRSS'])} ({gib(r['open_RssAnon'])} / {gib(r['open_RssFile'])}) "
+                     f"| {gib(r['open_VmRSS'])} (+{gib(r['open_RssAnon'] - r['base_anon'])}; {gib(r['index_rss'])}) "
                      f"| {r.get('plan_s', float('nan')):.4f} | {r.get('first_batch_s', float('nan')):.2f} "
                      f"| {after.get('main', ['-', '-'])[0]}/{after.get('main', ['-', '-'])[1]}; {workers} "
                      f"| {', '.join(gib(p) for p in r.get('worker_private', []))} | {r.get('resume_s', float('nan')):.2f} |")
-    for name in ("open_s", "open_VmRSS"):
+    for name in ("open_s", "open_anon", "open_VmRSS"):
         f = report["fits"].get(name)
         if f:
             lines.append(f"\nFit of {name}: {f['fixed']:.4g} + {f['per_shard']:.4g} per shard + "
@@ -383,7 +411,9 @@ def main(argv: list[str] | None = None) -> int:
             row = {"format": fmt, **run_probe(folder, fmt, batches=args.batches)}
             report["local"].append(row)
             print(json.dumps({k: row[k] for k in ("format", "samples", "shards", "open_s", "open_VmRSS")}), flush=True)
-    for key in ("open_s", "open_VmRSS"):
+    for row in report["local"]:
+        row["open_anon"] = row["open_RssAnon"] - row["base_anon"]
+    for key in ("open_s", "open_anon", "open_VmRSS"):
         report["fits"][key] = fit(report["local"], key)
     if args.epoch:
         folder = os.path.join(args.root, f"wds-{int(1e6)}")
