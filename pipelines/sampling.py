@@ -180,6 +180,7 @@ def _walk(x: np.ndarray, n: np.ndarray, a, b, keys) -> np.ndarray:
 
 class _Blocks(NamedTuple):
     """shuffle="block"'s layout of one epoch, O(S): the permuted shards laid end to end."""
+    shards: np.ndarray  # int64 [S]: the shards in the order the epoch reads them
     run_ends: np.ndarray  # int64 [S]: end position of each permuted shard's run
     shift: np.ndarray  # int64 [S]: global id - position, within that run
     starts: np.ndarray  # int64 [blocks]: first position of each block
@@ -303,7 +304,7 @@ class EpochPlan:
         ends = np.append(starts[1:], self.total)
         keys = mix_array(self.seed, self.epoch, _BLOCK, np.arange(len(starts))[None, :], np.arange(ROUNDS)[:, None])
         lengths = (ends - starts).astype(np.uint64)
-        return _Blocks(run_ends, (self._ends - sizes)[shards] - run_starts, starts, ends, keys, lengths,
+        return _Blocks(shards, run_ends, (self._ends - sizes)[shards] - run_starts, starts, ends, keys, lengths,
                        *_domain(lengths))
 
     # --- whole epochs: O(N), for tests, tools and small sets ----------------------------------------
@@ -338,6 +339,27 @@ class EpochPlan:
         if not self.shard_sizes:
             raise ValueError("this plan has no shard sizes; build it with shard_sizes=")
         return np.searchsorted(self._ends, ids, side="right").astype(np.int64)
+
+    def read_order(self, start: int = 0, step: int = 8) -> Iterator[np.ndarray]:
+        """Shard numbers in the order this rank first needs them from batch `start` on, in chunks,
+        computed as they are taken (a cache stops once its window is full); a shard may recur in
+        later chunks. "block": whole blocks, from the one batch `start` begins in, straight from
+        the O(S) layout; "global" and "none": batch after batch, `step` batches a chunk, growing."""
+        if start >= self.num_batches:
+            return
+        if self.shuffle == "block":
+            lay = self._blocks
+            first = int(self._positions(start * self.batch_size, start * self.batch_size + 1)[0])
+            k = int(np.searchsorted(lay.ends, first, side="right"))
+            for lo in range(k * self.block_shards, len(lay.shards), self.block_shards):
+                yield lay.shards[lo:lo + self.block_shards]
+            return
+        b = start
+        while b < self.num_batches:
+            shards = self.shards_of(np.concatenate([self.batch(k) for k in range(b, min(self.num_batches, b + step))]))
+            _, first = np.unique(shards, return_index=True)
+            yield shards[np.sort(first)]
+            b, step = b + step, min(2 * step, 512)
 
     def shard_order(self, start: int = 0) -> np.ndarray:
         """The shards this rank reads from batch `start` to the end of the epoch, each once, in

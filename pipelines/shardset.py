@@ -99,6 +99,7 @@ class ShardSet:
         if not self.ends.size or self.ends[-1] == 0:
             raise ShardError(f"{folder}: no readable samples ({dict(self.skipped)})")
         self._open = OpenShards(max_open)
+        self._following = None  # (plan, the next epoch's plan) the cache follows
 
     # --- opening ---
 
@@ -156,20 +157,16 @@ class ShardSet:
         cache fetches ahead from there (the rest of this epoch, then the next); a local set
         ignores it."""
         if self.cache is not None:
-            self.cache.schedule(functools.partial(self._future, plan, batch))
+            if self._following is None or self._following[0] is not plan:  # one next-epoch plan per epoch
+                self._following = (plan, dataclasses.replace(plan, epoch=plan.epoch + 1, offset=0))
+            self.cache.schedule(functools.partial(self._future, plan, self._following[1], batch))
 
-    def _future(self, plan, batch: int):
+    def _future(self, plan, following, batch: int):
         """Shard numbers in order of first use from batch `batch` of `plan` on, through the next
-        epoch, in growing chunks of batches (the cache stops reading once its window is full)."""
-        following = dataclasses.replace(plan, epoch=plan.epoch + 1, offset=0)
+        epoch, in chunks (the cache stops reading once its window is full)."""
         for p, start in ((plan, batch), (following, 0)):
-            n, b, step = p.num_batches, start, 8
-            while b < n:
-                ids = np.concatenate([p.batch(k) for k in range(b, min(n, b + step))])
-                shards = self.numbers[np.searchsorted(self.ends, ids, side="right")]
-                _, first = np.unique(shards, return_index=True)
-                yield shards[np.sort(first)]
-                b, step = b + step, min(2 * step, 512)
+            for chunk in p.read_order(start):
+                yield self.numbers[chunk]
 
     def close(self) -> None:
         """Unmap this process's shards and stop a remote set's fetching (the loader's close)."""
@@ -182,8 +179,8 @@ class ShardSet:
     def __len__(self) -> int:
         return int(self.ends[-1])
 
-    def __getstate__(self):  # workers map their own shards
-        return {**self.__dict__, "_open": OpenShards(self._open.capacity)}
+    def __getstate__(self):  # workers map their own shards, and follow no plan
+        return {**self.__dict__, "_open": OpenShards(self._open.capacity), "_following": None}
 
     def _locate(self, ids) -> tuple[np.ndarray, np.ndarray]:
         """(position in `self.numbers` of each id's shard, its row in the folder index)."""

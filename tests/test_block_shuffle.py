@@ -233,3 +233,22 @@ def test_bench_shuffle_quick(tmp_path, capsys):
     assert abs(g["neighbour_distance"] - 1 / 3) < 0.02 and b1["neighbour_distance"] < 0.05
     assert b4["shard_lifetime_share"] < 0.2 < 0.99 < g["shard_lifetime_share"]
     assert "| block/4 |" in (tmp_path / "shuffle.md").read_text() and "| global |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("shuffle", ["block", "global"])
+def test_read_order_covers_what_the_rank_reads_in_order(shuffle):
+    """What a cache prefetches: every shard the rank reads from batch k on, first needs first
+    (block: whole blocks in the epoch's order, from the block batch k starts in)."""
+    for start in (0, 3, 7):
+        plan = block_plan(shuffle=shuffle, world_size=2, rank=1)
+        chunks = [c.tolist() for c in plan.read_order(start)]
+        flat = list(dict.fromkeys(s for c in chunks for s in c))
+        need = plan.shard_order(start).tolist()
+        assert set(need) <= set(flat)
+        chunk_of = {}
+        for i, c in enumerate(chunks):
+            for s in c:
+                chunk_of.setdefault(s, i)
+        assert [chunk_of[s] for s in need] == sorted(chunk_of[s] for s in need)  # chunks in order of need
+        if shuffle == "block":
+            assert all(len(c) <= 3 for c in chunks)
