@@ -24,7 +24,7 @@ from typing import Iterator
 
 import numpy as np
 
-from pipelines.formats.base import ProcessLocal, ShardWriter, map_file
+from pipelines.formats.base import ProcessLocal, ShardWriter, map_file, write_atomic
 from pipelines.schema import CONTEXT_LENGTH, TOKENS_PER_SAMPLE, Sample
 
 MAGIC = 0xCED7230A
@@ -156,8 +156,7 @@ def combined_index_lines(folder: str, rec_names: list[str], sizes: dict[str, int
 
 def write_combined_index(folder: str, rec_names: list[str], sizes: dict[str, int] | None = None) -> str:
     path = f"{folder}/{COMBINED_INDEX}"
-    with open(path, "w") as f:
-        f.writelines(combined_index_lines(folder, rec_names, sizes))
+    write_atomic(path, "".join(combined_index_lines(folder, rec_names, sizes)))
     return path
 
 
