@@ -146,6 +146,8 @@ def run(cfg: ConvertConfig, out: str, workers: int, resume: bool = False, overwr
         if not overwrite:
             remote_out.pull_small_files(remote, out, cfg.formats)
     prepare_output(out, cfg, resume, overwrite)
+    if remote:
+        remote_out.publish_plan(remote, out, cfg.formats, PLAN_FILE)
     sizes = remote_out.remote_sizes(remote, cfg.formats) if remote and resume else None
     job = ShardJob(out=out, formats=cfg.formats, policy=cfg.policy(), tokenize=cfg.tokenize,
                    keep_uncaptioned=cfg.keep_uncaptioned, source=cfg.source, remote=remote)
@@ -185,7 +187,7 @@ def run(cfg: ConvertConfig, out: str, workers: int, resume: bool = False, overwr
     stats = finalize(out, cfg, [results[k] for k in sorted(results)], elapsed, len(reused),
                      join.counts.as_dict() if join else None)
     if remote:
-        remote_out.publish_final(remote, out, cfg.formats, PLAN_FILE)
+        remote_out.publish_final(remote, out, cfg.formats)
     return stats
 
 
