@@ -81,7 +81,7 @@ def test_k_captions_per_image(clean_run):
     rows = lines(out)
     assert all(len(r["caption"]) == K and len(set(r["caption"])) == K for r in rows)
     assert stats["captions"] == K * stats["images"] == K * 12
-    assert len({r["key"] for r in rows}) == 12
+    assert len({r["image"] for r in rows}) == 12
     # Several images, several different captions: the tiny model looks at its input.
     assert len({r["caption"][0] for r in rows}) > 3
 
@@ -142,3 +142,30 @@ def test_nucleus_is_seeded_and_prompt_is_stripped(setup):
     assert a.read_text() == b.read_text()
     rows = lines(a)
     assert rows and not any(c.startswith("a dog on") for r in rows for c in r["caption"])
+
+
+def test_same_file_names_in_two_folders_get_their_own_lines(setup, tmp_path):
+    """a/000000001.jpg and b/000000001.jpg (one source key, two images) get a line each, named by
+    identity, and attach-captions puts each line on its own image."""
+    from kill_harness import twin_dataset
+    from tools import attach_captions, make_shards
+    from pipelines.formats import wds
+
+    _, _, model = setup
+    data = twin_dataset(tmp_path / "in", pairs=3)
+    shards = tmp_path / "shards"
+    assert make_shards.main(data.make_shards_args() + ["--format", "wds", "--samples-per-shard", "4",
+                                                       "--out", str(shards), "--workers", "1", "--quiet"]) == 0
+    out = tmp_path / "captions.jsonl"
+    cfg = CaptionConfig(shards=str(shards), model=model, min_words=1, max_repeat=0, **OPTIONS)
+    caption_shards.run(cfg, str(out), batch_size=4, workers=0, progress=False)
+    rows = lines(out)
+    named = [r.get("image") for r in rows]
+    assert len(rows) > 3 and len(set(named)) == len(rows) and set(named) <= set(data.names)  # one line per image
+    assert len({tuple(r["caption"]) for r in rows}) > 1
+    attached = tmp_path / "attached"
+    assert attach_captions.main(["--shards", str(shards), "--captions", str(out), "--out", str(attached),
+                                 "--quiet"]) == 0
+    want = {r["image"]: r["caption"] for r in rows}
+    got = [s for tar in sorted((attached / "wds").glob("*.tar")) for s in wds.iter_samples(str(tar))]
+    assert len(got) == 6 and all(s.syn == want[s.meta["image"]] for s in got)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -184,3 +186,23 @@ def test_ray_workers_die_with_killed_parent_and_resume_matches(dataset, ray_sess
     assert make_shards.main(argv + ["--out", str(killed), "--resume"]) == 0
     assert make_shards.main(argv + ["--out", str(clean), "--workers", "2", "--distributor", "local"]) == 0
     assert folder_bytes(killed) == folder_bytes(clean)
+
+
+@pytest.mark.slow
+def test_without_an_address_it_starts_its_own_ray_whatever_the_address_file_says(dataset, tmp_path):
+    """The node's Ray address file names a cluster (here a stale one: nothing listens there, as after
+    a killed `ray start`); without --ray-address or RAY_ADDRESS make-shards must not join it."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    try:
+        (ray_tmp / "ray").mkdir()
+        (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:9\n")
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env["RAY_TMPDIR"] = str(ray_tmp)
+        out = tmp_path / "out"
+        done = subprocess.run([sys.executable, "-m", "tools.make_shards", *dataset, "--format", "wds", "--quiet",
+                               "--samples-per-shard", "18", "--out", str(out), "--distributor", "ray",
+                               "--workers", "2"], cwd=REPO, env=env, timeout=300, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert json.loads((out / "wds" / "stats.json").read_text())["written"] == 36

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from kill_harness import check_labels, launch, local_snapshot, twin_dataset
 from pipelines.formats import arrow as arrow_fmt
 from pipelines.text import clean_text, tokenize
 from tools import make_shards, verify_shards
@@ -305,3 +306,58 @@ def test_workers_do_not_hang_after_the_parent_ran_openmp(tmp_path):
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=REPO, timeout=120,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def stem_sidecar(data, path: Path) -> Path:
+    """A sidecar keyed by file stem, one line per stem: what caption-shards wrote before images
+    had an identity, and what a hand-made sidecar often looks like."""
+    stems = dict.fromkeys(Path(n).stem for n in data.names)
+    path.write_text("".join(json.dumps({"key": s, "caption": [f"synthetic caption of {s}"]}) + "\n" for s in stems))
+    return path
+
+
+@pytest.mark.parametrize("source", ["table", "yfcc"])
+def test_same_file_names_in_two_folders_are_two_images(tmp_path, source, capsys):
+    """a/000000001.jpg and b/000000001.jpg: a line by identity reaches its own image only; a line
+    by stem reaches both, so it is ambiguous and given to neither, counted and named."""
+    data = twin_dataset(tmp_path / "in", pairs=3)
+    args = data.make_shards_args()
+    if source == "yfcc":
+        table = tmp_path / "in" / "yfcc.jsonl"
+        table.write_text("".join(json.dumps({"filepath": n, "title": f"a photo named {n}"}) + "\n" for n in data.names))
+        args = ["--source", "yfcc", "--input", str(table), "--images-root", str(data.images),
+                "--synthetic-captions", str(data.sidecar)]
+    assert shards(args + ["--format", "wds", "--out", str(tmp_path / "own"), "--workers", "1"]) == 0
+    check_labels(tmp_path / "own", data)
+    with_syn = [s for s in wds_samples(tmp_path / "own" / "wds") if s.syn]
+    assert len(with_syn) == 5 and len({tuple(s.syn) for s in with_syn}) == 5
+
+    args[args.index("--synthetic-captions") + 1] = str(stem_sidecar(data, tmp_path / "stems.jsonl"))
+    capsys.readouterr()
+    assert shards(args + ["--format", "wds", "--out", str(tmp_path / "stems"), "--workers", "1"]) == 0
+    assert not any(s.syn for s in wds_samples(tmp_path / "stems" / "wds"))
+    assert "0 matched, 0 unmatched, 6 ambiguous" in capsys.readouterr().out
+    joined = json.loads((tmp_path / "stems" / "wds" / "stats.json").read_text())["synthetic_captions"]
+    assert joined["ambiguous"] == 6 and joined["examples"]["ambiguous"][:2] == ["a/000000000.jpg", "b/000000000.jpg"]
+
+
+def wds_samples(folder: Path) -> list:
+    from pipelines.formats import wds
+
+    return [s for tar in sorted(folder.glob("*.tar")) for s in wds.iter_samples(str(tar))]
+
+
+def test_resume_killed_while_it_rewrites_the_plan(tmp_path):
+    data = twin_dataset(tmp_path / "in", pairs=3)
+    argv = data.make_shards_args() + ["--format", "wds,arrow", "--samples-per-shard", "2", "--workers", "1", "--quiet"]
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    assert make_shards.main(argv + ["--out", str(clean)]) == 0
+    assert make_shards.main(argv + ["--out", str(killed)]) == 0
+    (killed / "wds" / ".parts" / "000001.json").unlink()  # something left to resume
+    plan = killed / "wds" / ".parts" / "plan.json"
+    done = launch("tools.make_shards", argv + ["--out", str(killed), "--resume"], tmp_path / "faults",
+                  at=f"write {plan}")
+    assert done.killed, "the run should die while it rewrites wds/.parts/plan.json"
+    assert json.loads(plan.read_text())["source"] == "table"  # the old plan, whole: never a partial one
+    assert make_shards.main(argv + ["--out", str(killed), "--resume"]) == 0
+    assert local_snapshot(killed) == local_snapshot(clean)

@@ -96,3 +96,22 @@ def test_ray_conversion_into_s3(dataset, reference, s3, tmp_path):  # noqa: F811
     finally:
         ray.shutdown()
     assert remote_files(url) == local_files(reference)
+
+
+def test_s3_resume_puts_every_record_in_the_store(dataset, reference, s3, tmp_path):  # noqa: F811
+    """A shard whose record upload failed: its data is in the store, its record in staging only.
+    The resume from that staging must not trust staging: the record ends up in the store, and a
+    later resume from a fresh staging folder keeps every shard."""
+    url, staging = s3.url("lost-record"), tmp_path / "a"
+    argv = dataset + ARGS + ["--out", url, "--workers", "1"]
+    assert make_shards.main(argv + ["--staging", str(staging)]) == 0
+    fs = storage.filesystem(url)
+    root = url.split("://", 1)[1]
+    for name in ("wds/.parts/000002.json", "wds/manifest.json", "wds/stats.json", "wds/sizes.json"):
+        fs.rm(f"{root}/{name}")  # what the run left when shard 2's record did not upload
+    assert (staging / "wds" / ".parts" / "000002.json").exists()
+    assert make_shards.main(argv + ["--staging", str(staging), "--resume"]) == 0
+    assert remote_files(url) == local_files(reference)
+    fresh = tmp_path / "b"
+    assert make_shards.main(argv + ["--staging", str(fresh), "--resume"]) == 0
+    assert json.loads((fresh / "wds" / "stats.json").read_text())["shards_reused"] == 5

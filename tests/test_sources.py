@@ -453,3 +453,25 @@ def test_table_errors(tmp_path, table_rows):
         listed("table", path, image_column="path", caption_column="caption")
     with pytest.raises(SourceError, match="unknown table suffix '.xlsx'"):
         listed("table", tmp_path / "pairs.xlsx", image_column="path", caption_column="text")
+
+
+def test_identity_is_the_path_under_the_images_root_unique_in_every_source(tmp_path, images):
+    """Two folders holding the same file names are different images: table and yfcc (whose source
+    keys are file stems) give them one source key but two identities."""
+    from tools.sources.base import image_identity
+
+    rows = []
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        for i, src in enumerate(images[:2]):
+            shutil.copy(src, tmp_path / folder / f"{i:09d}.jpg")
+            rows.append({"path": f"{folder}/{i:09d}.jpg", "filepath": f"./{folder}//{i:09d}.jpg", "text": "x"})
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = listed("table", tmp_path / "t.jsonl", image_column="path", caption_column="text")
+    yfcc = listed("yfcc", tmp_path / "t.jsonl")
+    want = ["a/000000000.jpg", "a/000000001.jpg", "b/000000000.jpg", "b/000000001.jpg"]
+    for records in (table, yfcc):
+        assert [r.identity for r in records] == want
+        assert [r.source_key for r in records] == ["000000000", "000000001"] * 2
+    assert image_identity("a\\b\\c.jpg") == "a/b/c.jpg" and image_identity("/abs/./x.jpg") == "/abs/x.jpg"
+    assert image_identity("file:///x%20y.jpg") == "file:///x%20y.jpg"

@@ -9,16 +9,21 @@ bytes are copied as stored (never decoded or re-encoded), `syn` becomes the side
 make-shards cleans it, and the tokens are recomputed where the folder stores them (rec always).
 manifest.json, stats.json, sizes.json (wds), all.idx (rec) and, in place, make-shards' completion
 records are updated, so `verify-shards` passes and `make-shards --resume` sees finished shards.
-A sample matches a sidecar line by its `meta.source_key`, image id, image path or file name (as
-make-shards joins), then by its shard sample key; samples without a line keep their captions.
-`--clip-score CKPT` also stores CLIP image-text cosine similarities in `meta.clip_score`.
-Rerunning is safe (replace and add are idempotent): that is how a killed run is finished.
+A sample matches a sidecar line as make-shards joins (tools/caption.py): by its image's identity
+(`meta.image`), else by a looser name (source key, image id, file name) that no other image of the
+folder answers to; samples without a line keep their captions, and unmatched and ambiguous ones
+are counted and named. `--clip-score CKPT` also stores CLIP image-text cosine similarities in
+`meta.clip_score`.
+Each output format folder holds this attach's plan and one record per finished shard
+(`.attach/`), written atomically after the shard: running the same command again finishes a killed
+run, redoing only the shards without a record, and gives the files an uninterrupted run gives.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from collections import Counter
@@ -26,28 +31,22 @@ from dataclasses import replace
 
 from tqdm import tqdm
 
-from pipelines.folder_index import index_for_manifest
+from pipelines.folder_index import PIECE_SUFFIX, index_for_manifest, shard_piece, write_piece
 from pipelines.formats import recordio
+from pipelines.formats.base import file_digest, holds_only_partial_writes, remove_partial_writes, write_json_atomic
 from pipelines.formats.registry import DATA_SUFFIX, WRITERS, get_format
-from pipelines.schema import Sample
 from pipelines.text import TOKENIZER_NAME, clean_text
-from tools.caption import CaptionSidecar, load_sidecar
-from tools.shard_worker import TOKENIZE_BLOCK, part_path, set_tokens
-from tools.sources.base import SourceRecord
+from tools.caption import CaptionSidecar, JoinCounts, join_summary, load_sidecar, stored_record
+from tools.fault_hooks import point
+from tools.shard_worker import PARTS_DIR, TOKENIZE_BLOCK, part_path, set_tokens, write_record
 from tools.verify_shards import format_folders
+
+ATTACH_DIR = ".attach"  # per output format folder: this attach's plan and its per-shard records
+PLAN_FILE = "plan.json"
 
 
 class UsageError(Exception):
     """A bad invocation: one line naming the problem and the fix, exit code 2."""
-
-
-def lookup(sidecar: CaptionSidecar, sample: Sample) -> list[str] | None:
-    """The sidecar's captions for `sample` (None: no line names it)."""
-    meta = sample.meta
-    record = SourceRecord(source_key=str(meta.get("source_key") or sample.key), image="",
-                          image_name=str(meta.get("image") or ""), meta=meta)
-    hit = sidecar.lookup(record) or sidecar.by["key"].get(sample.key)
-    return list(hit) if hit else None
 
 
 def new_captions(old: list[str], found: list[str] | None, mode: str) -> list[str]:
@@ -71,10 +70,10 @@ def _blocks(samples, size: int):
         yield block
 
 
-def rewrite_shard(src: str, fmt: str, out_folder: str, sidecar: CaptionSidecar, mode: str,
-                  with_tokens: bool, scorer=None) -> tuple[dict, Counter]:
-    """Write the shard `src` again under `out_folder` with the sidecar's captions: (the writer's
-    file entries for manifest.json, counts)."""
+def rewrite_shard(src: str, fmt: str, out_folder: str, sidecar: CaptionSidecar, listing, mode: str,
+                  with_tokens: bool, scorer=None) -> dict:
+    """Write the shard `src` again under `out_folder` with the sidecar's captions: its record
+    (the writer's file entries for manifest.json, counts, how its samples met the sidecar)."""
     stem = os.path.basename(src)[: -len(DATA_SUFFIX[fmt])]
     kwargs = {}
     if fmt == "rec":  # keep the record ids: they are unique across the folder's shards
@@ -82,12 +81,14 @@ def rewrite_shard(src: str, fmt: str, out_folder: str, sidecar: CaptionSidecar, 
         kwargs["id_base"] = index[0][0] if index else 0
     writer = WRITERS[fmt](out_folder, int(stem), with_tokens=with_tokens, **kwargs)
     counts: Counter = Counter()
+    join = JoinCounts(os.path.abspath(sidecar.path))
     try:
         for block in _blocks(get_format(fmt).iter_samples(src), TOKENIZE_BLOCK):
             block = list(block)
             for i, s in enumerate(block):
-                found = lookup(sidecar, s)
-                counts["matched" if found is not None else "unmatched"] += 1
+                record = stored_record(s.meta, s.key)
+                found, how = sidecar.match(record, listing)
+                join.add(how, record.identity or s.key)
                 block[i] = replace(s, syn=new_captions(s.syn, found, mode), tokens=None,
                                    meta=dict(s.meta))
                 counts["with_syn"] += bool(block[i].syn)
@@ -105,12 +106,66 @@ def rewrite_shard(src: str, fmt: str, out_folder: str, sidecar: CaptionSidecar, 
         writer.abort()
         raise
     counts["samples"] += files.samples
-    return {"samples": files.samples, "files": files.files}, counts
+    return {"shard": os.path.basename(src), "samples": files.samples, "files": files.files,
+            "counts": dict(sorted(counts.items())), "join": join.as_dict()}
+
+
+def attach_plan(folder: str, in_place: bool, sidecar: CaptionSidecar, mode: str, scorer=None) -> dict:
+    """What decides an attach's output: a rerun with another plan is another attach. In place the
+    shards are the output itself, so the plan does not name the folder (it may be moved)."""
+    plan = {"shards": "in place" if in_place else os.path.realpath(folder),
+            "captions": os.path.abspath(sidecar.path), "captions_sha256": file_digest(sidecar.path),
+            "mode": mode, "clip_score": None}
+    if scorer is not None:
+        plan["clip_score"] = {**scorer.describe(), "checkpoint_bytes": os.path.getsize(scorer.checkpoint)}
+    return plan
+
+
+def prepare_output(out_folder: str, plan: dict, in_place: bool) -> str:
+    """Check `out_folder` against this attach's plan and clear what a killed run left; return
+    the records' folder. --out: a folder holding another attach or foreign files is refused. In
+    place: records of another attach are dropped (their shards are this folder's now)."""
+    records = os.path.join(out_folder, ATTACH_DIR)
+    plan_path = os.path.join(records, PLAN_FILE)
+    previous = None
+    if os.path.exists(plan_path):
+        with open(plan_path, encoding="utf-8") as f:
+            previous = json.load(f)
+    if in_place:
+        if previous is not None and previous != plan:
+            shutil.rmtree(records)
+    elif os.path.isdir(out_folder) and not holds_only_partial_writes(out_folder):
+        if previous is None:
+            raise UsageError(f"{out_folder} already holds files that attach-captions did not write; "
+                             "choose another --out")
+        if previous != plan:
+            diff = sorted(k for k in plan if plan[k] != previous.get(k))
+            raise UsageError(f"{out_folder} holds another attach (differs in {', '.join(diff)}); "
+                             "choose another --out, or rerun that attach's own command to finish it")
+    os.makedirs(records, exist_ok=True)
+    for sub in (out_folder, records, os.path.join(out_folder, PARTS_DIR)):  # a killed run's leftovers
+        remove_partial_writes(sub)
+    write_json_atomic(plan_path, plan)
+    return records
+
+
+def finished(records: str, out_folder: str, stem: str) -> dict | None:
+    """The shard's record if a run finished it: every file it names is there at its size."""
+    path = os.path.join(records, stem + ".json")
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        record = json.load(f)
+    for name, info in record["files"].items():
+        p = os.path.join(out_folder, name)
+        if not os.path.exists(p) or os.path.getsize(p) != info["bytes"]:
+            return None
+    return record
 
 
 def attach_folder(folder: str, sidecar: CaptionSidecar, out_folder: str, mode: str = "replace",
                   scorer=None, progress: bool = True) -> dict:
-    """Rewrite one format folder; return its attach counts."""
+    """Rewrite one format folder (the shards that no finished record covers); return its counts."""
     with open(os.path.join(folder, "manifest.json")) as f:
         manifest = json.load(f)
     fmt = manifest["format"]
@@ -118,53 +173,64 @@ def attach_folder(folder: str, sidecar: CaptionSidecar, out_folder: str, mode: s
     if with_tokens and manifest.get("tokenizer") not in (None, TOKENIZER_NAME):
         raise UsageError(f"{folder}/manifest.json: tokenizer {manifest['tokenizer']} is not {TOKENIZER_NAME}; "
                          "reconvert with make-shards --tokenize")
-    os.makedirs(out_folder, exist_ok=True)
-    data = [e["name"] for e in manifest["files"] if e["name"].endswith(DATA_SUFFIX[fmt])]
-    entries, counts = [], Counter()
     in_place = os.path.realpath(out_folder) == os.path.realpath(folder)
+    records = prepare_output(out_folder, attach_plan(folder, in_place, sidecar, mode, scorer), in_place)
+    data = [e["name"] for e in manifest["files"] if e["name"].endswith(DATA_SUFFIX[fmt])]
+
+    def listing():  # every stored sample as its record: for the sidecar's looser names
+        for name in data:
+            for s in get_format(fmt).iter_samples(os.path.join(folder, name)):
+                yield stored_record(s.meta, s.key)
+
+    entries, counts, join, reused = [], Counter(), JoinCounts(os.path.abspath(sidecar.path)), 0
     for name in tqdm(data, desc=f"attach-captions {folder}", unit=" shards", disable=not progress):
-        files, c = rewrite_shard(os.path.join(folder, name), fmt, out_folder, sidecar, mode, with_tokens, scorer)
-        counts.update(c)
-        entries += [{"name": n, "samples": files["samples"], **info} for n, info in files["files"].items()]
-        if in_place:
-            _update_part(folder, name[: -len(DATA_SUFFIX[fmt])], files, c["with_syn"])
+        stem = name[: -len(DATA_SUFFIX[fmt])]
+        record = finished(records, out_folder, stem)
+        reused += record is not None
+        if record is None:
+            point(f"attach {os.path.join(folder, name)}")  # a test hook (tools/fault_hooks.py)
+            record = rewrite_shard(os.path.join(folder, name), fmt, out_folder, sidecar, listing, mode,
+                                   with_tokens, scorer)
+            if in_place:
+                _update_part(folder, fmt, stem, record)
+            write_json_atomic(os.path.join(records, stem + ".json"), record)  # last: the shard is done
+        counts.update(record["counts"])
+        join.update(record["join"])
+        entries += [{"name": n, "samples": record["samples"], **info} for n, info in record["files"].items()]
     entries.sort(key=lambda e: e["name"])
     summary = {"captions_file": os.path.abspath(sidecar.path), "mode": mode, **dict(sorted(counts.items())),
+               **{k: v for k, v in join.as_dict().items() if k != "file"},
                "clip_score": scorer.describe() if scorer else None}
     manifest.update(files=entries, tokenizer=TOKENIZER_NAME if with_tokens else None, attach_captions=summary)
     if fmt == "rec":
         rec_names = [e["name"] for e in entries if e["name"].endswith(".rec")]
         manifest["dali_index"] = os.path.basename(recordio.write_combined_index(out_folder, rec_names))
     if fmt == "wds":
-        _write_json(os.path.join(out_folder, "sizes.json"),
-                    {e["name"]: e["samples"] for e in entries if e["name"].endswith(".tar")})
+        write_json_atomic(os.path.join(out_folder, "sizes.json"),
+                          {e["name"]: e["samples"] for e in entries if e["name"].endswith(".tar")})
     stats_path = os.path.join(folder, "stats.json")
     if os.path.exists(stats_path):
         with open(stats_path) as f:
             stats = json.load(f)
         stats.update(with_synthetic_caption=counts["with_syn"], attach_captions=summary)
-        _write_json(os.path.join(out_folder, "stats.json"), stats)
+        write_json_atomic(os.path.join(out_folder, "stats.json"), stats)
     manifest["index"] = index_for_manifest(out_folder, fmt, entries)  # new captions: new offsets
-    _write_json(os.path.join(out_folder, "manifest.json"), manifest)  # last: the folder is complete
-    return {"folder": out_folder, "format": fmt, **summary}
+    write_json_atomic(os.path.join(out_folder, "manifest.json"), manifest)  # last: the folder is complete
+    return {"folder": out_folder, "format": fmt, "shards_reused": reused, **summary}
 
 
-def _update_part(folder: str, stem: str, files: dict, with_syn: int) -> None:
+def _update_part(folder: str, fmt: str, stem: str, record: dict) -> None:
     """In place: make-shards' completion record of the shard names the new file sizes, so a
     later `make-shards --resume` keeps the shard instead of converting it again."""
     path = part_path(os.path.dirname(folder), os.path.basename(folder), int(stem))
     if os.path.exists(path):
         with open(path) as f:
             part = json.load(f)
-        part.update(files=files["files"], samples=files["samples"], with_syn=with_syn)
-        with open(path, "w") as f:
-            json.dump(part, f, sort_keys=True)
-
-
-def _write_json(path: str, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
+        part.update(files=record["files"], samples=record["samples"], with_syn=record["counts"]["with_syn"])
+        # The shard's piece of the folder index first: its offsets moved with the new captions.
+        write_piece(path[: -len(".json")] + PIECE_SUFFIX, fmt,
+                    shard_piece(folder, fmt, stem + DATA_SUFFIX[fmt], record["files"]))
+        write_record(path, part)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -211,12 +277,10 @@ def main(argv: list[str] | None = None) -> int:
             out = folder if args.in_place else args.out if single else os.path.join(args.out, os.path.basename(folder))
             if not args.in_place and os.path.realpath(out) == os.path.realpath(folder):
                 raise UsageError(f"--out {args.out} is the input folder; use --in-place")
-            if not args.in_place and os.path.exists(os.path.join(out, "manifest.json")):
-                raise UsageError(f"{out} already holds shards; choose another --out")
             r = attach_folder(folder, sidecar, out, args.mode, scorer, progress=not args.quiet)
-            print(f"attach-captions: {r['format']}: {r.get('samples', 0)} samples, {r.get('matched', 0)} matched, "
-                  f"{r.get('unmatched', 0)} unmatched, {r.get('with_syn', 0)} with synthetic captions "
-                  f"({r.get('captions', 0)} captions) → {r['folder']} ({time.perf_counter() - start:.1f} s)")
+            print(f"attach-captions: {r['format']}: {r.get('samples', 0)} samples, {join_summary(r)}, "
+                  f"{r.get('with_syn', 0)} with synthetic captions ({r.get('captions', 0)} captions), "
+                  f"{r['shards_reused']} shards reused → {r['folder']} ({time.perf_counter() - start:.1f} s)")
     except (UsageError, FileNotFoundError, ValueError) as e:
         print(f"attach-captions: error: {e}", file=sys.stderr)
         return 2

@@ -10,8 +10,9 @@ processor's own mean/std applied (a no-op for BLIP and GIT, which use CLIP's). T
 bf16 on the GPU, fp32 on the CPU; nothing is ever downloaded (HF_HUB_OFFLINE).
 
 Output: the JSONL sidecar make-shards and attach-captions join, one line per image,
-`{"key": <meta.source_key, else the sample key>, "caption": [up to K captions]}`; samples that
-share an image (several raw captions per image) are captioned once. Captions are ftfy-cleaned as
+`{"image": <its identity: meta.image, the path relative to the images root>, "caption": [up to K
+captions]}` (`{"key": <the sample key>, ...}` for shards that do not name their images); samples
+that share an image (several raw captions per image) are captioned once. Captions are ftfy-cleaned as
 raw text is; empty and degenerate ones (under --min-words words, a word or word pair repeated
 --max-repeat times) are counted and dropped. Batches never span shards and each shard's
 completion record (`OUT.parts/<shard>.json`) holds its lines, so `--resume` redoes only the
@@ -31,10 +32,13 @@ from dataclasses import asdict, dataclass
 
 from tqdm import tqdm
 
-from pipelines.formats.base import TMP_SUFFIX
+from pipelines.formats.base import holds_only_partial_writes, remove_partial_writes, write_atomic, write_json_atomic
 from pipelines.text import clean_text
+from tools.caption import stored_line_id
+from tools.fault_hooks import point
 
 PLAN_FILE = "plan.json"
+LINE_IDS = "image identity"  # what a line names an image by (older runs: its source key; not resumable)
 FETCH_HINT = ("fetch one once with `huggingface-cli download Salesforce/blip-image-captioning-base "
               "--local-dir DIR` (or any BLIP/GIT/Florence-2 repo), or make a tiny random one with "
               "`caption-shards --init-tiny DIR`")
@@ -219,7 +223,8 @@ def prepare_output(out: str, cfg: CaptionConfig, resume: bool, overwrite: bool, 
     (bf16 or fp32) and backend (their resampling differs slightly) are part of it: a resumed run
     must caption as the killed one did."""
     parts = _parts(out)
-    plan = {**asdict(cfg), "model_files": model_fingerprint(cfg.model), "device": device, "backend": backend}
+    plan = {**asdict(cfg), "model_files": model_fingerprint(cfg.model), "device": device, "backend": backend,
+            "line_ids": LINE_IDS}
     plan_path = os.path.join(parts, PLAN_FILE)
     if overwrite:
         shutil.rmtree(parts, ignore_errors=True)
@@ -234,18 +239,13 @@ def prepare_output(out: str, cfg: CaptionConfig, resume: bool, overwrite: bool, 
                              "pass --overwrite to redo them or choose another --out")
         if not resume:
             raise UsageError(f"{parts} holds this run's records; pass --resume to finish it or --overwrite to redo it")
-    elif os.path.exists(out) or os.path.exists(parts):
+    elif os.path.exists(out) or (os.path.exists(parts) and not holds_only_partial_writes(parts)):
         raise UsageError(f"{out} already exists; choose another --out or pass --overwrite")
     os.makedirs(parts, exist_ok=True)
-    with open(plan_path, "w") as f:
-        json.dump(plan, f, indent=1, sort_keys=True)
+    remove_partial_writes(parts)  # what a killed run was writing
+    remove_partial_writes(os.path.dirname(os.path.abspath(out)), prefix=os.path.basename(out) + ".tmp")
+    write_json_atomic(plan_path, plan)
     return parts
-
-
-def _write_atomic(path: str, text: str) -> None:
-    with open(path + TMP_SUFFIX, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(path + TMP_SUFFIX, path)
 
 
 def caption_shard(loader, captioner: Captioner, cfg: CaptionConfig, s: int, bar) -> dict:
@@ -262,7 +262,7 @@ def caption_shard(loader, captioner: Captioner, cfg: CaptionConfig, s: int, bar)
     loader.load_state_dict({**state, "epoch": 0, "batches_yielded": 0, "offset": start})
     name = os.path.basename(shardset.paths[s])
     counts: Counter = Counter()
-    lines: dict[str, list[str]] = {}
+    lines: dict[tuple[str, str], list[str]] = {}  # (field, id) of each image's line -> its captions
     pos = start
     for j, batch in enumerate(loader):
         rows = min(len(batch), end - pos)
@@ -270,7 +270,7 @@ def caption_shard(loader, captioner: Captioner, cfg: CaptionConfig, s: int, bar)
         ids = batch.ids[:rows].tolist() if batch.ids is not None else expected
         keep = [r for r in range(rows) if ids[r] == expected[r]]  # the others are bad images' substitutes
         counts["bad_images"] += rows - len(keep)
-        keys = [source_key(shardset.get(expected[r]).meta, batch.keys[r]) for r in keep]
+        keys = [stored_line_id(shardset.get(expected[r]).meta, batch.keys[r]) for r in keep]
         todo = []  # one caption job per image: an image's other samples share its line
         for r, k in zip(keep, keys):
             if k not in lines:
@@ -297,13 +297,8 @@ def caption_shard(loader, captioner: Captioner, cfg: CaptionConfig, s: int, bar)
         if pos >= end:
             break
     record = {"shard": name, "counts": dict(sorted(counts.items())),
-              "lines": [{"key": k, "caption": c} for k, c in lines.items() if c]}
+              "lines": [{field: ident, "caption": c} for (field, ident), c in lines.items() if c]}
     return record
-
-
-def source_key(meta: dict, sample_key: str) -> str:
-    """What the sidecar keys an image by: make-shards' source key, else the shard's sample key."""
-    return str(meta.get("source_key") or sample_key)
 
 
 def run(cfg: CaptionConfig, out: str, batch_size: int = 16, device: str = "cpu", backend: str | None = None,
@@ -333,8 +328,11 @@ def run(cfg: CaptionConfig, out: str, batch_size: int = 16, device: str = "cpu",
         with tqdm(total=total, desc=f"caption-shards → {out}", unit=" img", disable=not progress,
                   smoothing=0.1) as bar:
             for s in todo:
+                point(f"caption {names[s]}")  # a test hook (tools/fault_hooks.py)
                 record = caption_shard(loader, captioner, cfg, s, bar)
-                _write_atomic(os.path.join(parts, names[s] + ".json"), json.dumps(record, ensure_ascii=False))
+                # Unsorted: a line's id stays before its captions, in a resumed run's file too.
+                write_json_atomic(os.path.join(parts, names[s] + ".json"), record, indent=None,
+                                  sort_keys=False, ensure_ascii=False)
                 records[names[s]] = record
     finally:
         loader.close()
@@ -344,18 +342,18 @@ def run(cfg: CaptionConfig, out: str, batch_size: int = 16, device: str = "cpu",
     for n in names:  # shard order; an image split across two shards keeps its first shard's line
         counts.update(records[n]["counts"])
         for line in records[n]["lines"]:
-            if line["key"] not in seen:
-                seen.add(line["key"])
+            ident = next((f, v) for f, v in line.items() if f != "caption")
+            if ident not in seen:
+                seen.add(ident)
                 lines.append(json.dumps(line, ensure_ascii=False) + "\n")
-    _write_atomic(out, "".join(lines))
+    write_atomic(out, "".join(lines))
     done = sum(records[names[s]]["counts"].get("samples", 0) for s in todo)
     images = sum(records[names[s]]["counts"].get("images", 0) for s in todo)  # captioned this run
     stats = {"shards": len(names), "shards_reused": len(names) - len(todo), "lines": len(lines),
              **dict(sorted(counts.items())), "seconds": round(elapsed, 3),
              "samples_per_second": round(done / elapsed, 2) if todo and elapsed else None,
              "images_per_second": round(images / elapsed, 2) if todo and elapsed else None}
-    with open(os.path.join(parts, "stats.json"), "w") as f:
-        json.dump(stats, f, indent=1, sort_keys=True)
+    write_json_atomic(os.path.join(parts, "stats.json"), stats)
     return stats
 
 

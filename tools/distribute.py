@@ -136,8 +136,12 @@ def die_with_parent(parent_pid: int) -> None:
 
 
 class RayCluster(Distributor):
-    """Shards as Ray tasks: on the Ray this process already joined, on `address`, or on a local
-    Ray of `workers` CPUs started here and stopped (with every process it spawned) with us.
+    """Shards as Ray tasks: on the Ray this process already joined, on the cluster asked for
+    (`address`, else the RAY_ADDRESS variable: what `ray job submit` sets for its drivers), or else
+    on a local Ray of `workers` CPUs started here and stopped (with every process it spawned) with
+    us. Without an ask it never joins a cluster: `ray.init(address="local")`, because Ray's own
+    default (address None) joins whatever the node's address file names (a `ray start` cluster,
+    or a stale file of a killed one) and then refuses the local CPU count.
     `--out` must be a folder every node sees at the same path (a shared file system)."""
 
     def __init__(self, job: ShardJob, workers: int, address: str | None = None):
@@ -147,13 +151,14 @@ class RayCluster(Distributor):
             raise DistributorError("--distributor ray needs Ray, which is not installed: "
                                    "pip install '.[ray]'") from e
         self.ray, self.owned, self.reaper = ray, False, None
-        address = address or os.environ.get("RAY_ADDRESS")  # Ray's own convention for "join this"
+        address = address or os.environ.get("RAY_ADDRESS") or None  # Ray's convention for "join this"
         if not ray.is_initialized():
             if address is None:
                 self.reaper = start_reaper()
             try:
                 local = {"num_cpus": workers, "_node_ip_address": "127.0.0.1"} if address is None else {}
-                ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, **local)
+                ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING,
+                         **local)
             except (ConnectionError, RuntimeError, ValueError) as e:
                 self.close()
                 raise DistributorError(f"cannot start or reach Ray at {address or 'a new local cluster'}: "

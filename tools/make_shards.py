@@ -28,11 +28,11 @@ from tqdm import tqdm
 from pipelines import storage
 from pipelines.formats import recordio
 from pipelines.folder_index import index_for_manifest
-from pipelines.formats.base import TMP_SUFFIX
+from pipelines.formats.base import holds_only_partial_writes, remove_partial_writes, write_json_atomic
 from pipelines.formats.registry import FORMATS
 from pipelines.schema import SCHEMA_VERSION
 from pipelines.text import TOKENIZER_NAME, clean_text
-from tools.caption import CaptionSidecar, load_sidecar
+from tools.caption import SidecarJoin, join_summary, load_sidecar
 from tools.image_policy import DEFAULT_MAX_PIXELS, RESIZE_BACKENDS, ImagePolicy
 from tools import remote_out
 from tools.distribute import DISTRIBUTORS, DistributorError, make_distributor
@@ -81,12 +81,12 @@ class ConvertConfig:
 
 
 def expand(records: Iterator[SourceRecord], cfg: ConvertConfig,
-           sidecar: CaptionSidecar | None) -> Iterator[WorkItem]:
+           join: SidecarJoin | None) -> Iterator[WorkItem]:
     """Records (one per image) → work items (one per sample), numbered in input order."""
     index = itertools.count()
     for rec in records:
         captions = [c for c in (clean_text(c) for c in rec.captions) if c]
-        syn = [c for c in (clean_text(c) for c in sidecar.lookup(rec)) if c] if sidecar else []
+        syn = [c for c in (clean_text(c) for c in join.captions(rec) or []) if c] if join else []
         if not captions:
             yield WorkItem(next(index), rec, None, syn)
         elif cfg.captions_per_image == "all":
@@ -109,7 +109,7 @@ def prepare_output(out: str, cfg: ConvertConfig, resume: bool, overwrite: bool) 
     for fmt in cfg.formats:
         folder = os.path.join(out, fmt)
         plan_path = os.path.join(folder, PARTS_DIR, PLAN_FILE)
-        if os.path.isdir(folder) and os.listdir(folder):
+        if os.path.isdir(folder) and not holds_only_partial_writes(folder):
             if overwrite:
                 shutil.rmtree(folder)
             elif not os.path.exists(plan_path):
@@ -127,13 +127,9 @@ def prepare_output(out: str, cfg: ConvertConfig, resume: bool, overwrite: bool) 
                     raise UsageError(f"{folder} already holds this conversion; pass --resume to finish "
                                      "it or --overwrite to redo it")
         os.makedirs(os.path.join(folder, PARTS_DIR), exist_ok=True)
-        for sub in (folder, os.path.join(folder, PARTS_DIR)):  # what a killed worker was writing
-            for name in os.listdir(sub):
-                if name.endswith(TMP_SUFFIX) or TMP_SUFFIX + "-" in name:  # `x.tmp`, `x.tmp-<pid>[...]`
-                    path = os.path.join(sub, name)
-                    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        with open(plan_path, "w") as f:
-            json.dump(plan, f, indent=1, sort_keys=True)
+        for sub in (folder, os.path.join(folder, PARTS_DIR)):  # what a killed run was writing
+            remove_partial_writes(sub)
+        write_json_atomic(plan_path, plan)
 
 
 def run(cfg: ConvertConfig, out: str, workers: int, resume: bool = False, overwrite: bool = False,
@@ -151,12 +147,17 @@ def run(cfg: ConvertConfig, out: str, workers: int, resume: bool = False, overwr
         if not overwrite:
             remote_out.pull_small_files(remote, out, cfg.formats)
     prepare_output(out, cfg, resume, overwrite)
+    if remote:
+        remote_out.publish_plan(remote, out, cfg.formats, PLAN_FILE)
     sizes = remote_out.remote_sizes(remote, cfg.formats) if remote and resume else None
-    sidecar = load_sidecar(cfg.synthetic_captions) if cfg.synthetic_captions else None
     job = ShardJob(out=out, formats=cfg.formats, policy=cfg.policy(), tokenize=cfg.tokenize,
                    keep_uncaptioned=cfg.keep_uncaptioned, source=cfg.source, remote=remote)
-    records = get_source(cfg.source)(cfg.input, cfg.source_options())
-    plan = enumerate(chunks(expand(records, cfg, sidecar), cfg.samples_per_shard))
+
+    def listing():
+        return get_source(cfg.source)(cfg.input, cfg.source_options())
+
+    join = SidecarJoin(load_sidecar(cfg.synthetic_captions), listing) if cfg.synthetic_captions else None
+    plan = enumerate(chunks(expand(listing(), cfg, join), cfg.samples_per_shard))
     results: dict[int, dict] = {}
     reused: list[int] = []
     start = time.perf_counter()
@@ -184,13 +185,15 @@ def run(cfg: ConvertConfig, out: str, workers: int, resume: bool = False, overwr
     elapsed = time.perf_counter() - start
     if remote:  # indexes written by Ray workers on other nodes
         remote_out.pull_small_files(remote, out, cfg.formats)
-    stats = finalize(out, cfg, [results[k] for k in sorted(results)], elapsed, len(reused))
+    stats = finalize(out, cfg, [results[k] for k in sorted(results)], elapsed, len(reused),
+                     join.counts.as_dict() if join else None)
     if remote:
-        remote_out.publish_final(remote, out, cfg.formats, PLAN_FILE)
+        remote_out.publish_final(remote, out, cfg.formats)
     return stats
 
 
-def finalize(out: str, cfg: ConvertConfig, parts: list[dict], elapsed: float, reused: int) -> dict:
+def finalize(out: str, cfg: ConvertConfig, parts: list[dict], elapsed: float, reused: int,
+             sidecar: dict | None = None) -> dict:
     skipped: Counter = Counter()
     examples: dict[str, str] = {}
     for p in parts:
@@ -205,6 +208,8 @@ def finalize(out: str, cfg: ConvertConfig, parts: list[dict], elapsed: float, re
         "shards": sum(1 for p in parts if p["written"]), "shards_reused": reused,
         "seconds": round(elapsed, 3), "samples_per_second": round(read / elapsed, 1) if elapsed else None,
     }
+    if sidecar is not None:  # per image: how the synthetic-caption sidecar met the input
+        stats["synthetic_captions"] = sidecar
     if read != written + stats["skipped"]:
         raise RuntimeError(f"{out}: read {read} != written {written} + skipped {stats['skipped']}")
     for fmt in cfg.formats:
@@ -226,18 +231,12 @@ def finalize(out: str, cfg: ConvertConfig, parts: list[dict], elapsed: float, re
             rec_names = [f["name"] for f in shards if f["name"].endswith(".rec")]
             sizes = {f["name"]: f["bytes"] for f in shards}  # the .rec files may be uploaded already
             manifest["dali_index"] = os.path.basename(recordio.write_combined_index(folder, rec_names, sizes))
-        _write_json(os.path.join(folder, "manifest.json"), manifest)
-        _write_json(os.path.join(folder, "stats.json"), stats)
+        write_json_atomic(os.path.join(folder, "manifest.json"), manifest)
+        write_json_atomic(os.path.join(folder, "stats.json"), stats)
         if fmt == "wds":
             sizes = {f["name"]: f["samples"] for f in shards if f["name"].endswith(".tar")}
-            _write_json(os.path.join(folder, "sizes.json"), sizes)
+            write_json_atomic(os.path.join(folder, "sizes.json"), sizes)
     return stats
-
-
-def _write_json(path: str, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -318,8 +317,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"make-shards: error: {e}", file=sys.stderr)
         return 2
     reasons = ", ".join(f"{k} {v}" for k, v in stats["skipped_by_reason"].items()) or "none"
+    joined = f" (sidecar, per image: {join_summary(stats['synthetic_captions'])})" \
+        if "synthetic_captions" in stats else ""
     print(f"make-shards: read {stats['read']}, written {stats['written']}, skipped {stats['skipped']} "
-          f"({reasons}); {stats['with_synthetic_caption']} with synthetic captions; "
+          f"({reasons}); {stats['with_synthetic_caption']} with synthetic captions{joined}; "
           f"{stats['samples_per_second']} samples/s → {args.out}")
     return 0
 

@@ -9,6 +9,9 @@ a conversion larger than the local disk needs room for a few shards only. The sm
 worker on another node wrote them, or this is a resume on another machine), writes the manifests
 from them as for a local folder, and uploads `manifest.json` last: a reader never sees a manifest
 naming a shard that is not there.
+The store is the truth: before a resume, staging's records of shards the store holds no record of
+(an upload that failed, a run killed between two uploads) are dropped, so those shards are
+converted and uploaded again; the manifest is uploaded only once the store holds every record.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import os
 import re
 
 from pipelines import storage
+from tools.fault_hooks import point
 
 DATA_SUFFIXES = (".tar", ".arrow", ".rec")
 PARTS_DIR = ".parts"
@@ -56,13 +60,22 @@ def check_target(url: str, formats: tuple[str, ...], overwrite: bool) -> None:
                              "choose another --out or pass --overwrite")
 
 
+RECORD = re.compile(r"^\d+\.json$")  # a shard's completion record in .parts/
+
+
 def pull_small_files(url: str, staging: str, formats: tuple[str, ...]) -> None:
-    """Download the records and indexes staging lacks (never the data files)."""
+    """Make staging's records and indexes the store's: drop records the store does not hold,
+    download what staging lacks or holds at another size (never the data files)."""
     for fmt in formats:
         for sub in ("", PARTS_DIR):
             remote = storage.join(url, fmt, sub) if sub else storage.join(url, fmt)
             local = os.path.join(staging, fmt, sub)
-            for name, size in listing(remote).items():
+            held = listing(remote)
+            if sub == PARTS_DIR and os.path.isdir(local):
+                for name in os.listdir(local):
+                    if RECORD.match(name) and held.get(name) != os.path.getsize(os.path.join(local, name)):
+                        os.remove(os.path.join(local, name))
+            for name, size in held.items():
                 if name.endswith("/") or name.endswith(DATA_SUFFIXES) or name in FINAL_FILES:
                     continue
                 path = os.path.join(local, name)
@@ -75,25 +88,45 @@ def remote_sizes(url: str, formats: tuple[str, ...]) -> dict[str, dict[str, int]
     return {fmt: listing(storage.join(url, fmt)) for fmt in formats}
 
 
+def upload(path: str, target: str) -> None:
+    point(f"upload {target}")  # test hooks (tools/fault_hooks.py)
+    storage.upload_file(path, target)
+    point(f"uploaded {target}")
+
+
 def publish_shard(url: str, staging: str, fmt: str, files: dict, record_path: str) -> None:
     """Upload one format's files of a finished shard, its piece of the folder index, then its
     record; drop the data files."""
     for name in sorted(files):
-        storage.upload_file(os.path.join(staging, fmt, name), storage.join(url, fmt, name))
+        upload(os.path.join(staging, fmt, name), storage.join(url, fmt, name))
     piece = record_path[: -len(".json")] + ".piece"
     if os.path.exists(piece):
-        storage.upload_file(piece, storage.join(url, fmt, PARTS_DIR, os.path.basename(piece)))
-    storage.upload_file(record_path, storage.join(url, fmt, PARTS_DIR, os.path.basename(record_path)))
+        upload(piece, storage.join(url, fmt, PARTS_DIR, os.path.basename(piece)))
+    upload(record_path, storage.join(url, fmt, PARTS_DIR, os.path.basename(record_path)))
     for name in files:
         if name.endswith(DATA_SUFFIXES):
             os.remove(os.path.join(staging, fmt, name))
 
 
-def publish_final(url: str, staging: str, formats: tuple[str, ...], plan_file: str) -> None:
+def publish_plan(url: str, staging: str, formats: tuple[str, ...], plan_file: str) -> None:
+    """Upload the plan before any shard: a prefix holding part of a conversion names it, so a
+    resume from any machine (a fresh staging folder) recognises it instead of refusing it."""
     for fmt in formats:
-        storage.upload_file(os.path.join(staging, fmt, PARTS_DIR, plan_file),
-                            storage.join(url, fmt, PARTS_DIR, plan_file))
+        upload(os.path.join(staging, fmt, PARTS_DIR, plan_file), storage.join(url, fmt, PARTS_DIR, plan_file))
+
+
+def publish_final(url: str, staging: str, formats: tuple[str, ...]) -> None:
+    """Upload the folder files, manifest last, once the store holds every record staging holds
+    (else a later resume from a fresh staging folder would convert those shards again)."""
+    for fmt in formats:
+        parts = os.path.join(staging, fmt, PARTS_DIR)
+        held = listing(storage.join(url, fmt, PARTS_DIR))
+        missing = sorted(n for n in os.listdir(parts)
+                         if RECORD.match(n) and held.get(n) != os.path.getsize(os.path.join(parts, n)))
+        if missing:
+            raise storage.StorageError(f"{storage.join(url, fmt)}: the store lacks the records of shards "
+                                       f"{', '.join(missing[:5])}; rerun with --resume to convert them again")
         for name in FINAL_FILES:
             path = os.path.join(staging, fmt, name)
             if os.path.exists(path):
-                storage.upload_file(path, storage.join(url, fmt, name))
+                upload(path, storage.join(url, fmt, name))

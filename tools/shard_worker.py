@@ -8,27 +8,23 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from pipelines.folder_index import PIECE_SUFFIX, shard_piece, write_piece
-from pipelines.formats.base import TMP_SUFFIX, shard_stem
+from pipelines.formats.base import shard_stem, write_json_atomic
 from pipelines.formats.registry import DATA_SUFFIX, WRITERS
 from pipelines.schema import Sample
 from pipelines.text import tokenize
+from tools.fault_hooks import FAULT_DIR_ENV, shard_fault  # noqa: F401 - FAULT_DIR_ENV: the tests' name for it
 from tools.image_policy import ImagePolicy, SkipSample, process_image
 from tools.remote_out import publish_shard
 from tools.sources.base import SourceRecord, TarMember
 
 TOKENIZE_BLOCK = 256  # samples tokenized per call: batching amortizes the tokenizer's overhead
 PARTS_DIR = ".parts"  # per format folder: per-shard completion records that --resume trusts
-# Test hook: a file `kill-<shard stem>` in this folder makes the first worker that claims it die by
-# SIGKILL before converting that shard, as the OOM killer would (tests of retries and of resume).
-FAULT_DIR_ENV = "MAKE_SHARDS_FAULT_DIR"
 
 
 @dataclass
@@ -106,25 +102,9 @@ def set_tokens(samples: list[Sample]) -> None:
         s.tokens = rows if s.syn else np.repeat(rows, 2, axis=0)
 
 
-def inject_fault(shard: int) -> None:
-    """Test hooks: `kill-<shard>` SIGKILLs the first attempt at that shard; while `hold-<shard>`
-    exists, the shard waits (a run that cannot finish before a test kills it)."""
-    folder = os.environ.get(FAULT_DIR_ENV)
-    if not folder:
-        return
-    while os.path.exists(os.path.join(folder, f"hold-{shard_stem(shard)}")):
-        time.sleep(0.05)
-    armed = os.path.join(folder, f"kill-{shard_stem(shard)}")
-    try:
-        os.rename(armed, armed + ".fired")  # atomic: exactly one attempt claims it
-    except FileNotFoundError:
-        return
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
 def convert_shard(shard: int, items: list[WorkItem], job: ShardJob) -> dict:
     """Write shard `shard` in every format and its completion record; return that record."""
-    inject_fault(shard)
+    shard_fault(shard_stem(shard))  # test hooks (tools/fault_hooks.py); inert otherwise
     need_tokens = job.tokenize or "rec" in job.formats
     writers = {}
     for fmt in job.formats:
@@ -168,12 +148,15 @@ def convert_shard(shard: int, items: list[WorkItem], job: ShardJob) -> dict:
         if f.samples:  # the shard's piece of the folder index, while its data file is at hand
             write_piece(path[: -len(".json")] + PIECE_SUFFIX, fmt,
                         shard_piece(os.path.join(job.out, fmt), fmt, shard_stem(shard) + DATA_SUFFIX[fmt], f.files))
-        with open(path + TMP_SUFFIX, "w") as fh:
-            json.dump({**counts, "samples": f.samples, "files": f.files}, fh, sort_keys=True)
-        os.replace(path + TMP_SUFFIX, path)
+        write_record(path, {**counts, "samples": f.samples, "files": f.files})
         if job.remote:
             publish_shard(job.remote, job.out, fmt, f.files, path)
     return {**counts, "files": {fmt: {"samples": f.samples, "files": f.files} for fmt, f in files.items()}}
+
+
+def write_record(path: str, record: dict) -> None:
+    """A shard's completion record (make-shards writes it; attach-captions --in-place updates it)."""
+    write_json_atomic(path, record, indent=None)
 
 
 def shard_is_complete(out: str, formats: tuple[str, ...], shard: int,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
@@ -22,6 +23,11 @@ import pyarrow as pa
 from pipelines.schema import Sample
 
 TMP_SUFFIX = ".tmp"
+_ATOMIC_TMP = re.compile(r"\.tmp-\d+-\d+$")  # write_atomic's temporary names
+# Test hook (tools/fault_hooks.py installs one): called as hook("write", path) once the temporary
+# file is complete, just before the rename, and hook("wrote", path) just after it, so a test can
+# kill a process at exactly those instants.
+atomic_write_hook: Callable[[str, str], None] | None = None
 
 
 def shard_stem(index: int) -> str:
@@ -112,10 +118,14 @@ def write_atomic(path: str, data: bytes | str) -> None:
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
+        if atomic_write_hook is not None:
+            atomic_write_hook("write", path)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    if atomic_write_hook is not None:
+        atomic_write_hook("wrote", path)
     fsync_dir(folder)
 
 
@@ -124,6 +134,39 @@ def write_json_atomic(path: str, obj, **dumps) -> None:
     sorted keys: the metadata files' layout)."""
     dumps = {"indent": 1, "sort_keys": True, **dumps}
     write_atomic(path, json.dumps(obj, **dumps) + "\n")
+
+
+def is_partial_write(name: str) -> bool:
+    """A file a killed writer left behind: a shard file under `*.tmp` or a `write_atomic`
+    temporary file (`*.tmp-<pid>-<thread>`)."""
+    return name.endswith(TMP_SUFFIX) or bool(_ATOMIC_TMP.search(name))
+
+
+def remove_partial_writes(folder: str, prefix: str = "") -> list[str]:
+    """Delete what killed writers left in `folder` (only names starting with `prefix`); the
+    tools call it before they write there again. Returns the names removed."""
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return []
+    removed = [n for n in sorted(names) if n.startswith(prefix) and is_partial_write(n)]
+    for name in removed:
+        os.remove(os.path.join(folder, name))
+    return removed
+
+
+def holds_only_partial_writes(folder: str) -> bool:
+    """True when nothing under `folder` but what killed writers leave (and empty folders): a run
+    killed before its first complete write, which its rerun may take over."""
+    return all(is_partial_write(name) for _, _, names in os.walk(folder) for name in names)
+
+
+def fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(folder: str) -> None:
@@ -190,9 +233,12 @@ class ShardWriter(ABC):
             # Data file last: a reader that sees the data file also finds its index.
             final = self.path(suffix)
             out.files[os.path.basename(final)] = {"bytes": os.path.getsize(tmp), "sha256": file_digest(tmp)}
+            # On disk before the completion record that names it is (that one is fsynced too).
+            fsync_file(tmp)
         if self.count:
             for suffix in self.suffixes[1:] + self.suffixes[:1]:
                 os.replace(self.path(suffix, tmp=True), self.path(suffix))
+            fsync_dir(self.folder)
         return out
 
     def abort(self) -> None:

@@ -24,7 +24,7 @@ from typing import Iterator
 
 import numpy as np
 
-from pipelines.formats.base import MappedFile, ShardWriter
+from pipelines.formats.base import MappedFile, ShardWriter, write_atomic
 from pipelines.formats.index import SAMPLE_DTYPES, Piece
 from pipelines.schema import CONTEXT_LENGTH, TOKENS_PER_SAMPLE, Sample
 
@@ -153,8 +153,7 @@ def combined_index_lines(folder: str, rec_names: list[str], sizes: dict[str, int
 
 def write_combined_index(folder: str, rec_names: list[str], sizes: dict[str, int] | None = None) -> str:
     path = f"{folder}/{COMBINED_INDEX}"
-    with open(path, "w") as f:
-        f.writelines(combined_index_lines(folder, rec_names, sizes))
+    write_atomic(path, "".join(combined_index_lines(folder, rec_names, sizes)))
     return path
 
 

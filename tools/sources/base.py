@@ -6,6 +6,7 @@ listing stays cheap in the main process and the bytes are read by the conversion
 from __future__ import annotations
 
 import os
+import posixpath
 from dataclasses import dataclass, field
 from typing import Iterator, Protocol
 
@@ -27,10 +28,12 @@ ImageRef = "str | TarMember"
 class SourceRecord:
     """One image of a source dataset with all its raw captions.
 
-    source_key: the image's stable id in its source (file name without folder, COCO image id,
-                img2dataset key, ...): what synthetic-caption sidecars join on with "key".
+    source_key: the image's id in its source (file name without folder, YFCC photo id,
+                img2dataset key, ...), as people name it; not unique in every source (two
+                folders may hold the same file name). Sidecar lines with "key" name it.
     image:      absolute file path (str) or a TarMember.
-    image_name: the image's path as the source names it (relative), joined on with "image".
+    image_name: the image's path as the source names it (relative to the images root);
+                normalised, it is the image's identity (`identity`), unique within the input.
     captions:   raw captions as published; possibly empty (the converter counts it).
     meta:       JSON-serializable: image_id, url, license, width/height as published, ...
     """
@@ -40,6 +43,22 @@ class SourceRecord:
     image_name: str
     captions: list[str] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
+
+    @property
+    def identity(self) -> str:
+        return image_identity(self.image_name)
+
+
+def image_identity(image_name: str) -> str:
+    """What names one image everywhere captions are joined (make-shards' sidecar join,
+    caption-shards' lines, attach-captions): its path as the source names it, relative to the
+    images root, with `/` separators and `.`/`//` folded (`a/000000001.jpg`, never just the stem).
+    Shards keep `image_name` in `meta.image`, so the identity of a stored sample is
+    `image_identity(meta["image"])`. Two records share it only when they name the same file."""
+    name = image_name.replace("\\", "/")
+    if not name or "://" in name:  # a file:// URL (cc) is kept as written
+        return name
+    return posixpath.normpath(name)
 
 
 @dataclass
