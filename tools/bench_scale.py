@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", help="a make-shards --out folder with wds and rec subfolders (default: synthetic)")
     p.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "bench-scale"),
                    help="where the replicated folders go (hard links: on the base's file system)")
-    p.add_argument("--sizes", type=float, nargs="+", default=[1e6, 1e7, 1e8], help="samples per folder")
+    p.add_argument("--sizes", type=float, nargs="*", default=[1e6, 1e7, 1e8], help="samples per folder")
     p.add_argument("--per-shard", type=int, default=1000, help="wds samples per shard")
     p.add_argument("--rec-per-shard", type=int, default=10000, help="rec samples per shard")
     p.add_argument("--batches", type=int, default=100, help="batches per rank before counting descriptors and maps")

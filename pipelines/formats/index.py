@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from pipelines.formats import base
 from pipelines.formats.base import fsync_dir
 
 INDEX_NAME = "index.bin"
@@ -183,7 +184,11 @@ class IndexWriter:
                             shutil.copyfileobj(src, out, 1 << 22)
                 out.flush()
                 os.fsync(out.fileno())
+            if base.atomic_write_hook is not None:  # the tools' kill-anywhere test hook, as write_atomic's
+                base.atomic_write_hook("write", self.path)
             os.replace(tmp, self.path)
+            if base.atomic_write_hook is not None:
+                base.atomic_write_hook("wrote", self.path)
             fsync_dir(os.path.dirname(os.path.abspath(self.path)))
         finally:
             self._clear()
