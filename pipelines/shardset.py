@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import os
 from collections import Counter
 
@@ -35,7 +34,6 @@ from pipelines.shard_cache import ShardCache, cache_folder, fetch_once, identity
 from pipelines.storage import DEFAULT_CACHE_DIR, DEFAULT_CACHE_LIMIT, StorageError, is_remote, join, list_files, read_json
 from pipelines.text import choose_caption, sample_tokens
 
-log = logging.getLogger("pipelines")
 
 # read_batch's text row: raw tokens, synthetic-caption tokens, has_syn.
 TEXT_WIDTH = 2 * CONTEXT_LENGTH + 1

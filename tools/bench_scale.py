@@ -9,10 +9,11 @@ links into folders of N samples (shard i is base shard i mod B; its manifest and
 written for the copy: the index by tiling the base's, so building a 100 M-sample folder costs
 links, not conversions). Each row is measured in a fresh process per rank, with a warm page
 cache (the index is read once before):
-- open: seconds to build the Loader (index mapped, every shard stat'ed), RSS after it (anonymous
+- open: seconds to open the shard set (index mapped, every shard stat'ed), RSS after it (the open's anonymous
   memory, and file pages of the mapped index), open descriptors;
 - plan: seconds to compute the first batch's ids (`EpochPlan.batch`); first batch: seconds to the
-  first Batch of the torch loader (2 workers), private memory per worker;
+  first Batch of the torch loader (2 workers), anonymous memory per worker (its own heap and
+  what it copied of its parent: the shard and index pages it maps are page cache);
 - after `--batches` batches: descriptors and shard maps in the main process and each worker;
 - resume: seconds from a saved mid-epoch state to the next Batch in a new loader.
 `--epoch`: a whole epoch over the 1 M-sample folder (1,000 shards) under `ulimit -n 1024`, with the
@@ -129,10 +130,13 @@ def _mapping_rss(path: str) -> int:
 
 
 def _private(pid: int) -> int | None:
-    """Private bytes (clean and dirty) of a process; None when it has gone."""
+    """A process's own memory: its anonymous pages (heap, and what it copied of its parent's
+    since the fork), not the file pages it maps (shards, the index: page cache, shared and
+    reclaimable, though counted as private while only this process maps them). None when the
+    process has gone."""
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
-            return sum(int(line.split()[1]) * 1024 for line in f if line.startswith(("Private_Clean", "Private_Dirty")))
+            return sum(int(line.split()[1]) * 1024 for line in f if line.startswith("Anonymous:"))
     except (FileNotFoundError, ProcessLookupError):
         return None
 
@@ -340,7 +344,7 @@ def gib(n: float) -> str:
 
 def markdown(report: dict) -> str:
     lines = ["| format | samples | shards | open s | RSS after open: total (the open's anonymous memory; index pages) "
-             "| plan s | first batch s | fds / shard maps after batches (main; workers) | worker private | resume s |",
+             "| plan s | first batch s | fds / shard maps after batches (main; workers) | worker anonymous | resume s |",
              "|---|---:|---:|---:|---|---:|---:|---|---|---:|"]
     for r in report["local"]:
         after = r.get("after", {})
