@@ -54,7 +54,6 @@ was saved with (pipelines/loader.py).
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field, fields
 from typing import Iterator, NamedTuple
 
@@ -191,6 +190,22 @@ class _Blocks(NamedTuple):
     b: np.ndarray  # uint64 [blocks]
 
 
+class _memo:
+    """`functools.cached_property` without its lock. Python 3.11's takes one lock per property,
+    shared by every instance: a loader worker forked while a thread of its parent (the shard cache
+    following the plan) held it deadlocked on its first plan (issue 18's CI hang). Two threads may
+    both compute a value here; it is a pure function of the plan's fields, so either is right."""
+
+    def __init__(self, fn):
+        self.fn, self.name, self.__doc__ = fn, fn.__name__, fn.__doc__
+
+    def __get__(self, obj, cls=None):
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.fn(obj)
+        return value
+
+
 @dataclass(frozen=True)
 class EpochPlan:
     total: int
@@ -284,16 +299,16 @@ class EpochPlan:
         left, world = self.total - self.offset, self.world_size
         return left // (world * self.batch_size) * self.batch_size if self.drop_last else -(-left // world)
 
-    @functools.cached_property
+    @_memo
     def _keys(self) -> np.ndarray:
         return round_keys(self.seed, self.epoch, _GLOBAL)
 
-    @functools.cached_property
+    @_memo
     def _ends(self) -> np.ndarray:
         """int64 [shards]: the end of each shard's global ids (storage order)."""
         return np.cumsum(np.asarray(self.shard_sizes, dtype=np.int64))
 
-    @functools.cached_property
+    @_memo
     def _blocks(self) -> _Blocks:
         sizes = np.asarray(self.shard_sizes, dtype=np.int64)
         shards = permute(np.arange(len(sizes)), len(sizes), round_keys(self.seed, self.epoch, _SHARDS))

@@ -112,11 +112,29 @@ def identity_of(sha256: str | None, etag: str | None = None) -> str | None:
     return f"etag:{etag}" if etag else None
 
 
+# Lock descriptors a forked child must not keep: an flock belongs to the open file, which fork
+# shares, so a loader worker forked from the owner would hold the folder (no other rank could take
+# it over after the owner closed) and a worker forked during a read would pin that shard.
+_LOCKS_OF_PARENT: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def _drop_parent_locks() -> None:
+    for obj in list(_LOCKS_OF_PARENT):
+        obj._drop_locks()
+
+
+os.register_at_fork(after_in_child=_drop_parent_locks)
+
+
 class Held:
     """One shard's files, held (its lock file locked shared: no owner can evict them) until `close()`."""
 
     def __init__(self, paths: list[str], fds: list[int]):
         self.paths, self.fds = paths, fds
+        _LOCKS_OF_PARENT.add(self)
+
+    def _drop_locks(self) -> None:  # in a forked child: close our copies, the parent's lock stays
+        self.close()
 
     @property
     def path(self) -> str:
@@ -152,6 +170,7 @@ class ShardCache:
                              f"{human(limit)}; raise cache_limit")
         os.makedirs(folder, exist_ok=True)
         self.creator = os.getpid()
+        self._parent: int | None = None  # set in a pickled copy: the process that sent it
         self._owner_fd: int | None = None
         self._cond = threading.Condition()
         self._present: dict[int, float] = {}  # shard -> when fetched (eviction order: oldest first)
@@ -163,6 +182,7 @@ class ShardCache:
         self._error: str | None = None
         self._stop = False
         self._thread: threading.Thread | None = None
+        self._last_claim = 0.0
         self._try_own()
 
     def path(self, n: int) -> str:
@@ -170,7 +190,18 @@ class ShardCache:
 
     def __getstate__(self):  # what a spawned worker needs to read: never the owner's state
         return {**self.__dict__, "_cond": None, "_thread": None, "_owner_fd": None, "_future": None,
-                "_window": None, "creator": None}
+                "_window": None, "creator": None, "_parent": os.getpid()}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if os.getppid() != self._parent:  # not a worker of the process that sent it: nothing to watch
+            self._parent = None
+
+    def _orphaned(self) -> bool:
+        """A worker whose loader process has gone (its parent: the pickler, or the creator it was
+        forked from). Its reads would wait for nothing; torch's watchdog only looks between batches."""
+        parent = self._parent if self.creator is None else self.creator
+        return parent is not None and os.getpid() != parent and os.getppid() != parent
 
     @property
     def owner(self) -> bool:
@@ -205,6 +236,9 @@ class ShardCache:
                     if self.owner:
                         with self._cond:
                             self._cond.notify_all()
+                if self._orphaned():
+                    raise StorageError(f"the loader process that started this worker has exited; not waiting for "
+                                       f"{join(self.url, self.names[n])}")
                 if waited > WAIT_TIMEOUT_S:
                     raise StorageError(f"waited {waited:.0f} s for {join(self.url, self.names[n])} to reach the "
                                        f"cache {self.folder}; is a loader of this node still running?")
@@ -251,8 +285,14 @@ class ShardCache:
             os.close(fd)
             return False
         self._owner_fd = fd
+        _LOCKS_OF_PARENT.add(self)
         self._scan()
         return True
+
+    def _drop_locks(self) -> None:  # in a forked child (see _LOCKS_OF_PARENT)
+        if self._owner_fd is not None:
+            os.close(self._owner_fd)
+            self._owner_fd = None
 
     def _scan(self) -> None:
         """Adopt the complete, verified shards found in the folder; drop the rest (what a dead
@@ -278,14 +318,23 @@ class ShardCache:
                     self._used += self.sizes[n]
             self.peak = max(self.peak, self._used)
 
+    def _claim(self) -> bool:
+        """Try to take the folder over, at most every TAKEOVER_S (a non-owner's thread)."""
+        now = time.monotonic()
+        if now - self._last_claim < TAKEOVER_S:
+            return False
+        self._last_claim = now
+        return self._try_own()
+
     def schedule(self, future: Callable[[], Iterable]) -> None:
-        """Follow a new position: `future()` yields arrays of shard numbers in order of use."""
+        """Follow a new position: `future()` yields arrays of shard numbers in order of use. A loader
+        that follows a plan runs the cache's thread whether or not it owns the folder: a non-owner's
+        thread takes the folder over when its owner closes (its workers read, and they never do)."""
         self.check()
         with self._cond:
             self._future, self._window = future, None
             self._cond.notify_all()
-        if self.owner:
-            self._start()
+        self._start()
 
     def check(self) -> None:
         if self._error:
@@ -315,7 +364,7 @@ class ShardCache:
             os.close(self._owner_fd)
 
     def _start(self) -> None:
-        if self._thread is None and self.owner:
+        if self._thread is None and os.getpid() == self.creator:
             self._stop = False
             # The thread holds the cache only weakly, so a loader dropped without close() stops it.
             self._thread = threading.Thread(target=ShardCache._run, args=(weakref.ref(self), self._cond, self.threads),
@@ -375,7 +424,8 @@ class ShardCache:
                     if cache is None or cache._stop or cache._error:
                         return
                     try:
-                        cache._step(pool)
+                        if cache.owner or cache._claim():
+                            cache._step(pool)
                     except Exception as e:  # noqa: BLE001 - readers must hear of it, not wait forever
                         cache._error = f"shard cache of {cache.url}: {type(e).__name__}: {e}"
                     del cache

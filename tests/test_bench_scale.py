@@ -18,7 +18,9 @@ def test_bench_scale_quick(tmp_path):
     assert {(r["format"], r["samples"]) for r in rows} == {("wds", 2000), ("rec", 2000), ("wds", 20000), ("rec", 20000)}
     for r in rows:
         main_fds, main_maps = r["after"]["main"]
-        assert main_maps <= 64 and all(m <= 64 for _, m in r["after"]["workers"])
+        # max_open_shards (64) mapped, plus the shards whose image views a worker's batch in flight
+        # still holds (a closed map goes with its last view): bounded, whatever the shard count.
+        assert main_maps == 0 and all(m <= 64 + 64 for _, m in r["after"]["workers"])
         assert r["plan_s"] < 1 and r["resume_s"] > 0
     (s3,) = report["s3"]
     assert s3["requests_first_open"] == 2 and s3["requests_next_open"] == 1

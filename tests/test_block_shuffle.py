@@ -252,3 +252,46 @@ def test_read_order_covers_what_the_rank_reads_in_order(shuffle):
         assert [chunk_of[s] for s in need] == sorted(chunk_of[s] for s in need)  # chunks in order of need
         if shuffle == "block":
             assert all(len(c) <= 3 for c in chunks)
+
+
+@pytest.mark.timeout(240)
+def test_a_worker_forked_while_a_thread_builds_a_plan_can_use_its_own():
+    """The shard cache's thread builds plans (read_order) while the loader forks its workers; a
+    worker must not inherit a lock that thread held (Python 3.11's cached_property holds one per
+    property across instances: the first block layout in the child then waited forever)."""
+    import os
+    import threading
+    import time
+
+    sizes = [97] * 4000
+    stop = threading.Event()
+
+    def spin():
+        epoch = 0
+        while not stop.is_set():
+            next(EpochPlan(sum(sizes), 8, epoch=epoch, shuffle="block", shard_sizes=sizes).read_order(0))
+            epoch += 1
+
+    thread = threading.Thread(target=spin)
+    thread.start()
+    hung = 0
+    try:
+        for i in range(30):
+            pid = os.fork()
+            if pid == 0:  # the child: a plan of its own, at once
+                EpochPlan(sum(sizes), 8, epoch=10**6 + i, shuffle="block", shard_sizes=sizes).batch(0)
+                os._exit(0)
+            deadline = time.monotonic() + 5
+            while os.waitpid(pid, os.WNOHANG) == (0, 0):
+                if time.monotonic() > deadline:
+                    os.kill(pid, 9)
+                    os.waitpid(pid, 0)
+                    hung += 1
+                    break
+                time.sleep(0.005)
+            if hung:
+                break
+    finally:
+        stop.set()
+        thread.join()
+    assert hung == 0, "a forked child hung on its first plan"

@@ -268,13 +268,44 @@ def test_the_ranks_of_a_node_fetch_each_shard_once(s3, sixteen, tmp_path):  # no
     ranks = [ctx.Process(target=_rank, args=(url, str(tmp_path), r, world, out)) for r in range(world)]
     for p in ranks:
         p.start()
-    results = dict(out.get(timeout=240) for _ in ranks)
-    for p in ranks:
-        p.join(30)
-        assert p.exitcode == 0
+    try:
+        results = dict(out.get(timeout=240) for _ in ranks)
+        for p in ranks:
+            p.join(30)
+            assert p.exitcode == 0
+    finally:  # a hung rank must not keep pytest from exiting (multiprocessing joins its children)
+        for p in ranks:
+            if p.is_alive():
+                p.kill()
+                p.join()
     seen = [k for keys in results.values() for k in keys]
     assert len(seen) == len(set(seen)) == 64
     gets = [p.rsplit("/", 1)[1] for m, p in s3.requests[before:] if m == "GET"]
     tars = [g for g in gets if g.endswith(".tar")]
     assert sorted(tars) == sorted(set(tars)) and len(tars) == 16, tars
     assert gets.count("index.bin") == 1
+
+
+@pytest.mark.timeout(180)
+def test_a_rank_takes_the_folder_over_when_its_owner_closes(sixteen, tmp_path):
+    """Another rank owns the node's folder and closes while this rank's worker waits for a shard:
+    this rank's loader (whose main process never reads; its worker does) must take over."""
+    url, _ = sixteen
+    owner = ShardSet(url, "wds", cache_dir=str(tmp_path))  # owns the folder, follows no plan: fetches nothing
+    assert owner.cache.owner
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    rank = ctx.Process(target=_rank, args=(url, str(tmp_path), 0, 1, out))
+    rank.start()
+    try:
+        deadline = time.time() + 60
+        while not any(".want." in e for e in os.listdir(owner.cache.folder)) and time.time() < deadline:
+            time.sleep(0.01)  # until the rank's worker waits for a shard
+        owner.close()
+        _, keys = out.get(timeout=120)
+        rank.join(30)
+    finally:
+        if rank.is_alive():
+            rank.kill()
+            rank.join()
+    assert len(keys) == len(set(keys)) == 64
