@@ -1,14 +1,23 @@
 """LiT and LilT (`model.tuning`, train/tuning.py) on the CPU with `lip-tiny` (2-layer towers of
-width 64) and, for the parameter count, ViT-B-32 (random init, nothing downloaded).
+width 64) and, for the parameter count, ViT-B-32 (random init, nothing downloaded), checked against
+the reference (codezakh/LilT: models/vit.py `Block`, models/med.py `BertSelfOutput`/`BertOutput`,
+models/clip_adjustable.py), not against this project's code.
 
-1. Adapters start as the identity: the adapted model's first forward equals the plain model's
-   bitwise; perturbing one tower's adapters changes that tower's features only.
+1. Adapters sit where the reference puts them: a forward-hook trace of every block shows the
+   image adapters read the block input / the mid-block residual and feed only `ln_1` / `ln_2`, the
+   text adapters read the attention / MLP output and their output is what the residual adds; each
+   block's output equals a manual re-computation with the reference's formula (and not the
+   other placements'). Init: both layers N(0, 0.02), biases 0; `adapter_init=zero` starts as the
+   frozen model bitwise; perturbing one tower's adapters changes that tower's features only.
 2. Which parameters train: the counts against hand-computed ones (LilT on ViT-B-32: 6.8 %),
-   frozen parameters get no gradient, LiT's image tower stays in eval mode.
+   frozen parameters get no gradient; LiT: `visual.proj` gets a gradient, no other image-tower
+   parameter does, and the tower stays in eval mode.
 3. The trainer, per tuning and loss mode: frozen parameters unchanged after three steps, the
    trainable ones changed, the optimizer holds only the trainable ones, the fraction is logged,
    and the export loads in open_clip (LilT: with `adapters.pt` through `load_lilt`); lip-eval's
    `load_model` on the trainer checkpoint gives the trained model (adapters included).
+4. Export round trip: `export_open_clip` + `load_lilt` give the adapted model's features; an
+   `adapters.pt` of the earlier placement (keys `..._ln_1`) fails to load.
 """
 from __future__ import annotations
 
@@ -24,7 +33,7 @@ from conftest import build_synthetic_shards, overrides, run_main
 from train import checkpoint
 from train.evaluate import load_model
 from train.main import main
-from train.model import build_model
+from train.model import build_model, export_open_clip
 from train.tuning import Adapter, apply_tuning, load_lilt, trainable_summary
 from train.trainer import seed_everything
 
@@ -45,27 +54,138 @@ def inputs(seed: int = 0):
     return images, tokens
 
 
-def tuned(tuning: str, seed: int = 0):
+def tuned(tuning: str, seed: int = 0, adapter_init: str = "reference"):
     """The model the trainer builds for `tuning` with `run.seed=seed`."""
     seed_everything(seed)
     model = build_model(MODEL)
-    apply_tuning(model, tuning)
+    apply_tuning(model, tuning, adapter_init)
     return model
 
 
-# --- 1. adapters start as the identity ------------------------------------------------------------
+# --- 1. where the adapters sit, and their init -----------------------------------------------------
 
-def test_adapters_start_as_identity():
-    seed_everything(0)
-    plain = build_model(MODEL).eval()
-    adapted = copy.deepcopy(plain)
-    apply_tuning(adapted, "lilt")
-    # 2 towers × 2 blocks × (before attention, before MLP)
-    assert len(adapted.adapters) == 8 and all(isinstance(a, Adapter) for a in adapted.adapters.values())
+def blocks(model):
+    """(path, tower, block) of every residual block of the open_clip model, in call order."""
+    return [(name, "image" if name.startswith("visual.") else "text", m) for name, m in model.clip.named_modules()
+            if isinstance(m, open_clip.transformer.ResidualAttentionBlock)]
+
+
+def reference_block(block, x, attn_mask, a1, a2, placement):
+    """One open_clip block computed by hand (`.forward` calls skip every hook) with the adapters
+    `a1` (attention branch) and `a2` (MLP branch) where `placement` puts them. `reference-image` is
+    codezakh/LilT's ViT `Block`: `x + attn(norm1(adapter1(x)))`; `reference-text` its BERT output
+    layers: the adapter on the branch output before the residual add (`LayerNorm(adapter(dense(h))
+    + input)`, pre-LN here). The others are the wrong placements the test must tell apart."""
+    ln1, ln2, mlp = block.ln_1.forward, block.ln_2.forward, block.mlp.forward
+
+    def attn(z):
+        return block.attn.forward(z, z, z, need_weights=False, attn_mask=attn_mask)[0]
+
+    if placement == "reference-image":
+        h = x + attn(ln1(a1(x)))
+        return h + mlp(ln2(a2(h)))
+    if placement == "reference-text":
+        h = x + a1(attn(ln1(x)))
+        return h + a2(mlp(ln2(h)))
+    if placement == "on-residual":  # the adapter on the block's stream: the residual adapted too
+        h = a1(x) + attn(ln1(a1(x)))
+        return a2(h) + mlp(ln2(a2(h)))
+    assert placement == "after-norm"  # the earlier placement: the adapter on the norm's output
+    h = x + attn(a1(ln1(x)))
+    return h + mlp(a2(ln2(h)))
+
+
+def test_adapters_sit_where_the_reference_puts_them():
+    model = tuned("lilt").eval()
+    for adapter in model.adapters.values():  # well away from the identity, so a misplacement shows
+        for layer in (adapter.down, adapter.up):
+            torch.nn.init.normal_(layer.weight, std=0.2)
+            torch.nn.init.normal_(layer.bias, std=0.2)
+    trace, handles = {}, []
+
+    def record(key):
+        def hook(module, args, kwargs, output):
+            trace[key] = (args, kwargs, output)
+        return hook
+
+    found = blocks(model)
+    assert [t for _, t, _ in found] == ["image"] * 2 + ["text"] * 2
+    for name, _, block in found:
+        assert isinstance(block.ls_1, torch.nn.Identity) and isinstance(block.ls_2, torch.nn.Identity)
+        for part in ("", ".ln_1", ".ln_2", ".attn", ".mlp", ".ls_1", ".ls_2"):
+            module = model.clip.get_submodule(name + part)
+            handles.append(module.register_forward_hook(record(name + part), with_kwargs=True))
+    for key, adapter in model.adapters.items():
+        handles.append(adapter.register_forward_hook(record(key), with_kwargs=True))
     images, tokens = inputs()
     with torch.no_grad():
-        for a, b in zip(plain(images, tokens, tokens.flip(0)), adapted(images, tokens, tokens.flip(0))):
+        model(images, tokens)
+        for name, tower, block in found:
+            key = name.replace(".", "_")
+            (x, *rest), kwargs, out = trace[name]
+            attn_mask = kwargs.get("attn_mask", rest[2] if len(rest) > 2 else None)
+            attn_out, mlp_out = trace[name + ".attn"][2][0], trace[name + ".mlp"][2]
+            if tower == "image":  # adapter → ln → branch; the residual adds the raw stream
+                a1, a2 = model.adapters[key + "_attn_in"], model.adapters[key + "_mlp_in"]
+                assert f"{key}_attn_out" not in model.adapters
+                h = x + attn_out
+                assert torch.equal(trace[key + "_attn_in"][0][0], x)
+                assert torch.equal(trace[name + ".ln_1"][0][0], trace[key + "_attn_in"][2])
+                assert torch.equal(trace[key + "_mlp_in"][0][0], h)
+                assert torch.equal(trace[name + ".ln_2"][0][0], trace[key + "_mlp_in"][2])
+                assert torch.equal(out, h + mlp_out)
+            else:  # ln → branch → adapter → residual add
+                a1, a2 = model.adapters[key + "_attn_out"], model.adapters[key + "_mlp_out"]
+                assert torch.equal(trace[key + "_attn_out"][0][0], attn_out)
+                assert torch.equal(trace[name + ".ls_1"][2], trace[key + "_attn_out"][2])
+                h = x + trace[key + "_attn_out"][2]
+                assert torch.equal(trace[name + ".ln_2"][0][0], h)
+                assert torch.equal(trace[key + "_mlp_out"][0][0], mlp_out)
+                assert torch.equal(out, h + trace[key + "_mlp_out"][2])
+            # The block's output is the reference's formula, and none of the other placements'.
+            want = f"reference-{tower}"
+            for placement in ("reference-image", "reference-text", "on-residual", "after-norm"):
+                manual = reference_block(block, x, attn_mask, a1.forward, a2.forward, placement)
+                if placement == want:
+                    torch.testing.assert_close(out, manual, rtol=0, atol=1e-5)
+                else:
+                    assert (out - manual).abs().max() > 1e-2, (name, placement)
+    for handle in handles:
+        handle.remove()
+
+
+def test_adapter_init_as_the_reference():
+    model = tuned("lilt")
+    assert len(model.adapters) == 8  # 2 towers × 2 blocks × (attention, MLP)
+    adapters = list(model.adapters.values())
+    assert all(isinstance(a, Adapter) for a in adapters)
+    assert all(a.down.weight.shape == (16, 64) and a.up.weight.shape == (64, 16) for a in adapters)
+    for layer in ("down", "up"):  # 8 × 1,024 weights each: the std is ±0.00016 from sampling
+        w = torch.cat([getattr(a, layer).weight.flatten() for a in adapters])
+        assert abs(w.std().item() - 0.02) < 1e-3 and abs(w.mean().item()) < 1e-3, layer
+        assert all(not getattr(a, layer).bias.any() for a in adapters)
+    zero = tuned("lilt", adapter_init="zero")
+    assert all(not a.up.weight.any() and not a.up.bias.any() for a in zero.adapters.values())
+    w = torch.cat([a.down.weight.flatten() for a in zero.adapters.values()])
+    assert abs(w.std().item() - 0.02) < 1e-3
+    with pytest.raises(ValueError, match="model.adapter_init: 'kaiming' is not one of reference, zero"):
+        tuned("lilt", adapter_init="kaiming")
+
+
+def test_zero_init_starts_as_the_frozen_model():
+    seed_everything(0)
+    plain = build_model(MODEL).eval()
+    adapted, reference = copy.deepcopy(plain), copy.deepcopy(plain)
+    apply_tuning(adapted, "lilt", "zero")
+    apply_tuning(reference, "lilt")
+    images, tokens = inputs()
+    with torch.no_grad():
+        want = plain(images, tokens, tokens.flip(0))
+        for a, b in zip(want, adapted(images, tokens, tokens.flip(0))):
             assert torch.equal(a, b)  # image, raw and synthetic features, scale
+        # The reference init starts near the frozen model, not on it.
+        for a, b in zip(want[:3], reference(images, tokens, tokens.flip(0))[:3]):
+            assert 0 < (a - b).abs().max() < 0.2
         for tower, changed in (("visual", 0), ("transformer", 1)):
             model = copy.deepcopy(adapted)
             for key, adapter in model.adapters.items():
@@ -91,7 +211,9 @@ def test_trainable_counts():
     counts = {t: trainable_summary(tuned(t)) for t in ("none", "lit", "lilt")}
     total = counts["none"]["total_params"]
     assert counts["none"]["trainable_params"] == total
-    assert counts["lit"]["trainable_params"] == total - sum(p.numel() for p in tuned("none").clip.visual.parameters())
+    visual = tuned("none").clip.visual
+    # LiT: everything but the image tower, plus its projection (width 64 → embed 64)
+    assert counts["lit"]["trainable_params"] == total - sum(p.numel() for p in visual.parameters()) + 64 * 64
     assert counts["lilt"]["trainable_params"] == lilt_count(64, 64, 2, 64) == 26_625
     seed_everything(0)
     base = build_model("ViT-B-32")
@@ -109,8 +231,9 @@ def test_frozen_parameters_get_no_gradient(tuning):
     (scale * (image @ raw.T)).logsumexp(1).mean().backward()
     for name, p in model.named_parameters():
         assert (p.grad is not None) == p.requires_grad, name
-    if tuning == "lit":  # locked as open_clip's lock_image_tower, and kept in eval mode
-        assert not any(p.requires_grad for p in model.clip.visual.parameters())
+    if tuning == "lit":  # locked as open_clip's lock_image_tower but the projection, kept in eval mode
+        assert [n for n, p in model.clip.visual.named_parameters() if p.grad is not None] == ["proj"]
+        assert model.clip.visual.proj.grad.abs().sum() > 0
         assert all(p.requires_grad for p in model.clip.transformer.parameters())
         assert not any(m.training for m in model.clip.visual.modules()) and model.clip.transformer.training
     else:
@@ -122,9 +245,11 @@ def test_frozen_parameters_get_no_gradient(tuning):
                        or ".mlp." in n for n in trainable)
 
 
-def test_unknown_tuning_is_a_config_error(shards, tmp_path, capsys):
-    assert main(overrides(shards, tmp_path, "bad", model__tuning="lora")) == 2
-    assert "model.tuning: 'lora' is not one of none, lit, lilt" in capsys.readouterr().err
+@pytest.mark.parametrize("key,value,allowed", [("tuning", "lora", "none, lit, lilt"),
+                                               ("adapter_init", "kaiming", "reference, zero")])
+def test_unknown_tuning_is_a_config_error(shards, tmp_path, capsys, key, value, allowed):
+    assert main(overrides(shards, tmp_path, "bad", **{f"model__{key}": value})) == 2
+    assert f"model.{key}: {value!r} is not one of {allowed}" in capsys.readouterr().err
 
 
 # --- 3. the trainer -------------------------------------------------------------------------------
@@ -167,3 +292,28 @@ def test_trainer_tunes_only_the_unlocked(shards, tmp_path, capsys, tuning, mode)
                 torch.testing.assert_close(g, w, rtol=0, atol=1e-6)
         if tuning == "lilt":  # the bare export is the frozen towers with the tuned norms/projections
             assert not torch.allclose(plain.encode_image(images, normalize=True), want[0], atol=1e-6)
+
+
+# --- 4. export round trip -------------------------------------------------------------------------
+
+def test_export_round_trip(tmp_path):
+    model = tuned("lilt").eval()
+    with torch.no_grad():  # as after training: adapters and a norm moved away from their init
+        for p in model.adapters.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        model.clip.visual.ln_post.weight.mul_(1.5)
+    export = str(tmp_path / "open_clip_model.pt")
+    export_open_clip(model, export)
+    assert set(torch.load(tmp_path / "adapters.pt", weights_only=True)) == set(model.adapters.state_dict())
+    loaded = load_lilt(MODEL, export).eval()
+    images, tokens = inputs(2)
+    with torch.no_grad():
+        want = model(images, tokens)
+        torch.testing.assert_close(loaded.encode_image(images, normalize=True), want[0], rtol=0, atol=1e-6)
+        torch.testing.assert_close(loaded.encode_text(tokens[:, :32], normalize=True), want[1], rtol=0, atol=1e-6)
+    # An adapters.pt of the earlier placement (after ln_1/ln_2) must not load into this one.
+    old = {k.replace("_attn_in", "_ln_1").replace("_attn_out", "_ln_1").replace("_mlp_in", "_ln_2")
+           .replace("_mlp_out", "_ln_2"): v for k, v in model.adapters.state_dict().items()}
+    torch.save(old, tmp_path / "old_adapters.pt")
+    with pytest.raises(RuntimeError, match="Missing key"):
+        load_lilt(MODEL, export, str(tmp_path / "old_adapters.pt"))

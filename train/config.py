@@ -48,7 +48,10 @@ class ModelConfig:
     pretrained: str | None = None  # an open_clip checkpoint file; None = random init
     grad_checkpointing: bool = False
     compile: bool = False
-    tuning: str = "none"  # none (all trains) | lit (image tower locked) | lilt (norms, projections, adapters)
+    # none (all trains) | lit (image tower locked but its projection) | lilt (norms, projections, adapters)
+    tuning: str = "none"
+    # lilt: reference (both adapter layers N(0, 0.02), biases 0: codezakh/LilT) | zero (W_up = 0: frozen model at start)
+    adapter_init: str = "reference"
     token_pruning: TokenPruningConfig = field(default_factory=TokenPruningConfig)
 
 
@@ -120,6 +123,7 @@ class TrainConfig:
         checks = [("loss.mode", self.loss.mode, ("clip-raw", "clip-both", "alip", "evidential")),
                   ("loss.text", self.loss.text, ("raw", "syn", "both")),
                   ("model.tuning", self.model.tuning, ("none", "lit", "lilt")),
+                  ("model.adapter_init", self.model.adapter_init, ("reference", "zero")),
                   ("optim.schedule", self.optim.schedule, ("cosine", "onecycle")),
                   ("optim.precision", self.optim.precision, ("auto", "fp32", "bf16", "fp16")),
                   ("data.backend", self.data.backend, ("torch", "dali")),

@@ -115,7 +115,7 @@ def train(cfg: TrainConfig, loader=None) -> dict:
     ckpt_dir = os.path.join(run_dir, "checkpoints")
 
     model = build_model(cfg.model.name, cfg.model.pretrained, cfg.model.grad_checkpointing).to(env.device)
-    apply_tuning(model, cfg.model.tuning)  # before DDP and the optimizer: they take what trains
+    apply_tuning(model, cfg.model.tuning, cfg.model.adapter_init)  # before DDP and the optimizer: they take what trains
     if cfg.model.token_pruning.enabled:
         try:  # the layers and ratios are checked against the built tower
             apply_token_pruning(model, cfg.model.token_pruning.layers, cfg.model.token_pruning.keep)

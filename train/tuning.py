@@ -1,15 +1,30 @@
-"""Which parameters train (`model.tuning`): all (`none`), LiT or LilT.
+"""Which parameters train (`model.tuning`): all (`none`), LiT or LilT, as codezakh/LilT builds them.
 
-- `lit` (Zhai et al. 2022) locks the image tower as open_clip's `lock_image_tower` does (every
-  visual parameter frozen) and keeps it in eval mode, so patch dropout and any dropout stay off.
+- `lit` (Zhai et al. 2022) locks the image tower as open_clip's `lock_image_tower` does and keeps
+  it in eval mode (patch dropout and any dropout off), but the image projection (`visual.proj`)
+  trains: the reference's LiT script (`freeze_vision_encoder=True`) freezes the encoder only, its
+  `vision_proj` stays trainable.
 - `lilt` (Khan & Fu, ICLR 2023) freezes both towers, unlocks every LayerNorm, the projections and
-  the logit scale, and adds a bottleneck adapter `x + W_up·GELU(W_down·x)` (hidden = width // 4) on
-  the input of each residual block's attention and MLP branch, in both towers. `W_up` starts at
-  zero, so the first forward equals the frozen model's.
+  the logit scale, and adds two bottleneck adapters `A(x) = x + W_up·GELU(W_down·x)` (hidden =
+  width // 4) per residual block, in both towers, where the reference puts them:
+  - image tower (its timm-style ViT `Block`): on the block input, feeding only the branch's norm,
+    `x + attn(ln_1(A1(x)))` then `h + mlp(ln_2(A2(h)))`: the residual carries the raw input.
+    Forward pre-hooks on `ln_1` / `ln_2` replace what the norm reads and nothing else.
+  - text tower (its BERT `BertSelfOutput` / `BertOutput`): on the branch output, before the
+    residual add, `x + A1(attn(ln_1(x)))` then `h + A2(mlp(ln_2(h)))`. Forward hooks on `ls_1` /
+    `ls_2` (open_clip's LayerScale, an `nn.Identity` unless `ls_init_value` is set), the last
+    module of each branch, so the adapter sees exactly what is added to the residual.
+  Initialisation (`model.adapter_init`): `reference` draws both layers' weights from N(0, 0.02)
+  with zero biases, as the reference's ViT `_init_weights` (trunc-normal at ±2, i.e. the normal
+  at this std) and BERT's `initializer_range` do; the first forward is then close to, not equal
+  to, the frozen model's. `zero` sets `W_up` and its bias to zero (W_down as `reference`), so the
+  first forward is exactly the frozen model's.
 
 The adapters live beside the open_clip model (`DualPathCLIP.adapters`), not inside it, so the
 open_clip export keeps open_clip's layout; `export_open_clip` writes them to `adapters.pt` beside
-it and `load_lilt` puts them back on an open_clip model.
+it and `load_lilt` puts them back on an open_clip model. Their keys name the block and the place
+(`..._resblocks_0_attn_in`, `..._mlp_out`): an `adapters.pt` from the earlier placement (after
+`ln_1`/`ln_2`, keys `..._ln_1`) fails to load instead of loading into the wrong place.
 """
 from __future__ import annotations
 
@@ -22,59 +37,99 @@ from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
 TUNINGS = ("none", "lit", "lilt")
+ADAPTER_INITS = ("reference", "zero")
 REDUCTION = 4
+INIT_STD = 0.02  # the reference's ViT and BERT weight init (timm trunc_normal_, initializer_range)
 
 
 class Adapter(nn.Module):
-    """[..., width] → [..., width]: x + W_up·GELU(W_down·x); the identity at initialisation."""
+    """[..., width] → [..., width]: x + W_up·GELU(W_down·x), LilT's conventional adapter;
+    `init` as the module docstring says (`zero`: the identity at initialisation)."""
 
-    def __init__(self, width: int, reduction: int = REDUCTION):
+    def __init__(self, width: int, reduction: int = REDUCTION, init: str = "reference"):
         super().__init__()
+        if init not in ADAPTER_INITS:
+            raise ValueError(f"model.adapter_init: {init!r} is not one of {', '.join(ADAPTER_INITS)}")
         self.down = nn.Linear(width, width // reduction)
         self.up = nn.Linear(width // reduction, width)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
+        for layer in (self.down, self.up):
+            nn.init.normal_(layer.weight, std=INIT_STD)
+            nn.init.zeros_(layer.bias)
+        if init == "zero":
+            nn.init.zeros_(self.up.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.up(F.gelu(self.down(x)))
 
 
-def _adapt_output(adapter: Adapter, module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
-    """Forward hook on a block's `ln_1` / `ln_2`: the branch then reads the adapted norm output."""
+def _adapt_input(adapter: Adapter, module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook on an image block's `ln_1` / `ln_2`: the norm (so only the branch) reads
+    the adapted input; the block's residual still adds its raw input."""
+    return (adapter(args[0]), *args[1:])
+
+
+def _adapt_output(adapter: Adapter, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook on a text block's `ls_1` / `ls_2`: the branch output is adapted before the
+    block adds it to the residual."""
     return adapter(output)
 
 
-def add_adapters(clip: nn.Module) -> nn.ModuleDict:
-    """One adapter after `ln_1` and one after `ln_2` of every `ResidualAttentionBlock` of `clip`
-    (hooks on those norms; the block's code is untouched). Returns the adapters, for the caller
-    to hold as a submodule, keyed by the norm's path with `_` for dots."""
+def add_adapters(clip: nn.Module, init: str = "reference") -> nn.ModuleDict:
+    """Two adapters on every `ResidualAttentionBlock` of `clip`, placed per tower as the module
+    docstring says (hooks on the block's submodules; the block's code is untouched). The image
+    tower is what sits under `clip.visual`; every other block is adapted as the text tower's.
+    Returns the adapters, for the caller to hold as a submodule, keyed `<block path>_<attn|mlp>_
+    <in|out>` with `_` for dots."""
     adapters = nn.ModuleDict()
     for name, block in clip.named_modules():
         if not isinstance(block, ResidualAttentionBlock):
             continue
-        for norm_name in ("ln_1", "ln_2"):
-            norm = getattr(block, norm_name)
-            adapter = Adapter(norm.normalized_shape[0]).to(norm.weight.device)
-            norm.register_forward_hook(functools.partial(_adapt_output, adapter))
-            adapters[f"{name}.{norm_name}".replace(".", "_")] = adapter
+        image = name.startswith("visual.")
+        width = block.ln_1.normalized_shape[0]
+        for branch, norm, scale in (("attn", block.ln_1, block.ls_1), ("mlp", block.ln_2, block.ls_2)):
+            adapter = Adapter(width, init=init).to(block.ln_1.weight.device)
+            if image:
+                norm.register_forward_pre_hook(functools.partial(_adapt_input, adapter))
+            else:
+                scale.register_forward_hook(functools.partial(_adapt_output, adapter))
+            adapters[f"{name}.{branch}_{'in' if image else 'out'}".replace(".", "_")] = adapter
     if not adapters:
         raise ValueError(f"model.tuning=lilt: {type(clip).__name__} has no open_clip ResidualAttentionBlock")
     return adapters
+
+
+def image_projection(visual: nn.Module) -> nn.Parameter | nn.Module | None:
+    """The image tower's last linear map into the joint space, which LiT keeps trainable:
+    `proj` (ViT; a Parameter, or a Linear in some configs), `head` (timm towers) or the attention
+    pool's output projection (ModifiedResNet); None for a tower without one (a ViT built with
+    `proj_type='none'`), which LiT then locks whole."""
+    for path in ("proj", "head", "attnpool.c_proj"):
+        module = visual
+        for part in path.split("."):
+            module = getattr(module, part, None)
+        if module is not None:
+            return module
+    return None
 
 
 def _eval_only(module: nn.Module, mode: bool = True) -> nn.Module:
     return nn.Module.train(module, False)
 
 
-def apply_tuning(model: nn.Module, tuning: str) -> None:
+def apply_tuning(model: nn.Module, tuning: str, adapter_init: str = "reference") -> None:
     """Set `requires_grad` on a `DualPathCLIP` for `tuning` (see the module docstring); `lilt`
-    also registers `model.adapters`, on the device of the model's weights."""
+    also registers `model.adapters` (initialised as `adapter_init`), on the device of the model's
+    weights."""
     if tuning not in TUNINGS:
         raise ValueError(f"model.tuning: {tuning!r} is not one of {', '.join(TUNINGS)}")
     clip = model.clip
     if tuning == "lit":
         clip.lock_image_tower()
+        projection = image_projection(clip.visual)
+        if projection is not None:
+            projection.requires_grad_(True)
         # `train()` on the model reaches the tower through its parent: make it a no-op there.
+        # (The projection has no train-mode behaviour, so eval mode costs it nothing.)
         clip.visual.train = functools.partial(_eval_only, clip.visual)
         clip.visual.eval()
     elif tuning == "lilt":
@@ -85,7 +140,7 @@ def apply_tuning(model: nn.Module, tuning: str) -> None:
         for x in (getattr(clip.visual, "proj", None), getattr(clip, "text_projection", None), clip.logit_scale):
             if x is not None:  # a Parameter, or an nn.Linear in some open_clip configs
                 x.requires_grad_(True)
-        model.adapters = add_adapters(clip)
+        model.adapters = add_adapters(clip, adapter_init)
 
 
 def trainable_summary(model: nn.Module) -> dict:
