@@ -124,7 +124,7 @@ def test_frozen_parameters_get_no_gradient(tuning):
 
 def test_unknown_tuning_is_a_config_error(shards, tmp_path, capsys):
     assert main(overrides(shards, tmp_path, "bad", model__tuning="lora")) == 2
-    assert "model.tuning: 'lora' is not one of none, lit, lilt" in capsys.readouterr().err
+    assert "model.tuning: 'lora' is not one of none, lit, lilt, elip" in capsys.readouterr().err
 
 
 # --- 3. the trainer -------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
-TUNINGS = ("none", "lit", "lilt")
+TUNINGS = ("none", "lit", "lilt", "elip")
 REDUCTION = 4
 
 
@@ -86,6 +86,8 @@ def apply_tuning(model: nn.Module, tuning: str) -> None:
             if x is not None:  # a Parameter, or an nn.Linear in some open_clip configs
                 x.requires_grad_(True)
         model.adapters = add_adapters(clip)
+    elif tuning == "elip":
+        apply_elip(model)
 
 
 def trainable_summary(model: nn.Module) -> dict:
@@ -105,6 +107,91 @@ def load_lilt(name: str, export: str, adapters: str | None = None) -> nn.Module:
 
     clip = create_clip(name, export)
     clip.lilt_adapters = add_adapters(clip)
+    path = adapters or os.path.join(os.path.dirname(export), "adapters.pt")
+    clip.lilt_adapters.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return clip
+
+
+# --- ELIP (heliossun/ELIP, models/elip_retrieval.py) ----------------------------------------------
+
+ELIP_STD = 0.001  # the reference's init_adptr: weights N(0, 0.001²), biases 0
+ELIP_SITES = ("ls_1", "ls_2")  # open_clip's branch outputs: attention's and the MLP's, before the add
+
+
+class BranchAdapter(nn.Module):
+    """[..., width] → [..., width]: h + W_up·ReLU(W_down·h), hidden = width // 2, both weights
+    N(0, std²) and biases 0 as ELIP initialises them: near the identity (|A(h)| ≤ ‖W_up‖‖W_down‖·|h|,
+    about 3·width·std²·|h|), not at it."""
+
+    def __init__(self, width: int, std: float = ELIP_STD):
+        super().__init__()
+        self.down = nn.Linear(width, width // 2)
+        self.up = nn.Linear(width // 2, width)
+        for layer in (self.down, self.up):
+            nn.init.normal_(layer.weight, std=std)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.up(F.relu(self.down(h)))
+
+
+def _adapt_input(adapter: nn.Module, module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook: the submodule reads the adapted input."""
+    return (adapter(args[0]), *args[1:])
+
+
+def hook_adapters(clip: nn.Module, sites: tuple[str, ...], make, tuning: str, on_input: bool = False) -> nn.ModuleDict:
+    """`make(width)` on the output (`on_input`: the input) of each submodule named in `sites` of
+    every open_clip `ResidualAttentionBlock` of `clip` (hooks: the block's code is untouched, so the
+    open_clip export keeps its layout). Keyed by the submodule's path with `_` for dots."""
+    adapters = nn.ModuleDict()
+    for name, block in clip.named_modules():
+        if not isinstance(block, ResidualAttentionBlock):
+            continue
+        for site in sites:
+            adapter = make(block.ln_1.normalized_shape[0]).to(block.ln_1.weight.device)
+            module = getattr(block, site)
+            if on_input:
+                module.register_forward_pre_hook(functools.partial(_adapt_input, adapter))
+            else:
+                module.register_forward_hook(functools.partial(_adapt_output, adapter))
+            adapters[f"{name}.{site}".replace(".", "_")] = adapter
+    if not adapters:
+        raise ValueError(f"model.tuning={tuning}: {type(clip).__name__} has no open_clip ResidualAttentionBlock")
+    return adapters
+
+
+def add_elip_adapters(clip: nn.Module) -> nn.ModuleDict:
+    """ELIP's adapters: `x + (h + A(h))` for h = attn(ln_1(x)) and then for h = mlp(ln_2(x)), in
+    every block of both towers. The hooks sit on `ls_1` / `ls_2` (identities unless the config sets
+    a layer scale, then A sees the scaled branch), the last op before the residual add."""
+    return hook_adapters(clip, ELIP_SITES, BranchAdapter, "elip")
+
+
+def apply_elip(model: nn.Module) -> None:
+    """`model.tuning=elip`: every loaded weight frozen (LayerNorms, projections and the logit scale
+    included, as the reference freezes every name of the CLIP state dict); only the adapters
+    (`model.adapters`) train."""
+    model.clip.requires_grad_(False)
+    model.adapters = add_elip_adapters(model.clip)
+
+
+def adapters_for(clip: nn.Module, tuning: str) -> nn.ModuleDict:
+    """Fresh adapters of a `tuning` that has them (lilt, elip), hooked into an open_clip model."""
+    if tuning == "lilt":
+        return add_adapters(clip)
+    if tuning == "elip":
+        return add_elip_adapters(clip)
+    raise ValueError(f"model.tuning={tuning} has no adapters")
+
+
+def load_adapted(name: str, export: str, tuning: str, adapters: str | None = None) -> nn.Module:
+    """`load_lilt` for any tuning with adapters (lilt, elip): the open_clip export with its
+    `adapters.pt` (default: beside the export) hooked in, held as `model.lilt_adapters`."""
+    from train.model import create_clip
+
+    clip = create_clip(name, export)
+    clip.lilt_adapters = adapters_for(clip, tuning)
     path = adapters or os.path.join(os.path.dirname(export), "adapters.pt")
     clip.lilt_adapters.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return clip
