@@ -75,6 +75,7 @@ def test_demo_variants_end_to_end_tiny(tmp_path):
     rows = {r["variant"]: r for r in json.loads((runs / "variants.json").read_text())}
     assert set(rows) == {"ft-full", "ft-lit", "ft-lilt", "ft-evidential", "clip-both", "pruned"}
     assert rows["ft-full"]["trainable_pct"] == 100 and rows["ft-lilt"]["trainable_pct"] < rows["ft-lit"]["trainable_pct"] < 100
+    assert 0 < rows["ft-evidential"]["trainable_pct"] < rows["ft-lit"]["trainable_pct"]  # ELIP: adapters only
     for name in ("ft-full", "ft-evidential"):
         assert 0 <= rows[name]["ood_image_R@1"] <= 100 and (runs / name / "ood" / "ood.png").is_file()
     assert "| pruned |" in (runs / "variants.md").read_text()

@@ -179,7 +179,7 @@ def test_cli_ood(tiny, karpathy, tmp_path, capsys):
     _, ckpt, cfg = tiny
     argv = ["--checkpoint", ckpt, "--model", "lip-ood-tiny", "--model-config", cfg, "--retrieval-json", karpathy,
             "--image-size", "32", "--workers", "0", "--device", "cpu", "--out", str(tmp_path / "r.json"),
-            "--ood", "--ood-corruptions", "jpeg,char_delete", "--ood-severities", "2", "--evidential-clamp", "5"]
+            "--ood", "--ood-corruptions", "jpeg,char_delete", "--ood-severities", "2", "--evidential-scale", "learned"]
     assert ev.main(argv) == 0
     data = json.loads((tmp_path / "ood" / "ood.json").read_text())
     assert list(data) == ["clean", "jpeg", "char_delete"]

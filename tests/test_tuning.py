@@ -245,7 +245,7 @@ def test_frozen_parameters_get_no_gradient(tuning):
                        or ".mlp." in n for n in trainable)
 
 
-@pytest.mark.parametrize("key,value,allowed", [("tuning", "lora", "none, lit, lilt"),
+@pytest.mark.parametrize("key,value,allowed", [("tuning", "lora", "none, lit, lilt, elip"),
                                                ("adapter_init", "kaiming", "reference, zero")])
 def test_unknown_tuning_is_a_config_error(shards, tmp_path, capsys, key, value, allowed):
     assert main(overrides(shards, tmp_path, "bad", **{f"model__{key}": value})) == 2

@@ -2,9 +2,10 @@
 
 1. Fine-tuning a demo CLIP checkpoint (the `clip-both` run `make demo` leaves) for the same steps,
    learning rate and batches: full fine-tuning (the reference), LiT (image tower locked), LilT
-   (norms, projections, adapters) and evidential (ELIP): retrieval on the clean test split, the
-   trainable share, and for full vs evidential the OOD test (image corruptions and text
-   perturbations at severities 1-5) with the uncertainty's AUROC for wrong top-1 retrievals.
+   (norms, projections, adapters) and evidential (ELIP: adapters only, `model.tuning=elip`, as
+   its reference): retrieval on the clean test split, the trainable share, and for full vs
+   evidential the OOD test (image corruptions and text perturbations at severities 1-5) with the
+   uncertainty's mean over right and over wrong top-1 retrievals and its AUROC for the wrong ones.
 2. Token pruning (ELIP): `clip-both` from scratch with patches pruned in training, against the
    same run without pruning (the demo's `clip-both`), retrieval and training time.
 Step time and peak memory on base-size towers: `bench-train --compare tuning|pruning`.
@@ -23,8 +24,9 @@ FINETUNE = {
     "ft-full": ["loss.mode=clip-both"],
     "ft-lit": ["loss.mode=clip-both", "model.tuning=lit"],
     "ft-lilt": ["loss.mode=clip-both", "model.tuning=lilt"],
-    # One evidential term per text, like clip-both; KL annealed over 2 of the run's ≈ 4 epochs.
-    "ft-evidential": ["loss.mode=evidential", "loss.text=both", "loss.kl_anneal_epochs=2"],
+    # ELIP as its reference: adapters only (model.tuning=elip), evidential logits at scale 100. One
+    # evidential term per text, like clip-both; KL annealed over 2 of the run's ≈ 4 epochs.
+    "ft-evidential": ["loss.mode=evidential", "model.tuning=elip", "loss.text=both", "loss.kl_anneal_epochs=2"],
 }
 # lip-demo has three blocks of 64 patches: prune before blocks 1 and 2 to 65 % and 40 %.
 PRUNED = {"pruned": ["loss.mode=clip-both", "model.token_pruning.enabled=true",
@@ -33,6 +35,7 @@ OOD_OF = ("ft-full", "ft-evidential")
 COLUMNS = [("trainable %", "trainable_pct", ".1f"), ("mean R@1", "mean_R@1", ".1f"), ("RSUM", "rsum", ".1f"),
            ("mean R@1, image corruptions", "ood_image_R@1", ".1f"),
            ("mean R@1, text perturbations", "ood_text_R@1", ".1f"),
+           ("u right i2t", "u_right_i2t", ".3g"), ("u wrong i2t", "u_wrong_i2t", ".3g"),
            ("AUROC u i2t", "auroc_u_i2t", ".3f"), ("AUROC u t2i", "auroc_u_t2i", ".3f"),
            ("train s", "seconds", ".0f")]
 
@@ -47,12 +50,16 @@ def trainable_pct(run_dir: str) -> float | None:
 def ood_summary(run_dir: str, raw: str, workers: int, severities: list[int]) -> dict:
     """The OOD test of a finished run (its export, or its last checkpoint when it has adapters):
     mean over the severities of mean R@1, per family, and the uncertainty's AUROC on clean data."""
+    from train import checkpoint
     from train.config import load_config
     from train.evaluate import load_model
     from train.ood import SEVERITIES, run_ood, write_ood
 
     cfg = load_config(os.path.join(run_dir, "config.yaml"))
-    model = load_model(cfg.model.name, os.path.join(run_dir, "open_clip_model.pt"), "cpu")
+    weights = os.path.join(run_dir, "open_clip_model.pt")
+    if os.path.exists(os.path.join(run_dir, "adapters.pt")):  # the export lacks them: the checkpoint has all
+        weights = checkpoint.resolve("latest", os.path.join(run_dir, "checkpoints"))
+    model = load_model(cfg.model.name, weights, "cpu")
     results = run_ood(model, os.path.join(raw, "test_karpathy.json"), raw, cfg.data.image_size, "cpu",
                       severities=severities, workers=workers, progress=False)
     write_ood(results, os.path.join(run_dir, "ood"))
@@ -63,7 +70,7 @@ def ood_summary(run_dir: str, raw: str, workers: int, severities: list[int]) -> 
     clean = results["clean"][0]
     return {"ood_image_R@1": mean_r1([n for n in results if n in SEVERITIES]),
             "ood_text_R@1": mean_r1([n for n in results if n != "clean" and n not in SEVERITIES]),
-            "auroc_u_i2t": clean["auroc_u_i2t"], "auroc_u_t2i": clean["auroc_u_t2i"]}
+            **{k: clean[k] for k in ("u_right_i2t", "u_wrong_i2t", "auroc_u_i2t", "auroc_u_t2i")}}
 
 
 def run(name: str, overrides: list[str], args, shards: str, raw: str, steps: int, extra: list[str]) -> dict:

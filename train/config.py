@@ -3,6 +3,7 @@ defaults), then dotted `key=value` overrides. Unknown keys are errors naming the
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ class ModelConfig:
     grad_checkpointing: bool = False
     compile: bool = False
     # none (all trains) | lit (image tower locked but its projection) | lilt (norms, projections, adapters)
+    # | elip (ELIP: every loaded weight frozen, adapters on each block's attention and MLP outputs)
     tuning: str = "none"
     # lilt: reference (both adapter layers N(0, 0.02), biases 0: codezakh/LilT) | zero (W_up = 0: frozen model at start)
     adapter_init: str = "reference"
@@ -67,7 +69,8 @@ class LossConfig:
     h_init: str = "one"  # one (ALIP: gate means start at 1.0) | first_batch (the first batch's means)
     text: str = "raw"  # evidential only: the text it pairs with images: raw | syn | both (two terms)
     evidential_clamp: float = 10.0  # ELIP's ±10 saturates cosines above 0.1 at logit scale 100
-    kl_anneal_epochs: float = 20.0  # KL weight min(1, epoch / this) (ELIP: 20); 0 = full from the start
+    evidential_scale: float | str = 100.0  # evidential logits' scale: ELIP's constant 100 | learned (exp(logit_scale))
+    kl_anneal_epochs: float = 20.0  # KL weight min(1, (epoch + 1) / this), epoch 0-based (ELIP: 20); 0 = full
 
 
 @dataclass
@@ -122,7 +125,7 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         checks = [("loss.mode", self.loss.mode, ("clip-raw", "clip-both", "alip", "evidential")),
                   ("loss.text", self.loss.text, ("raw", "syn", "both")),
-                  ("model.tuning", self.model.tuning, ("none", "lit", "lilt")),
+                  ("model.tuning", self.model.tuning, ("none", "lit", "lilt", "elip")),
                   ("model.adapter_init", self.model.adapter_init, ("reference", "zero")),
                   ("optim.schedule", self.optim.schedule, ("cosine", "onecycle")),
                   ("optim.precision", self.optim.precision, ("auto", "fp32", "bf16", "fp16")),
@@ -141,6 +144,10 @@ class TrainConfig:
             parse_size(self.data.cache_limit)
         except ValueError as e:
             raise ConfigError(f"data.cache_limit: {e}") from None
+        try:
+            evidential_scale(self.loss.evidential_scale)
+        except ValueError as e:
+            raise ConfigError(f"loss.evidential_scale: {e}") from None
         if self.data.shuffle_block_shards < 1:
             raise ConfigError("data.shuffle_block_shards: must be ≥ 1")
         if self.optim.accum_steps < 1:
@@ -148,6 +155,21 @@ class TrainConfig:
         if self.run.sample_record_max < 1:
             raise ConfigError("run.sample_record_max: must be ≥ 1")
         return self
+
+
+def evidential_scale(value) -> float | None:
+    """`loss.evidential_scale` → the constant scale, or None for `learned` (the model's
+    exp(logit_scale)); ValueError for anything else. (Here, not in train/evidential.py: reading a
+    config needs no torch.)"""
+    if value == "learned":
+        return None
+    try:
+        scale = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{value!r} is neither a number nor 'learned'") from None
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"{value!r} must be a positive number (ELIP: 100) or 'learned'")
+    return scale
 
 
 def _coerce(value, tp, key: str):

@@ -401,9 +401,10 @@ def load_model(name: str, checkpoint: str, device: str | torch.device = "cpu", m
             weights = {re.sub(r"^(module\.|_orig_mod\.|clip\.)+", "", k): v for k, v in state["model"].items()}
             adapters = {k.split(".", 1)[1]: weights.pop(k) for k in list(weights) if k.startswith("adapters.")}
             model.load_state_dict(weights, strict=True)
-            if adapters:  # a LilT run (train/tuning.py): its adapters, hooked in as load_lilt does
-                from train.tuning import add_adapters
-                model.lilt_adapters = add_adapters(model)
+            if adapters:  # a LilT or ELIP run (train/tuning.py): its adapters, hooked in as load_adapted does
+                from train.tuning import adapters_for
+                tuning = (state.get("config") or {}).get("model", {}).get("tuning", "lilt")
+                model.lilt_adapters = adapters_for(model, tuning)
                 model.lilt_adapters.load_state_dict(adapters)
         else:  # open_clip's own load_checkpoint: {"state_dict": ...}, "module." prefixes, safetensors
             model = open_clip.create_model(name, pretrained=checkpoint)

@@ -1,7 +1,10 @@
 """Out-of-distribution retrieval (ELIP's protocol, after Qiu et al., "Benchmarking robustness of
 multimodal image-text models under distribution shift", 2022): the Karpathy-style retrieval test
-re-run with corrupted images or perturbed captions at severities 1-5, plus the AUROC of the
-evidential uncertainty u = K / S (train/evidential.py) for "the top-1 candidate is wrong".
+re-run with corrupted images or perturbed captions at severities 1-5, plus the evidential
+uncertainty u = K / S (train/evidential.py) as ELIP's evaluation computes it: α = exp(100·cos) + 1,
+no clamp, K = the candidates. Reported: the mean u over the queries whose top-1 is right and over
+those whose top-1 is wrong (ELIP's figure; its code reports the right ones), the mean over all, and
+the AUROC of u for "the top-1 candidate is wrong" (ranked by log u: exact where u underflows).
 
 - Image corruptions act on the decoded uint8 image at its own resolution, before the eval transform
   (resize, centre crop, normalise), as the `imagecorruptions` package (Michaelis et al. 2019) applies
@@ -41,7 +44,7 @@ from pipelines.torch_loader import torchvision_transform
 from pipelines.transforms import AugmentSpec
 from train.evaluate import (EvalConfigError, ImageFiles, RetrievalEvalConfig, encode_images, encode_texts,
                             retrieval_metrics)
-from train.evidential import uncertainty
+from train.evidential import EVIDENTIAL_SCALE, log_uncertainty
 from train.noise_eval import auc
 
 # ImageNet-C's parameters, severity 1..5: Hendrycks & Dietterich, "Benchmarking neural network
@@ -63,7 +66,8 @@ TEXT_PERTURBATIONS = ("char_insert", "char_delete", "char_swap", "char_keyboard"
                       "word_delete", "word_swap", "word_insert", "word_repeat")
 CORRUPTIONS = tuple(SEVERITIES) + TEXT_PERTURBATIONS
 METRIC_KEYS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum",
-               "mean_u_i2t", "auroc_u_i2t", "mean_u_t2i", "auroc_u_t2i")
+               "mean_u_i2t", "u_right_i2t", "u_wrong_i2t", "auroc_u_i2t",
+               "mean_u_t2i", "u_right_t2i", "u_wrong_t2i", "auroc_u_t2i")
 _ROWS = ("1234567890", "qwertyuiop", "asdfghjkl", "zxcvbnm")
 _CHUNK = 1024  # uncertainty rows at once: the [Q, K] evidence of COCO-5k x 25k need not fit at once
 
@@ -216,7 +220,7 @@ def perturb_text(text: str, name: str, severity: int, seed: int = 0, vocab: Sequ
 # ------------------------------------------------------------------ metrics
 
 def _numpy(x) -> np.ndarray:
-    return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    return x.detach().double().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
 def auroc(scores, positive) -> float:
@@ -228,21 +232,28 @@ def auroc(scores, positive) -> float:
     return auc(s[p], s[~p])
 
 
-def ood_metrics(img: torch.Tensor, txt: torch.Tensor, text_to_image: Sequence[int], logit_scale: float,
-                clamp: float = 10.0, per_query: dict | None = None) -> dict[str, float]:
-    """retrieval_metrics of unit-norm features plus, per direction, the mean uncertainty of the
-    queries and its AUROC for a wrong top-1. Top-1 is torch's argmax, the first maximum: the tie
-    rule of retrieval_metrics, so 1 - share wrong = R@1. `per_query` (a dict) receives every
-    query's u and whether its top-1 is wrong, per direction."""
+def ood_metrics(img: torch.Tensor, txt: torch.Tensor, text_to_image: Sequence[int],
+                logit_scale: float = EVIDENTIAL_SCALE, per_query: dict | None = None) -> dict[str, float]:
+    """retrieval_metrics of unit-norm features plus, per direction, the uncertainty of the queries
+    from logits `logit_scale`·cos (unclamped): its mean over all queries, over those whose top-1 is
+    right and over those whose top-1 is wrong (NaN when there are none), and its AUROC for a wrong
+    top-1. Top-1 is torch's argmax, the first maximum: the tie rule of retrieval_metrics, so
+    1 - share wrong = R@1. `per_query` (a dict) receives every query's u and whether its top-1 is
+    wrong, per direction."""
     sim = img @ txt.T
     out = retrieval_metrics(sim, text_to_image)
     t2i = torch.as_tensor(text_to_image, dtype=torch.long, device=sim.device)
     wrong = {"i2t": t2i[sim.argmax(1)] != torch.arange(sim.shape[0], device=sim.device),
              "t2i": sim.argmax(0) != t2i}
     for d, rows in (("i2t", sim), ("t2i", sim.T)):
-        u = torch.cat([uncertainty(logit_scale * rows[s:s + _CHUNK], clamp) for s in range(0, rows.shape[0], _CHUNK)])
+        # float64 before the scale: an error of 1e-7 in 100·cos would be one of 1e-5 in u
+        log_u = torch.cat([log_uncertainty(logit_scale * rows[s:s + _CHUNK].double())
+                           for s in range(0, rows.shape[0], _CHUNK)])
+        u = log_u.exp()
         out[f"mean_u_{d}"] = u.mean().item()
-        out[f"auroc_u_{d}"] = auroc(u, wrong[d])
+        out[f"u_right_{d}"] = u[~wrong[d]].mean().item() if (~wrong[d]).any() else float("nan")
+        out[f"u_wrong_{d}"] = u[wrong[d]].mean().item() if wrong[d].any() else float("nan")
+        out[f"auroc_u_{d}"] = auroc(log_u, wrong[d])
         if per_query is not None:
             per_query[f"u_{d}"], per_query[f"wrong_{d}"] = u.cpu().tolist(), wrong[d].cpu().tolist()
     return out
@@ -252,14 +263,16 @@ def ood_metrics(img: torch.Tensor, txt: torch.Tensor, text_to_image: Sequence[in
 
 @torch.no_grad()
 def run_ood(model, karpathy_json: str, images_root: str | None, image_size: int, device, corruptions=None,
-            severities: Sequence[int] = (1, 2, 3, 4, 5), seed: int = 0, clamp: float = 10.0, batch_size: int = 64,
+            severities: Sequence[int] = (1, 2, 3, 4, 5), seed: int = 0, scale: float | None = EVIDENTIAL_SCALE,
+            batch_size: int = 64,
             workers: int = 0, amp: bool = False, caption_prefix: str = "", progress: bool = True,
             per_query: dict | None = None) -> dict:
     """{"clean": {0: metrics}, corruption: {severity: metrics}} (ood_metrics' keys) for every name
     of `corruptions` (default CORRUPTIONS). `model`: open_clip's or the trainer's DualPathCLIP (DDP
     unwrapped here); clean text features serve every image corruption and clean image features every
     text perturbation. One progress line per run to stderr unless not `progress`. `per_query` (a
-    dict) receives the clean run's per-query uncertainty (ood_metrics)."""
+    dict) receives the clean run's per-query uncertainty (ood_metrics). `scale`: the uncertainty's
+    logit scale (ELIP's 100), None for the model's exp(logit_scale)."""
     names = list(CORRUPTIONS if corruptions is None else corruptions)
     bad = [n for n in names if n not in CORRUPTIONS] + [str(s) for s in severities if s not in range(6)]
     if bad:
@@ -288,10 +301,10 @@ def run_ood(model, karpathy_json: str, images_root: str | None, image_size: int,
     was_training = model.training  # the trainer may call this mid-run: give its mode back
     model.eval()
     try:
-        scale = float(model.logit_scale.exp())
+        scale = float(model.logit_scale.exp()) if scale is None else scale
         t0 = time.time()
         img, txt = images(), encode(texts)
-        results = {"clean": {0: ood_metrics(img, txt, text_to_image, scale, clamp, per_query)}}
+        results = {"clean": {0: ood_metrics(img, txt, text_to_image, scale, per_query)}}
         say("clean", 0, results["clean"][0], t0)
         vocab = vocabulary(texts)
         for name in names:
@@ -301,10 +314,10 @@ def run_ood(model, karpathy_json: str, images_root: str | None, image_size: int,
                 if s == 0:
                     m = dict(results["clean"][0])
                 elif name in SEVERITIES:
-                    m = ood_metrics(images(name, s), txt, text_to_image, scale, clamp)
+                    m = ood_metrics(images(name, s), txt, text_to_image, scale)
                 else:
                     changed = [perturb_text(t, name, s, mix_seed(seed, name, s, i), vocab) for i, t in enumerate(texts)]
-                    m = ood_metrics(img, encode(changed), text_to_image, scale, clamp)
+                    m = ood_metrics(img, encode(changed), text_to_image, scale)
                 results[name][s] = m
                 say(name, s, m, t0)
     finally:
@@ -319,8 +332,10 @@ def _mean(values) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def _cell(v, digits: int) -> str:
-    return "–" if v is None or math.isnan(v) else f"{v:.{digits}f}"
+def _cell(v, digits: int | str) -> str:
+    """`digits` after the point, or a format spec (u: ".3g", its values reach 1e-40 and below)."""
+    spec = digits if isinstance(digits, str) else f".{digits}f"
+    return "–" if v is None or math.isnan(v) else f"{v:{spec}}"
 
 
 def _by_severity(results: Mapping) -> dict[str, dict[int, dict]]:
@@ -329,21 +344,24 @@ def _by_severity(results: Mapping) -> dict[str, dict[int, dict]]:
 
 
 def to_markdown_ood(results: Mapping) -> str:
-    """ELIP's table: per corruption the mean over its severities >= 1 of i2t / t2i R@1, RSUM and
-    the uncertainty AUROCs (clean: its one run); then every run's numbers."""
+    """ELIP's table: per corruption the mean over its severities >= 1 of i2t / t2i R@1, RSUM, the
+    mean u of right and of wrong top-1s and the uncertainty AUROCs (clean: its one run); then every
+    run's numbers."""
     res = _by_severity(results)
     cols = [("i2t_R@1", "I2T R@1", 1), ("t2i_R@1", "T2I R@1", 1), ("rsum", "RSUM", 1),
-            ("auroc_u_i2t", "AUROC u I2T", 3), ("auroc_u_t2i", "AUROC u T2I", 3)]
+            ("u_right_i2t", "u right I2T", ".3g"), ("u_wrong_i2t", "u wrong I2T", ".3g"),
+            ("auroc_u_i2t", "AUROC u I2T", 3), ("u_right_t2i", "u right T2I", ".3g"),
+            ("u_wrong_t2i", "u wrong T2I", ".3g"), ("auroc_u_t2i", "AUROC u T2I", 3)]
     lines = ["| corruption | kind | " + " | ".join(h for _, h, _ in cols) + " |", "|---|---|" + "---:|" * len(cols)]
     for name, runs in res.items():
         used = [m for s, m in runs.items() if s >= 1] or list(runs.values())
         kind = "clean" if name == "clean" else "image" if name in SEVERITIES else "text"
-        lines.append(f"| {name} | {kind} | " + " | ".join(_cell(_mean(m[k] for m in used), d) for k, _, d in cols)
+        lines.append(f"| {name} | {kind} | " + " | ".join(_cell(_mean(m.get(k) for m in used), d) for k, _, d in cols)
                      + " |")
     lines += ["", "| corruption | severity | " + " | ".join(METRIC_KEYS) + " |", "|---|---:|" + "---:|" * len(METRIC_KEYS)]
     for name, runs in res.items():
         for s, m in sorted(runs.items()):
-            cells = [_cell(m.get(k), 3 if "_u_" in k else 1) for k in METRIC_KEYS]
+            cells = [_cell(m.get(k), 3 if k.startswith("auroc") else ".3g" if "u_" in k else 1) for k in METRIC_KEYS]
             lines.append(f"| {name} | {s} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -406,6 +424,14 @@ def _severity_list(text: str) -> list[int]:
     return values
 
 
+def _scale(text: str) -> float | None:
+    from train.config import evidential_scale  # loss.evidential_scale's rule
+    try:
+        return evidential_scale(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_ood_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("OOD retrieval (train/ood.py)")
     g.add_argument("--ood", action="store_true", help="re-run --retrieval-json under corruptions")
@@ -413,7 +439,8 @@ def add_ood_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ood-severities", type=_severity_list, default=[1, 2, 3, 4, 5], help="default 1,2,3,4,5")
     g.add_argument("--ood-out", help="folder for ood.md/.json/.png (default: ood/ beside --out, else ./ood)")
     g.add_argument("--ood-seed", type=int, default=0)
-    g.add_argument("--evidential-clamp", type=float, default=10.0, help="logit clamp c of the uncertainty")
+    g.add_argument("--evidential-scale", type=_scale, default=EVIDENTIAL_SCALE,
+                   help="the uncertainty's logit scale: 100 (ELIP) or 'learned' (the model's); never clamped")
 
 
 def main_ood(a: argparse.Namespace, model, configs: Sequence) -> tuple[str, str, str]:
@@ -423,7 +450,7 @@ def main_ood(a: argparse.Namespace, model, configs: Sequence) -> tuple[str, str,
         raise EvalConfigError("--ood needs --retrieval-json (a Karpathy-style test JSON)")
     per_query: dict = {}
     results = run_ood(model, cfg.karpathy_json, cfg.images_root, cfg.image_size, a.device, a.ood_corruptions,
-                      a.ood_severities, a.ood_seed, a.evidential_clamp, cfg.batch_size, cfg.workers, cfg.amp,
+                      a.ood_severities, a.ood_seed, a.evidential_scale, cfg.batch_size, cfg.workers, cfg.amp,
                       cfg.caption_prefix, per_query=per_query)
     out = a.ood_out or os.path.join(os.path.dirname(a.out) if a.out else ".", "ood")
     paths = write_ood(results, out)

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pipelines.loader import LoaderConfig, build_loader
 from train import checkpoint
-from train.config import ConfigError, TrainConfig, to_dict
+from train.config import ConfigError, TrainConfig, evidential_scale, to_dict
 from train.evidential import EvidentialLoss
 from train.distributed import DistEnv, init_distributed
 from train.losses import AlipLoss, ClipLoss
@@ -46,7 +46,8 @@ def build_losses(cfg: TrainConfig, env: DistEnv):
         return AlipLoss(cfg.loss.momentum, cfg.loss.gamma_sample, cfg.loss.gamma_pair,
                         cfg.loss.normalize, cfg.loss.h_init, **common).to(env.device)
     if cfg.loss.mode == "evidential":
-        return EvidentialLoss(cfg.loss.evidential_clamp, cfg.loss.kl_anneal_epochs, **common).to(env.device)
+        return EvidentialLoss(cfg.loss.evidential_clamp, cfg.loss.kl_anneal_epochs,
+                              evidential_scale(cfg.loss.evidential_scale), **common).to(env.device)
     return ClipLoss(**common).to(env.device)
 
 
@@ -116,6 +117,8 @@ def train(cfg: TrainConfig, loader=None) -> dict:
 
     model = build_model(cfg.model.name, cfg.model.pretrained, cfg.model.grad_checkpointing).to(env.device)
     apply_tuning(model, cfg.model.tuning, cfg.model.adapter_init)  # before DDP and the optimizer: they take what trains
+    if cfg.loss.mode == "evidential" and evidential_scale(cfg.loss.evidential_scale) is not None:
+        model.clip.logit_scale.requires_grad_(False)  # no loss term reads it: DDP wants no unused trainables
     if cfg.model.token_pruning.enabled:
         try:  # the layers and ratios are checked against the built tower
             apply_token_pruning(model, cfg.model.token_pruning.layers, cfg.model.token_pruning.keep)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
-TUNINGS = ("none", "lit", "lilt")
+TUNINGS = ("none", "lit", "lilt", "elip")
 ADAPTER_INITS = ("reference", "zero")
 REDUCTION = 4
 INIT_STD = 0.02  # the reference's ViT and BERT weight init (timm trunc_normal_, initializer_range)
@@ -62,40 +62,53 @@ class Adapter(nn.Module):
         return x + self.up(F.gelu(self.down(x)))
 
 
-def _adapt_input(adapter: Adapter, module: nn.Module, args: tuple) -> tuple:
-    """Forward pre-hook on an image block's `ln_1` / `ln_2`: the norm (so only the branch) reads
-    the adapted input; the block's residual still adds its raw input."""
+def _adapt_input(adapter: nn.Module, module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook: the submodule reads the adapted input (LilT's image blocks: on `ln_1` /
+    `ln_2`, so only the branch reads it; the block's residual still adds its raw input)."""
     return (adapter(args[0]), *args[1:])
 
 
-def _adapt_output(adapter: Adapter, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    """Forward hook on a text block's `ls_1` / `ls_2`: the branch output is adapted before the
-    block adds it to the residual."""
+def _adapt_output(adapter: nn.Module, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook: the submodule's output is adapted (on `ls_1` / `ls_2`: the branch output,
+    before the block adds it to the residual)."""
     return adapter(output)
 
 
-def add_adapters(clip: nn.Module, init: str = "reference") -> nn.ModuleDict:
-    """Two adapters on every `ResidualAttentionBlock` of `clip`, placed per tower as the module
-    docstring says (hooks on the block's submodules; the block's code is untouched). The image
-    tower is what sits under `clip.visual`; every other block is adapted as the text tower's.
-    Returns the adapters, for the caller to hold as a submodule, keyed `<block path>_<attn|mlp>_
-    <in|out>` with `_` for dots."""
+def hook_adapters(clip: nn.Module, sites, make, tuning: str) -> nn.ModuleDict:
+    """`make(width)` hooked on every open_clip `ResidualAttentionBlock` of `clip` where
+    `sites(block path)` says: (submodule name, on its input?, key suffix) per adapter. Hooks, so the
+    block's code is untouched and the open_clip export keeps its layout. Keyed `<block path>_<key>`
+    with `_` for dots."""
     adapters = nn.ModuleDict()
     for name, block in clip.named_modules():
         if not isinstance(block, ResidualAttentionBlock):
             continue
-        image = name.startswith("visual.")
-        width = block.ln_1.normalized_shape[0]
-        for branch, norm, scale in (("attn", block.ln_1, block.ls_1), ("mlp", block.ln_2, block.ls_2)):
-            adapter = Adapter(width, init=init).to(block.ln_1.weight.device)
-            if image:
-                norm.register_forward_pre_hook(functools.partial(_adapt_input, adapter))
+        for site, on_input, key in sites(name):
+            adapter = make(block.ln_1.normalized_shape[0]).to(block.ln_1.weight.device)
+            module = getattr(block, site)
+            if on_input:
+                module.register_forward_pre_hook(functools.partial(_adapt_input, adapter))
             else:
-                scale.register_forward_hook(functools.partial(_adapt_output, adapter))
-            adapters[f"{name}.{branch}_{'in' if image else 'out'}".replace(".", "_")] = adapter
+                module.register_forward_hook(functools.partial(_adapt_output, adapter))
+            adapters[f"{name}.{key}".replace(".", "_")] = adapter
     if not adapters:
-        raise ValueError(f"model.tuning=lilt: {type(clip).__name__} has no open_clip ResidualAttentionBlock")
+        raise ValueError(f"model.tuning={tuning}: {type(clip).__name__} has no open_clip ResidualAttentionBlock")
     return adapters
+
+
+def _lilt_sites(block: str) -> tuple:
+    """LilT's places: the image tower (what sits under `clip.visual`) adapts each branch's input
+    before its LayerNorm, the text tower each branch's output before the residual add."""
+    if block.startswith("visual."):
+        return (("ln_1", True, "attn_in"), ("ln_2", True, "mlp_in"))
+    return (("ls_1", False, "attn_out"), ("ls_2", False, "mlp_out"))
+
+
+def add_adapters(clip: nn.Module, init: str = "reference") -> nn.ModuleDict:
+    """LilT's two adapters on every block of `clip`, placed per tower as the module docstring says.
+    Returns the adapters, for the caller to hold as a submodule, keyed `<block path>_<attn|mlp>_
+    <in|out>`."""
+    return hook_adapters(clip, _lilt_sites, functools.partial(Adapter, init=init), "lilt")
 
 
 def image_projection(visual: nn.Module) -> nn.Parameter | nn.Module | None:
@@ -141,6 +154,8 @@ def apply_tuning(model: nn.Module, tuning: str, adapter_init: str = "reference")
             if x is not None:  # a Parameter, or an nn.Linear in some open_clip configs
                 x.requires_grad_(True)
         model.adapters = add_adapters(clip, adapter_init)
+    elif tuning == "elip":
+        apply_elip(model)
 
 
 def trainable_summary(model: nn.Module) -> dict:
@@ -156,10 +171,63 @@ def load_lilt(name: str, export: str, adapters: str | None = None) -> nn.Module:
     """An open_clip model from a LilT run's `open_clip_model.pt` with its `adapters.pt` (default:
     the file beside the export) hooked in; its `encode_image`/`encode_text` are the trained model's.
     The adapters are held as `model.lilt_adapters`."""
+    return load_adapted(name, export, "lilt", adapters)
+
+
+# --- ELIP (heliossun/ELIP, models/elip_retrieval.py) ----------------------------------------------
+
+ELIP_STD = 0.001  # the reference's init_adptr: weights N(0, 0.001²), biases 0
+ELIP_SITES = (("ls_1", False, "ls_1"), ("ls_2", False, "ls_2"))  # the branch outputs, before the add
+
+
+class BranchAdapter(nn.Module):
+    """[..., width] → [..., width]: h + W_up·ReLU(W_down·h), hidden = width // 2, both weights
+    N(0, std²) and biases 0 as ELIP initialises them: near the identity (|A(h)| ≤ ‖W_up‖‖W_down‖·|h|,
+    about 3·width·std²·|h|), not at it."""
+
+    def __init__(self, width: int, std: float = ELIP_STD):
+        super().__init__()
+        self.down = nn.Linear(width, width // 2)
+        self.up = nn.Linear(width // 2, width)
+        for layer in (self.down, self.up):
+            nn.init.normal_(layer.weight, std=std)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.up(F.relu(self.down(h)))
+
+
+def add_elip_adapters(clip: nn.Module) -> nn.ModuleDict:
+    """ELIP's adapters: `x + (h + A(h))` for h = attn(ln_1(x)) and then for h = mlp(ln_2(x)), in
+    every block of both towers. The hooks sit on `ls_1` / `ls_2` (identities unless the config sets
+    a layer scale, then A sees the scaled branch), the last op before the residual add."""
+    return hook_adapters(clip, lambda block: ELIP_SITES, BranchAdapter, "elip")
+
+
+def apply_elip(model: nn.Module) -> None:
+    """`model.tuning=elip`: every loaded weight frozen (LayerNorms, projections and the logit scale
+    included, as the reference freezes every name of the CLIP state dict); only the adapters
+    (`model.adapters`) train."""
+    model.clip.requires_grad_(False)
+    model.adapters = add_elip_adapters(model.clip)
+
+
+def adapters_for(clip: nn.Module, tuning: str) -> nn.ModuleDict:
+    """Fresh adapters of a `tuning` that has them (lilt, elip), hooked into an open_clip model."""
+    if tuning == "lilt":
+        return add_adapters(clip)
+    if tuning == "elip":
+        return add_elip_adapters(clip)
+    raise ValueError(f"model.tuning={tuning} has no adapters")
+
+
+def load_adapted(name: str, export: str, tuning: str, adapters: str | None = None) -> nn.Module:
+    """`load_lilt` for any tuning with adapters (lilt, elip): the open_clip export with its
+    `adapters.pt` (default: beside the export) hooked in, held as `model.lilt_adapters`."""
     from train.model import create_clip
 
     clip = create_clip(name, export)
-    clip.lilt_adapters = add_adapters(clip)
+    clip.lilt_adapters = adapters_for(clip, tuning)
     path = adapters or os.path.join(os.path.dirname(export), "adapters.pt")
     clip.lilt_adapters.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return clip
