@@ -40,7 +40,12 @@ class DataConfig:
 class TokenPruningConfig:  # ELIP's vision-token pruning (train/pruning.py), training forward only
     enabled: bool = False
     layers: list[int] = field(default_factory=lambda: [2, 4, 10])  # prune before these ViT blocks
-    keep: list[float] = field(default_factory=lambda: [0.9, 0.65, 0.4])  # of the original patch count
+    keep: list[float] = field(default_factory=lambda: [0.9, 0.65, 0.4])  # int((patches + 1) × r) stay
+    # Look-ahead per layer: blocks i … i+L−1 run on a copy and block i+L−1's CLS attention scores.
+    # None: to the block before the next pruning layer, the last to the tower's end ([2, 6, 2] for
+    # [2, 4, 10] in 12 blocks, ELIP's); [1, 1, 1] scores with the pruning block's own attention.
+    act_layers: list[int] | None = None
+    text_rescale: bool = False  # scale the guiding text to the CLS norm (ELIP: no)
 
 
 @dataclass

@@ -121,7 +121,8 @@ def train(cfg: TrainConfig, loader=None) -> dict:
         model.clip.logit_scale.requires_grad_(False)  # no loss term reads it: DDP wants no unused trainables
     if cfg.model.token_pruning.enabled:
         try:  # the layers and ratios are checked against the built tower
-            apply_token_pruning(model, cfg.model.token_pruning.layers, cfg.model.token_pruning.keep)
+            tp = cfg.model.token_pruning
+            apply_token_pruning(model, tp.layers, tp.keep, tp.act_layers, tp.text_rescale)
         except ValueError as e:
             raise ConfigError(f"model.token_pruning: {e}") from None
     trainable = trainable_summary(model)
