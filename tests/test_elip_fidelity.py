@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import build_synthetic_shards, overrides, run_main
+from test_tuning import inputs  # the same tiny batch as the LilT tests
 from train import checkpoint, ood
 from train.config import ConfigError, load_config
 from train.evaluate import load_model
@@ -127,14 +128,6 @@ def test_evidential_scale_config():
 
 
 # --- 2. model.tuning=elip -------------------------------------------------------------------------
-
-def inputs(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(4, 3, 64, 64, generator=g)
-    tokens = torch.zeros(4, 77, dtype=torch.long)
-    tokens[:, 0], tokens[:, 1:6], tokens[:, 6] = 49406, torch.randint(1, 49000, (4, 5), generator=g), 49407
-    return images, tokens
-
 
 def elip_names(layers: int) -> set[str]:
     return {f"adapters.{tower}transformer_resblocks_{i}_ls_{j}.{layer}.{p}"
