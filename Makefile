@@ -6,6 +6,7 @@ STAMP := $(VENV)/.installed
 # The demos need only the core dependencies: installing the test extra (Ray, transformers, the
 # benchmarks' peers, moto) would take minutes of `make demo`'s budget. `make test` adds it.
 CORE_STAMP := $(VENV)/.installed-core
+OOD_STAMP := $(VENV)/.installed-ood
 DEMO_DIR ?= shards/demo
 
 .PHONY: venv test demo demo-long demo-seeds demo-variants noise-sweep clean
@@ -17,6 +18,11 @@ $(CORE_STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e .
 	@touch $(CORE_STAMP)
+
+# `make demo-variants` runs the OOD test: the `ood` extra (imagecorruptions, nlpaug) on top of the core.
+$(OOD_STAMP): $(CORE_STAMP)
+	$(PY) -m pip install --quiet -e '.[ood]'
+	@touch $(OOD_STAMP)
 
 $(STAMP): $(CORE_STAMP)
 	$(PY) -m pip install --quiet -e '.[test]'
@@ -42,7 +48,7 @@ noise-sweep: $(CORE_STAMP)
 
 # The other seed methods beside their references, on the demo's data (after `make demo`):
 # LiT / LilT / evidential fine-tuning of the demo's clip-both model, token pruning from scratch.
-demo-variants: $(CORE_STAMP)
+demo-variants: $(OOD_STAMP)
 	$(PY) -m tools.demo_variants --out $(DEMO_DIR)
 
 clean:

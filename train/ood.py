@@ -1,43 +1,33 @@
 """Out-of-distribution retrieval (ELIP's protocol, after Qiu et al., "Benchmarking robustness of
 multimodal image-text models under distribution shift", 2022): the Karpathy-style retrieval test
-re-run with corrupted images or perturbed captions at severities 1-5, plus the evidential
-uncertainty u = K / S (train/evidential.py) as ELIP's evaluation computes it: α = exp(100·cos) + 1,
-no clamp, K = the candidates. Reported: the mean u over the queries whose top-1 is right and over
-those whose top-1 is wrong (ELIP's figure; its code reports the right ones), the mean over all, and
-the AUROC of u for "the top-1 candidate is wrong" (ranked by log u: exact where u underflows).
+re-run with corrupted images or perturbed captions at severities 1-5 (MM_Robustness's sets, made by
+`imagecorruptions` and `nlpaug`: train/ood_sets.py), plus the evidential uncertainty u = K / S
+(train/evidential.py) as ELIP's evaluation computes it: α = exp(100·cos) + 1, no clamp, K = the
+candidates. Reported: the mean u over the queries whose top-1 is right and over those whose top-1
+is wrong (ELIP's figure; its code reports the right ones), the mean over all, and the AUROC of u
+for "the top-1 candidate is wrong" (ranked by log u: exact where u underflows).
 
 - Image corruptions act on the decoded uint8 image at its own resolution, before the eval transform
-  (resize, centre crop, normalise), as the `imagecorruptions` package (Michaelis et al. 2019) applies
-  ImageNet-C to arbitrary images. We do not use that package: it calls scikit-image's removed
-  `multichannel=` argument and is unmaintained; the few formulas are re-done here in torch and
-  torchvision.transforms.v2.functional, seeded per image by (seed, corruption, severity, index).
-  Pixel-unit parameters (blur sigma, per-pixel noise) are thus in source pixels: the eval resize
-  weakens them on large images, as it does after the imagecorruptions package.
-- Text perturbations change a share of each caption: 0.02·s of its non-space characters
-  (char_*) or 0.1·s of its words (word_*) at severity s, at least one edit; seeded per caption by
-  (seed, perturbation, severity, caption index). Inserted words come from the test captions.
+  (resize, centre crop, normalise), as MM_Robustness corrupts the dataset's original images; each
+  image is seeded by (seed, corruption, severity, index).
+- Text perturbations are seeded per caption by (seed, perturbation, severity, caption index).
 - Severity 0 is the identity: its numbers are the clean run's.
+- Presets: `full` (every set, ood_sets.CORRUPTIONS) and `elip` (the subset ELIP reports).
 """
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import os
-import random
-import re
-import string
 import sys
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from pipelines.torch_loader import torchvision_transform
@@ -46,92 +36,13 @@ from train.evaluate import (EvalConfigError, ImageFiles, RetrievalEvalConfig, en
                             retrieval_metrics)
 from train.evidential import EVIDENTIAL_SCALE, log_uncertainty
 from train.noise_eval import auc
+from train.ood_sets import (CORRUPTIONS, IMAGE_CORRUPTIONS, LEFT_OUT, PRESETS, MissingExtra, corrupt, mix_seed,
+                            perturb_text, require)
 
-# ImageNet-C's parameters, severity 1..5: Hendrycks & Dietterich, "Benchmarking neural network
-# robustness to common corruptions and perturbations" (ICLR 2019), imagenet_c/corruptions.py
-# (the same values as the imagecorruptions package). Units: noise std / Poisson photons per unit
-# intensity on [0, 1]; blur sigma in pixels; JPEG quality; HSV value added; contrast factor;
-# pixelate's downscale factor.
-SEVERITIES = {
-    "gaussian_noise": [0.08, 0.12, 0.18, 0.26, 0.38],
-    "shot_noise": [60, 25, 12, 5, 3],
-    "gaussian_blur": [1, 2, 3, 4, 6],
-    "jpeg": [25, 18, 15, 10, 7],
-    "brightness": [0.1, 0.2, 0.3, 0.4, 0.5],
-    "contrast": [0.4, 0.3, 0.2, 0.1, 0.05],
-    "pixelate": [0.6, 0.5, 0.4, 0.3, 0.25],
-}
-TEXT_RATES = {"char": 0.02, "word": 0.1}  # share of characters / words changed per severity step
-TEXT_PERTURBATIONS = ("char_insert", "char_delete", "char_swap", "char_keyboard",
-                      "word_delete", "word_swap", "word_insert", "word_repeat")
-CORRUPTIONS = tuple(SEVERITIES) + TEXT_PERTURBATIONS
 METRIC_KEYS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum",
                "mean_u_i2t", "u_right_i2t", "u_wrong_i2t", "auroc_u_i2t",
                "mean_u_t2i", "u_right_t2i", "u_wrong_t2i", "auroc_u_t2i")
-_ROWS = ("1234567890", "qwertyuiop", "asdfghjkl", "zxcvbnm")
 _CHUNK = 1024  # uncertainty rows at once: the [Q, K] evidence of COCO-5k x 25k need not fit at once
-
-
-def _keyboard() -> dict[str, str]:
-    """QWERTY neighbours: same row +-1, and (rows being staggered right) the row above at
-    columns c and c+1, the row below at c-1 and c."""
-    out = {}
-    for r, row in enumerate(_ROWS):
-        for c, key in enumerate(row):
-            near = [(r, c - 1), (r, c + 1), (r - 1, c), (r - 1, c + 1), (r + 1, c - 1), (r + 1, c)]
-            out[key] = "".join(_ROWS[i][j] for i, j in near if 0 <= i < len(_ROWS) and 0 <= j < len(_ROWS[i]))
-    return out
-
-
-KEYBOARD = _keyboard()
-
-
-def mix_seed(seed: int, name: str, severity: int, index: int) -> int:
-    """One 63-bit seed per (run seed, corruption, severity, item): crc32, not hash(), because str
-    hashes change from process to process (and between DataLoader workers)."""
-    state = np.random.SeedSequence([seed, zlib.crc32(name.encode()), severity, index]).generate_state(2)
-    return int(state[0]) << 31 ^ int(state[1])
-
-
-# ------------------------------------------------------------------ image corruptions
-
-def corrupt(image: torch.Tensor, name: str, severity: int, seed: int = 0) -> torch.Tensor:
-    """uint8 [3, H, W] -> uint8 [3, H, W], ImageNet-C's corruption `name` at `severity` (0: the
-    input itself); random ones draw from a generator seeded with `seed`."""
-    if name not in SEVERITIES or not 0 <= severity <= 5:
-        raise ValueError(f"unknown corruption {name!r} or severity {severity} (0-5; {', '.join(SEVERITIES)})")
-    if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
-        raise ValueError(f"need a uint8 [3, H, W] image, got {image.dtype} {tuple(image.shape)}")
-    if severity == 0:
-        return image
-    c = SEVERITIES[name][severity - 1]
-    if name == "gaussian_blur":
-        # scikit-image's kernel radius (truncate=4); reflect padding needs it below the short side
-        r = min(int(4 * c + 0.5), min(image.shape[1:]) - 1)
-        return TF.gaussian_blur(image, [2 * r + 1] * 2, [float(c)] * 2)
-    if name == "jpeg":  # PIL's encoder, as ImageNet-C; v2's jpeg goes through deprecated torchvision.io
-        buf = io.BytesIO()
-        TF.to_pil_image(image).save(buf, "JPEG", quality=c)
-        return TF.pil_to_tensor(Image.open(buf).convert("RGB"))
-    if name == "pixelate":  # PIL's BOX both ways, as ImageNet-C: v2's tensor resize has no box filter
-        pil = TF.to_pil_image(image)
-        small = TF.resize(pil, [max(1, int(pil.height * c)), max(1, int(pil.width * c))], TF.InterpolationMode.BOX)
-        return TF.pil_to_tensor(TF.resize(small, [pil.height, pil.width], TF.InterpolationMode.BOX))
-    x, g = image.float() / 255, torch.Generator().manual_seed(seed)
-    if name == "gaussian_noise":
-        x = x + c * torch.randn(x.shape, generator=g)
-    elif name == "shot_noise":
-        x = torch.poisson(x * c, generator=g) / c
-    elif name == "brightness":
-        # ImageNet-C adds c to HSV's value V = max(r, g, b); with hue and saturation kept, RGB scales
-        # by V'/V (black becomes grey V'). v2's adjust_brightness multiplies instead: not the same.
-        v = x.amax(0)
-        new = (v + c).clamp(max=1)
-        x = torch.where(v > 0, x * new / v.clamp(min=1e-12), new)
-    elif name == "contrast":  # ImageNet-C blends with each channel's mean; v2's adjust_contrast with grey
-        mean = x.mean((1, 2), keepdim=True)
-        x = (x - mean) * c + mean
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 def _as_is(image: Image.Image) -> Image.Image:  # module level: ImageFiles pickles to workers
@@ -155,66 +66,10 @@ class CorruptedFiles(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         image = ImageFiles(self.paths, _as_is)[i]  # its decode and its one-line error for a bad file
         if self.name and self.severity:
-            x = corrupt(TF.pil_to_tensor(image), self.name, self.severity,
+            x = corrupt(np.asarray(image.convert("RGB")), self.name, self.severity,
                         mix_seed(self.seed, self.name, self.severity, i))
-            image = TF.to_pil_image(x)
+            image = Image.fromarray(x)
         return self.transform(image)
-
-
-# ------------------------------------------------------------------ text perturbations
-
-def vocabulary(texts: Sequence[str]) -> list[str]:
-    """Sorted lowercase words of `texts` (sorted: a set's order would change the draws)."""
-    return sorted({w for t in texts for w in re.findall(r"[a-z]+", t.lower())})
-
-
-def perturb_text(text: str, name: str, severity: int, seed: int = 0, vocab: Sequence[str] = ()) -> str:
-    """`text` with perturbation `name` (TEXT_PERTURBATIONS) at `severity` 0-5, drawn from
-    random.Random(seed); word_insert draws its words from `vocab`."""
-    if name not in TEXT_PERTURBATIONS or not 0 <= severity <= 5:
-        raise ValueError(f"unknown text perturbation {name!r} or severity {severity} (0-5)")
-    if severity == 0 or not text.strip():
-        return text
-    rng, (level, op) = random.Random(seed), name.split("_")
-    if level == "char":
-        chars = list(text)
-        n = max(1, round(TEXT_RATES["char"] * severity * sum(not ch.isspace() for ch in chars)))
-        if op == "keyboard":
-            where = [i for i, ch in enumerate(chars) if ch.lower() in KEYBOARD]
-        elif op == "swap":  # two different characters inside a word: a swap that changes something
-            where = [i for i in range(len(chars) - 1)
-                     if not chars[i].isspace() and not chars[i + 1].isspace() and chars[i] != chars[i + 1]]
-        else:
-            where = [i for i, ch in enumerate(chars) if not ch.isspace()]
-        for i in sorted(rng.sample(where, min(n, len(where))), reverse=True):  # right to left: indices hold
-            if op == "insert":
-                chars.insert(i, rng.choice(string.ascii_lowercase))
-            elif op == "delete":
-                del chars[i]
-            elif op == "swap":
-                chars[i], chars[i + 1] = chars[i + 1], chars[i]
-            else:
-                new = rng.choice(KEYBOARD[chars[i].lower()])
-                chars[i] = new.upper() if chars[i].isupper() else new
-        return "".join(chars)
-    words = text.split()
-    n = min(len(words), max(1, round(TEXT_RATES["word"] * severity * len(words))))
-    if op == "delete":  # one word always stays
-        for i in sorted(rng.sample(range(len(words)), min(n, len(words) - 1)), reverse=True):
-            del words[i]
-    elif op == "swap" and len(words) > 1:
-        for _ in range(n):
-            i = rng.randrange(len(words) - 1)
-            words[i], words[i + 1] = words[i + 1], words[i]
-    elif op == "insert":
-        if not vocab:
-            raise ValueError("word_insert needs a vocabulary")
-        for _ in range(n):
-            words.insert(rng.randrange(len(words) + 1), rng.choice(vocab))
-    elif op == "repeat":
-        for i in sorted(rng.sample(range(len(words)), n), reverse=True):
-            words.insert(i, words[i])
-    return " ".join(words)
 
 
 # ------------------------------------------------------------------ metrics
@@ -268,7 +123,7 @@ def run_ood(model, karpathy_json: str, images_root: str | None, image_size: int,
             workers: int = 0, amp: bool = False, caption_prefix: str = "", progress: bool = True,
             per_query: dict | None = None) -> dict:
     """{"clean": {0: metrics}, corruption: {severity: metrics}} (ood_metrics' keys) for every name
-    of `corruptions` (default CORRUPTIONS). `model`: open_clip's or the trainer's DualPathCLIP (DDP
+    of `corruptions` (default: the `full` preset, ood_sets.CORRUPTIONS). `model`: open_clip's or the trainer's DualPathCLIP (DDP
     unwrapped here); clean text features serve every image corruption and clean image features every
     text perturbation. One progress line per run to stderr unless not `progress`. `per_query` (a
     dict) receives the clean run's per-query uncertainty (ood_metrics). `scale`: the uncertainty's
@@ -278,6 +133,10 @@ def run_ood(model, karpathy_json: str, images_root: str | None, image_size: int,
     if bad:
         raise EvalConfigError(f"unknown OOD corruption or severity {bad} (corruptions: {', '.join(CORRUPTIONS)}; "
                               "severities 0-5)")
+    try:
+        require(names)
+    except MissingExtra as e:
+        raise EvalConfigError(str(e)) from None
     cfg = RetrievalEvalConfig("ood", karpathy_json=karpathy_json, images_root=images_root, image_size=image_size,
                               batch_size=batch_size, workers=workers, amp=amp)
     paths, captions = cfg.karpathy_images()
@@ -306,17 +165,16 @@ def run_ood(model, karpathy_json: str, images_root: str | None, image_size: int,
         img, txt = images(), encode(texts)
         results = {"clean": {0: ood_metrics(img, txt, text_to_image, scale, per_query)}}
         say("clean", 0, results["clean"][0], t0)
-        vocab = vocabulary(texts)
         for name in names:
             results[name] = {}
             for s in severities:
                 t0 = time.time()
                 if s == 0:
                     m = dict(results["clean"][0])
-                elif name in SEVERITIES:
+                elif name in IMAGE_CORRUPTIONS:
                     m = ood_metrics(images(name, s), txt, text_to_image, scale)
                 else:
-                    changed = [perturb_text(t, name, s, mix_seed(seed, name, s, i), vocab) for i, t in enumerate(texts)]
+                    changed = [perturb_text(t, name, s, mix_seed(seed, name, s, i)) for i, t in enumerate(texts)]
                     m = ood_metrics(img, encode(changed), text_to_image, scale)
                 results[name][s] = m
                 say(name, s, m, t0)
@@ -355,7 +213,7 @@ def to_markdown_ood(results: Mapping) -> str:
     lines = ["| corruption | kind | " + " | ".join(h for _, h, _ in cols) + " |", "|---|---|" + "---:|" * len(cols)]
     for name, runs in res.items():
         used = [m for s, m in runs.items() if s >= 1] or list(runs.values())
-        kind = "clean" if name == "clean" else "image" if name in SEVERITIES else "text"
+        kind = "clean" if name == "clean" else "image" if name in IMAGE_CORRUPTIONS else "text"
         lines.append(f"| {name} | {kind} | " + " | ".join(_cell(_mean(m.get(k) for m in used), d) for k, _, d in cols)
                      + " |")
     lines += ["", "| corruption | severity | " + " | ".join(METRIC_KEYS) + " |", "|---|---:|" + "---:|" * len(METRIC_KEYS)]
@@ -378,12 +236,12 @@ def plot_ood(results: Mapping, path: str) -> None:
     fig = Figure(figsize=(8, 5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    colours = colormaps["tab20"].colors  # 15 lines: tab10 would repeat colours
+    colours = colormaps["tab20"].colors + colormaps["tab20b"].colors  # 28 lines: tab10 would repeat colours
     for i, (name, runs) in enumerate((n, r) for n, r in res.items() if n != "clean"):
         points = {**({0: clean} if clean else {}), **runs}
         xs = sorted(points)
         ax.plot(xs, [(points[s]["i2t_R@1"] + points[s]["t2i_R@1"]) / 2 for s in xs], marker="o", markersize=3,
-                linestyle="-" if name in SEVERITIES else "--", color=colours[i % 20], label=name)
+                linestyle="-" if name in IMAGE_CORRUPTIONS else "--", color=colours[i % len(colours)], label=name)
     ax.set(xlabel="severity", ylabel="mean R@1 (i2t, t2i) %", xticks=range(6), title="Retrieval under corruption")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
@@ -435,7 +293,11 @@ def _scale(text: str) -> float | None:
 def add_ood_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("OOD retrieval (train/ood.py)")
     g.add_argument("--ood", action="store_true", help="re-run --retrieval-json under corruptions")
-    g.add_argument("--ood-corruptions", type=_corruption_list, help=f"default all: {','.join(CORRUPTIONS)}")
+    g.add_argument("--ood-preset", choices=sorted(PRESETS), default="full",
+                   help="full: every set (19 image corruptions, 9 text perturbations); elip: the subset ELIP "
+                        f"reports ({','.join(PRESETS['elip'])})")
+    g.add_argument("--ood-corruptions", type=_corruption_list,
+                   help=f"instead of the preset, any of: {','.join(CORRUPTIONS)}")
     g.add_argument("--ood-severities", type=_severity_list, default=[1, 2, 3, 4, 5], help="default 1,2,3,4,5")
     g.add_argument("--ood-out", help="folder for ood.md/.json/.png (default: ood/ beside --out, else ./ood)")
     g.add_argument("--ood-seed", type=int, default=0)
@@ -449,12 +311,15 @@ def main_ood(a: argparse.Namespace, model, configs: Sequence) -> tuple[str, str,
     if cfg is None:
         raise EvalConfigError("--ood needs --retrieval-json (a Karpathy-style test JSON)")
     per_query: dict = {}
-    results = run_ood(model, cfg.karpathy_json, cfg.images_root, cfg.image_size, a.device, a.ood_corruptions,
+    names = a.ood_corruptions or PRESETS[a.ood_preset]
+    results = run_ood(model, cfg.karpathy_json, cfg.images_root, cfg.image_size, a.device, names,
                       a.ood_severities, a.ood_seed, a.evidential_scale, cfg.batch_size, cfg.workers, cfg.amp,
                       cfg.caption_prefix, per_query=per_query)
     out = a.ood_out or os.path.join(os.path.dirname(a.out) if a.out else ".", "ood")
     paths = write_ood(results, out)
     Path(out, "uncertainty_per_query.json").write_text(json.dumps(per_query))  # clean test, u = K / S
     print(f"wrote {', '.join(paths)}")
+    print("left out (they need downloaded models or word lists): "
+          + "; ".join(f"{k}: {v}" for k, v in LEFT_OUT.items()))
     print(to_markdown_ood(results).split("\n\n")[0])
     return paths
