@@ -44,12 +44,12 @@ demo-seeds: $(CORE_STAMP)
 
 # Mean R@1 against the share of swapped raw texts (README: docs/noise_sweep.png).
 noise-sweep: $(CORE_STAMP)
-	$(PY) -m tools.noise_sweep --fractions 0 0.3 0.5 0.7 --seeds 0 1 2 --steps 600 --plot docs/noise_sweep.png
+	$(PY) -m tools.demo.noise_sweep --fractions 0 0.3 0.5 0.7 --seeds 0 1 2 --steps 600 --plot docs/noise_sweep.png
 
 # The other seed methods beside their references, on the demo's data (after `make demo`):
 # LiT / LilT / evidential fine-tuning of the demo's clip-both model, token pruning from scratch.
 demo-variants: $(OOD_STAMP)
-	$(PY) -m tools.demo_variants --out $(DEMO_DIR)
+	$(PY) -m tools.demo.demo_variants --out $(DEMO_DIR)
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

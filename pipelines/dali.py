@@ -14,7 +14,7 @@ jumps (a resume, `set_epoch` out of order) or a bad image broke a batch.
 
 DALI's own readers (`fn.readers.webdataset`, `fn.readers.mxnet`) shard and shuffle their own way
 and cannot follow a global per-epoch permutation, which the rank and resume guarantees need; they
-remain the bound in `tools/bench_loader.py`.
+remain the bound in `tools/bench/bench_loader.py`.
 """
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ at every step all ranks read from the same current block (≈ block_shards shard
 boundary, more when one global batch B·W spans several blocks), each rank about 1/W of every
 shard in it, so a node reads those few shards at a time, all of them, between its ranks. No rank
 can own shards of its own: that would make the permutation depend on W and break elastic resume.
-`tools/bench_shuffle.py` measures both views (per rank batch and per global step).
+`tools/bench/bench_shuffle.py` measures both views (per rank batch and per global step).
 
 Remainder: with `drop_last` (training) the last `N mod (world * batch)` samples of the
 permutation are dropped, so every rank yields exactly `N // (world * batch)` full batches; the
@@ -63,7 +63,7 @@ SHUFFLES = ("global", "block", "none")
 # 8 shards: ~8,000 samples mixed at a time with ~1,000-sample shards, the scale of open_clip's
 # webdataset shuffle buffer (5,000), halving same-shard pairs in a batch against 4 shards, while a
 # cache of two blocks (16 shards, ~1.6 GB of 100 MB shards) reads every shard once. Measured against
-# other sizes in docs/drafts/shuffle.md (`python -m tools.bench_shuffle`).
+# other sizes in docs/drafts/shuffle.md (`python -m tools.bench.bench_shuffle`).
 DEFAULT_BLOCK_SHARDS = 8
 
 

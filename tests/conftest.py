@@ -18,7 +18,7 @@ def shared_data() -> Path:
 
 def synthetic_input(syn: Path, n: int, size: int = 64) -> list[str]:
     """`n` synthetic images with synthetic captions in `syn`; returns make-shards' input arguments."""
-    from tools import make_synthetic
+    from tools.demo import make_synthetic
 
     assert make_synthetic.main(["--out", str(syn), "--train", str(n), "--test", "0", "--size", str(size),
                                 "--workers", "1"]) == 0
@@ -29,7 +29,7 @@ def synthetic_input(syn: Path, n: int, size: int = 64) -> list[str]:
 def build_synthetic_shards(root: Path, n: int, formats: str, per_shard: int) -> Path:
     """`n` synthetic 64-px images with synthetic captions, tokenized, converted to `formats`
     under `root/shards/<format>`: the project's own data, so tests using it never skip."""
-    from tools import make_shards
+    from tools.convert import make_shards
 
     out = root / "shards"
     assert make_shards.main(synthetic_input(root / "syn", n) + [

@@ -195,13 +195,13 @@ def scenarios(data: TwinData, shards: Path | None, model: str | None) -> list[Sc
             return [*data.make_shards_args(), *MAKE_SHARDS_ARGS, "--workers", "2", "--distributor", distributor,
                     "--out", *out]
         return Scenario(f"make-shards/{'ray' if distributor == 'ray' else 'pool'}/{'s3' if remote else 'local'}",
-                        "tools.make_shards", argv, ["--resume"], remote=remote, ray=distributor == "ray")
+                        "tools.convert.make_shards", argv, ["--resume"], remote=remote, ray=distributor == "ray")
 
     found = [make_shards("local", False), make_shards("local", True), make_shards("ray", False),
              make_shards("ray", True)]
     if shards is not None and model is not None:
         found.append(Scenario(
-            "caption-shards", "tools.caption_shards",
+            "caption-shards", "tools.captions.caption_shards",
             lambda run, store: ["--shards", str(shards), "--model", model, "--out", str(run / "out" / "captions.jsonl"),
                                 "--num-captions", "2", "--num-beams", "2", "--max-new-tokens", "8",
                                 "--batch-size", "3", "--workers", "0", "--threads", "1", "--quiet"],
@@ -211,11 +211,11 @@ def scenarios(data: TwinData, shards: Path | None, model: str | None) -> list[Sc
             shutil.copytree(shards, run / "out")
 
         found.append(Scenario(
-            "attach-captions/in-place", "tools.attach_captions",
+            "attach-captions/in-place", "tools.captions.attach_captions",
             lambda run, store: ["--shards", str(run / "out"), "--captions", str(data.attach), "--in-place", "--quiet"],
             prepare=copy_shards))
         found.append(Scenario(
-            "attach-captions/out", "tools.attach_captions",
+            "attach-captions/out", "tools.captions.attach_captions",
             lambda run, store: ["--shards", str(shards), "--captions", str(data.attach), "--out", str(run / "out"),
                                 "--quiet"]))
     return found
@@ -451,7 +451,8 @@ class Harness:
 def build_inputs(root: Path, with_captioner: bool = True) -> tuple[TwinData, Path, str | None]:
     """The twin input, its shards (what caption-shards and attach-captions start from) and a tiny
     random captioner folder."""
-    from tools import caption_shards, make_shards
+    from tools.captions import caption_shards
+    from tools.convert import make_shards
 
     data = twin_dataset(root / "input")
     shards = root / "shards"

@@ -27,7 +27,7 @@ import pytest
 
 if __name__ == "__main__":  # run as a script: the repository root holds tools/
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tools.bench_peers import LOOPBACK_ENV, loopback_s3
+from tools.bench.bench_peers import LOOPBACK_ENV, loopback_s3
 
 
 

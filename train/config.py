@@ -37,7 +37,7 @@ class DataConfig:
 
 
 @dataclass
-class TokenPruningConfig:  # ELIP's vision-token pruning (train/pruning.py), training forward only
+class TokenPruningConfig:  # ELIP's vision-token pruning (train/variants/pruning.py), training forward only
     enabled: bool = False
     layers: list[int] = field(default_factory=lambda: [2, 4, 10])  # prune before these ViT blocks
     keep: list[float] = field(default_factory=lambda: [0.9, 0.65, 0.4])  # int((patches + 1) × r) stay
@@ -64,7 +64,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    mode: str = "alip"  # clip-raw | clip-both | alip | evidential (ELIP, train/evidential.py)
+    mode: str = "alip"  # clip-raw | clip-both | alip | evidential (ELIP, train/variants/evidential.py)
     local_loss: bool = False
     gather_with_grad: bool = False
     momentum: float = 0.99
@@ -164,7 +164,7 @@ class TrainConfig:
 
 def evidential_scale(value) -> float | None:
     """`loss.evidential_scale` → the constant scale, or None for `learned` (the model's
-    exp(logit_scale)); ValueError for anything else. (Here, not in train/evidential.py: reading a
+    exp(logit_scale)); ValueError for anything else. (Here, not in train/variants/evidential.py: reading a
     config needs no torch.)"""
     if value == "learned":
         return None

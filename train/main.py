@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lip-train: config error: {e}", file=sys.stderr)
         return 2
     from train.distributed import cleanup
-    from train.evaluate import INPUT_ERRORS, RetrievalEvalConfig, one_line
+    from train.eval.evaluate import INPUT_ERRORS, RetrievalEvalConfig, one_line
     from train.trainer import train
 
     try:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.pruning import pruning_guidance
+from train.variants.pruning import pruning_guidance
 
 MODEL_CONFIGS = os.path.join(os.path.dirname(__file__), "model_configs")
 open_clip.add_model_config(MODEL_CONFIGS)
@@ -63,7 +63,7 @@ class DualPathCLIP(nn.Module):
         return self.clip.logit_scale
 
     def forward(self, images, raw_tokens, syn_tokens=None):
-        # Texts first: token pruning (train/pruning.py) lets the raw text guide which patches stay.
+        # Texts first: token pruning (train/variants/pruning.py) lets the raw text guide which patches stay.
         if syn_tokens is None:
             raw, syn = F.normalize(self.encode_text(raw_tokens), dim=-1), None
         else:
@@ -83,7 +83,7 @@ def build_model(name: str, pretrained: str | None = None, grad_checkpointing: bo
 def export_open_clip(model: DualPathCLIP, path: str) -> None:
     """Weights in open_clip's state-dict layout: `open_clip.create_model(name, pretrained=path)`.
     LilT's adapters (`model.adapters`) are not in that layout: they go to `adapters.pt` beside it
-    (`train.tuning.load_lilt` hooks them back in)."""
+    (`train.variants.tuning.load_lilt` hooks them back in)."""
     torch.save(model.clip.state_dict(), path)
     if hasattr(model, "adapters"):
         torch.save(model.adapters.state_dict(), os.path.join(os.path.dirname(path), "adapters.pt"))

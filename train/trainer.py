@@ -20,14 +20,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from pipelines.loader import LoaderConfig, build_loader
 from train import checkpoint
 from train.config import ConfigError, TrainConfig, evidential_scale, to_dict
-from train.evidential import EvidentialLoss
+from train.variants.evidential import EvidentialLoss
 from train.distributed import DistEnv, init_distributed
 from train.losses import AlipLoss, ClipLoss
 from train.model import build_model, export_open_clip
 from train.optim import build_scheduler, param_groups
-from train.pruning import apply_token_pruning
+from train.variants.pruning import apply_token_pruning
 from train.records import RunRecorder
-from train.tuning import apply_tuning, trainable_summary
+from train.variants.tuning import apply_tuning, trainable_summary
 from train.sample_weights import SampleWeights
 
 MAX_LOGIT_SCALE = math.log(100)
@@ -95,7 +95,7 @@ def autocast_for(precision: str, device: torch.device):
 
 def evaluate_run(cfg: TrainConfig, model, device, run_dir: str) -> dict:
     """Zero-shot retrieval on `eval.retrieval_json` at the end of the run → results.json/.md."""
-    from train.evaluate import RetrievalEvalConfig, run_evals, write_results
+    from train.eval.evaluate import RetrievalEvalConfig, run_evals, write_results
 
     evals = run_evals(model, [RetrievalEvalConfig(
         name=os.path.splitext(os.path.basename(cfg.eval.retrieval_json))[0],
