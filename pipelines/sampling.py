@@ -63,7 +63,7 @@ SHUFFLES = ("global", "block", "none")
 # 8 shards: ~8,000 samples mixed at a time with ~1,000-sample shards, the scale of open_clip's
 # webdataset shuffle buffer (5,000), halving same-shard pairs in a batch against 4 shards, while a
 # cache of two blocks (16 shards, ~1.6 GB of 100 MB shards) reads every shard once. Measured against
-# other sizes in docs/drafts/shuffle.md (`python -m tools.bench.bench_shuffle`).
+# other sizes in docs/benchmarks.md, "Shuffle quality against read locality" (`bench-shuffle`).
 DEFAULT_BLOCK_SHARDS = 8
 
 

@@ -1,6 +1,6 @@
 """The sample contract shared by the converter (writers) and the loaders (readers).
 
-See DESIGN.md section 3. A `Sample` is what every shard format stores; each format module in
+See docs/design.md §2 (the shard schema). A `Sample` is what every shard format stores; each format module in
 `pipelines/formats/` writes and reads exactly these fields.
 """
 from __future__ import annotations
@@ -55,7 +55,7 @@ class Sample:
 
 @dataclass
 class Batch:
-    """What every loader yields (DESIGN.md section 5), whatever its backend and format.
+    """What every loader yields (docs/design.md §3, the Batch contract), whatever its backend and format.
 
     images:     float32 [B, 3, H, W], normalized with the CLIP mean/std, on the loader's device.
     raw_tokens: int64 [B, 77], CLIP BPE of the raw text.

@@ -33,31 +33,20 @@ Guarantees, and how:
 from __future__ import annotations
 
 import fcntl
-import hashlib
-import json
 import os
-import re
 import threading
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable
 
-from pipelines.formats.base import file_digest, write_atomic
+from pipelines.cached_files import is_verified, mark_verified, marker
+from pipelines.formats.base import write_atomic
 from pipelines.storage import StorageError, download_file, human, join
 
 WAIT_TIMEOUT_S = 900.0  # a reader waiting longer for a shard gives up (no owner can fetch it)
 TAKEOVER_S = 0.5  # how often a waiting loader tries to become the owner of an ownerless folder
 ASK_AFTER_S = 0.05  # a reader asks for a shard it has waited this long for (the schedule usually has it)
-
-
-def cache_folder(cache_dir: str, url: str) -> str:
-    """Where the shards of `url` are cached on this node: readable, and unique per url. Every rank
-    of a node that uses the same `cache_dir` shares it."""
-    path = url.split("://", 1)[-1]
-    tag = re.sub(r"[^A-Za-z0-9._-]+", "_", path.strip("/"))[-80:]
-    digest = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:10]
-    return os.path.join(os.path.expanduser(cache_dir), f"{tag}-{digest}")
 
 
 def _alive(pid: int) -> bool:
@@ -68,48 +57,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _marker(path: str) -> str:
-    return path + ".ok"
-
-
-def mark_verified(path: str, identity: str | None) -> None:
-    """Remember that the file at `path` is the object `identity` names (sha256 or etag)."""
-    st = os.stat(path)
-    write_atomic(_marker(path), json.dumps({"identity": identity, "size": st.st_size, "ino": st.st_ino,
-                                            "mtime_ns": st.st_mtime_ns}))
-
-
-def is_verified(path: str, identity: str | None) -> bool:
-    """Whether the file at `path` is known to be `identity`: its marker says so for this very file,
-    or (no marker, a sha256 identity) its digest matches, which is then remembered."""
-    if identity is None:
-        return False
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return False
-    try:
-        with open(_marker(path)) as f:
-            m = json.load(f)
-        if (m.get("identity"), m.get("size"), m.get("ino"), m.get("mtime_ns")) == \
-                (identity, st.st_size, st.st_ino, st.st_mtime_ns):
-            return True
-    except (OSError, ValueError):
-        pass
-    if identity.startswith("sha256:") and file_digest(path) == identity[len("sha256:"):]:
-        mark_verified(path, identity)
-        return True
-    return False
-
-
-def identity_of(sha256: str | None, etag: str | None = None) -> str | None:
-    """How a cached file is recognised: its sha256 when the manifest or index gives one, else the
-    store's ETag, else nothing (then nothing is adopted from an earlier run)."""
-    if sha256:
-        return f"sha256:{sha256}"
-    return f"etag:{etag}" if etag else None
 
 
 # Lock descriptors a forked child must not keep: an flock belongs to the open file, which fork
@@ -468,7 +415,7 @@ class ShardCache:
             for name, _, _ in self.files[n]:
                 path = os.path.join(self.folder, name)
                 _remove(path)
-                _remove(_marker(path))
+                _remove(marker(path))
         finally:
             os.close(fd)
         return True
@@ -498,22 +445,6 @@ class ShardCache:
             self._cond.notify_all()
 
 
-def fetch_once(url: str, local: str, size: int | None, identity: str | None, sha256: str | None = None) -> str:
-    """`url` at `local`, downloaded at most once per node: the ranks of a node that ask at the same
-    time wait for the first one (a lock file), and a copy whose marker shows the expected
-    `identity` (`identity_of`) is used as it is. `sha256` is checked on download. Returns `local`."""
-    os.makedirs(os.path.dirname(local), exist_ok=True)
-    fd = os.open(local + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        if not is_verified(local, identity):
-            download_file(url, local, size, sha256)
-            mark_verified(local, identity)
-    finally:
-        os.close(fd)
-    return local
-
-
 def _remove(path: str) -> None:
     try:
         os.remove(path)
@@ -521,5 +452,4 @@ def _remove(path: str) -> None:
         pass
 
 
-__all__ = ["ShardCache", "Held", "cache_folder", "fetch_once", "identity_of", "is_verified", "mark_verified",
-           "WAIT_TIMEOUT_S"]
+__all__ = ["ShardCache", "Held", "WAIT_TIMEOUT_S"]

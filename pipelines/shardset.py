@@ -30,7 +30,8 @@ from pipelines.formats import arrow, recordio, wds
 from pipelines.formats.base import DEFAULT_OPEN_SHARDS, MappedFile, OpenShards
 from pipelines.formats.index import INDEX_NAME, FolderIndex, write_index
 from pipelines.schema import CONTEXT_LENGTH, Sample
-from pipelines.shard_cache import ShardCache, cache_folder, fetch_once, identity_of
+from pipelines.cached_files import cache_folder, fetch_once, identity_of
+from pipelines.shard_cache import ShardCache
 from pipelines.storage import DEFAULT_CACHE_DIR, DEFAULT_CACHE_LIMIT, StorageError, is_remote, join, list_files, read_json
 from pipelines.text import choose_caption, sample_tokens
 

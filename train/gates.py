@@ -1,4 +1,4 @@
-"""ALIP's Language and Description Consistency Gates (Yang et al., ICCV 2023; DESIGN.md §6).
+"""ALIP's Language and Description Consistency Gates (Yang et al., ICCV 2023; docs/design.md §6).
 
 Per sample i over the global batch, with features L2-normalized:
     S_tc = <t_i, c_i>   raw text vs synthetic caption

@@ -82,7 +82,7 @@ class ClipLoss(Contrastive):
 
 
 class AlipLoss(Contrastive):
-    """ALIP's adaptive contrastive loss over the global batch (DESIGN.md §6):
+    """ALIP's adaptive contrastive loss over the global batch (docs/design.md §6):
     total = mean_i(W_s·W_t·L_raw(i)) + mean_i(W_s·W_c·L_syn(i)) over the samples with a
     synthetic caption for the second term, where L(i) = (CE_i2t(i) + CE_t2i(i)) / 2.
     `normalize="mean"` divides each weighted sum by its sample count (ALIP's code);

@@ -2,7 +2,7 @@
 
 - ClipLoss against open_clip's own ClipLoss: value and gradients, every option, world size 1 and 2.
 - AlipLoss against hand-computed gates (orthogonal per-sample subspaces make every logit known),
-  an independent numpy re-implementation of DESIGN.md §6, and ALIP's train.py gate code written out
+  an independent numpy re-implementation of docs/design.md §6, and ALIP's train.py gate code written out
   literally; gate state in the state dict; no gradient through the gates; `has_syn`; normalization.
 - World size 2 (gloo, spawned processes) against world size 1 on the concatenated batch.
 
@@ -89,7 +89,7 @@ def grads_of(loss, tensors):
 
 def ref_alip(x, t, c, scale, h, has_syn=None, momentum=0.99, gamma_s=2.0, gamma_p=2.0,
              normalize="mean"):
-    """DESIGN.md §6 with explicit loops in numpy float64. `h` = (H_tc, H_xt, H_xc) before the step.
+    """docs/design.md §6 with explicit loops in numpy float64. `h` = (H_tc, H_xt, H_xc) before the step.
     Returns (total, w_sample, w_raw, w_syn, new h)."""
     x, t, c = (np.asarray(a.detach(), np.float64) for a in (x, t, c))
     scale = float(scale)

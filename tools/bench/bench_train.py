@@ -1,6 +1,6 @@
 """bench-train: training step time of `alip` against `clip-raw` on the same model and batches,
 and the trainer's overhead against a bare forward/backward/step loop over the same batches;
-`--compare tuning` (full vs LiT vs LilT) and `--compare pruning` (ELIP token pruning vs none)
+`--compare tuning` (full vs LiT vs LilT vs ELIP adapters) and `--compare pruning` (ELIP token pruning vs none)
 time the seed variants against full training, with peak memory.
 
     bench-train --model lip-tiny --image-size 64 --batch-size 64 --steps 30 [--device cpu|gpu] [--quick]
@@ -36,7 +36,8 @@ from train.trainer import MAX_LOGIT_SCALE, autocast_for, seed_everything, train
 
 # The seed variants against full training, same model and batches (clip-raw loss).
 COMPARISONS = {
-    "tuning": {"full": (), "lit": ("model.tuning=lit",), "lilt": ("model.tuning=lilt",)},
+    "tuning": {"full": (), "lit": ("model.tuning=lit",), "lilt": ("model.tuning=lilt",),
+               "elip": ("model.tuning=elip",)},
     "pruning": {"no pruning": (), "token pruning": ("model.token_pruning.enabled=true",)},
 }
 
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a trainer override for every run, e.g. --set model.token_pruning.layers=[1]")
     p.add_argument("--compare", choices=("modes", *COMPARISONS), default="modes",
-                   help="modes: alip vs clip vs a bare loop; tuning: full vs lit vs lilt; "
+                   help="modes: alip vs clip vs a bare loop; tuning: full vs lit vs lilt vs elip; "
                         "pruning: token pruning (model.token_pruning defaults) vs none")
     args = p.parse_args(argv)
     if args.quick:

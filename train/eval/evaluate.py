@@ -1,4 +1,4 @@
-"""Zero-shot evaluation (DESIGN.md section 8): image-text retrieval and classification.
+"""Zero-shot evaluation (docs/design.md §8): image-text retrieval and classification.
 
 big_vision's protocol: one evaluator per task, built from a small config; `run(model, device)` returns
 `{metric: value}`; metrics are pure functions of a similarity matrix. Models are open_clip's (`encode_image`,

@@ -1,4 +1,4 @@
-"""Evidential contrastive fine-tuning (ELIP, Sun et al., WWW 2024; heliossun/ELIP; DESIGN.md §6).
+"""Evidential contrastive fine-tuning (ELIP, Sun et al., WWW 2024; heliossun/ELIP; docs/design.md §7).
 
 Each row of the logits (image→text and text→image) is read as evidence for a K-way choice over
 the batch: α = exp(clamp(L, −c, c)) + 1, S = Σ_j α_j. The loss per row is the expected
