@@ -41,7 +41,7 @@ def build_synthetic_shards(root: Path, n: int, formats: str, per_shard: int) -> 
 def overrides(shards: str, out_dir, name: str, **changes) -> list[str]:
     """Dotted overrides for a tiny CPU training run (`lip-tiny`, 3 steps); `changes` use `__` for
     the dot (optim__lr=1e-3)."""
-    values = {"data.train_shards": shards, "data.image_size": 64, "data.batch_size": 16,
+    values = {"data.train_shards": shards, "data.backend": "torch", "data.image_size": 64, "data.batch_size": 16,
               "data.workers": 0, "model.name": "lip-tiny", "optim.warmup_steps": 2, "optim.max_steps": 3,
               "run.out_dir": str(out_dir), "run.name": name, "run.log_every": 1, "run.plots": "false"}
     values.update({k.replace("__", "."): v for k, v in changes.items()})

@@ -2,8 +2,14 @@
 defaults), then dotted `key=value` overrides. Unknown keys are errors naming the key."""
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
+import io
 import math
+import textwrap
+import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,14 +27,16 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     train_shards: str = ""  # a make-shards format folder, e.g. shards/demo/train/wds, or s3://bucket/prefix
-    format: str = "wds"
-    backend: str = "torch"  # torch | dali
+    format: str = "wds"  # the shards' format: wds | arrow | rec
+    # auto | torch | dali. auto: DALI when nvidia.dali imports (its GPU graph with CUDA, else its CPU
+    # graph), else torch; the run logs the choice and its config.yaml records it
+    backend: str = "auto"
     device: str = "auto"  # auto (gpu when CUDA is present) | gpu | cpu
     batch_size: int = 64  # per rank
-    image_size: int = 224
-    workers: int = 2
-    flip: bool = True
-    hw_decoder_load: float = 0.65
+    image_size: int = 224  # pixels, square: the training crop's side
+    workers: int = 2  # loader worker processes per rank
+    flip: bool = True  # random horizontal flips (off when captions say left/right)
+    hw_decoder_load: float = 0.65  # DALI on GPU: share of JPEGs sent to the hardware decoder
     shuffle: str = "global"  # global (all samples) | block (shards, then samples within blocks: network storage)
     shuffle_block_shards: int = DEFAULT_BLOCK_SHARDS  # shuffle=block: shards whose samples are mixed together
     cache_dir: str = "~/.cache/lip-pipeline/shards"  # the node's cache: s3:// shards (a folder per url), built indexes
@@ -38,7 +46,7 @@ class DataConfig:
 
 @dataclass
 class TokenPruningConfig:  # ELIP's vision-token pruning (train/variants/pruning.py), training forward only
-    enabled: bool = False
+    enabled: bool = False  # prune vision tokens while training
     layers: list[int] = field(default_factory=lambda: [2, 4, 10])  # prune before these ViT blocks
     keep: list[float] = field(default_factory=lambda: [0.9, 0.65, 0.4])  # int((patches + 1) × r) stay
     # Look-ahead per layer: blocks i … i+L−1 run on a copy and block i+L−1's CLS attention scores.
@@ -52,8 +60,8 @@ class TokenPruningConfig:  # ELIP's vision-token pruning (train/variants/pruning
 class ModelConfig:
     name: str = "ViT-B-32"  # any open_clip config name, or ours in train/model_configs/
     pretrained: str | None = None  # an open_clip checkpoint file; None = random init
-    grad_checkpointing: bool = False
-    compile: bool = False
+    grad_checkpointing: bool = False  # recompute activations in the backward pass: less memory, slower
+    compile: bool = False  # torch.compile the model
     # none (all trains) | lit (image tower locked but its projection) | lilt (norms, projections, adapters)
     # | elip (ELIP: every loaded weight frozen, adapters on each block's attention and MLP outputs)
     tuning: str = "none"
@@ -65,11 +73,11 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     mode: str = "alip"  # clip-raw | clip-both | alip | evidential (ELIP, train/variants/evidential.py)
-    local_loss: bool = False
-    gather_with_grad: bool = False
-    momentum: float = 0.99
-    gamma_sample: float = 2.0
-    gamma_pair: float = 2.0
+    local_loss: bool = False  # open_clip's local loss: each rank scores its own rows against the global batch
+    gather_with_grad: bool = False  # gather other ranks' features with their gradients
+    momentum: float = 0.99  # alip: the gates' running means H (momentum of their moving average)
+    gamma_sample: float = 2.0  # alip: γ_s of the language gate's sample weight min(1, exp(γ_s·(S − H)))
+    gamma_pair: float = 2.0  # alip: γ_p of the description gate's pair weights exp(γ_p·(S − H))
     normalize: str = "mean"  # mean (ALIP) | weight_sum
     h_init: str = "one"  # one (ALIP: gate means start at 1.0) | first_batch (the first batch's means)
     text: str = "raw"  # evidential only: the text it pairs with images: raw | syn | both (two terms)
@@ -80,17 +88,17 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 5e-4
-    weight_decay: float = 0.2
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
+    lr: float = 5e-4  # peak learning rate (AdamW)
+    weight_decay: float = 0.2  # AdamW's; not on biases, norms, embeddings, logit_scale unless decay_all
+    betas: tuple[float, float] = (0.9, 0.98)  # AdamW's
+    eps: float = 1e-6  # AdamW's
     decay_all: bool = False  # True reproduces ALIP: decay on every parameter
     schedule: str = "cosine"  # cosine (linear warm-up) | onecycle (ALIP, 10 % warm-up)
-    warmup_steps: int = 100
-    epochs: int = 1
+    warmup_steps: int = 100  # linear warm-up steps (cosine schedule)
+    epochs: int = 1  # passes over the shards
     max_steps: int | None = None  # stop early (demo, benchmarks)
-    accum_steps: int = 1
-    clip_grad: float | None = 1.0
+    accum_steps: int = 1  # micro-batches of data.batch_size per optimizer step
+    clip_grad: float | None = 1.0  # gradient norm clip; None: no clipping
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     fused: bool | None = None  # AdamW's fused kernel; None: on for CPU and CUDA (20-25 % of a small CPU step)
 
@@ -98,21 +106,21 @@ class OptimConfig:
 @dataclass
 class EvalConfig:
     retrieval_json: str | None = None  # Karpathy-style test list
-    images_root: str | None = None
-    caption_prefix: str = ""
+    images_root: str | None = None  # retrieval_json's image paths are relative to it; default: the JSON's folder
+    caption_prefix: str = ""  # put before every caption (ALIP: "a photo of ")
     batch_size: int = 64  # evaluation runs once, at the end of training, on rank 0
 
 
 @dataclass
 class RunConfig:
-    name: str = "run"
-    out_dir: str = "runs"
-    seed: int = 0
-    log_every: int = 10
+    name: str = "run"  # the run's folder under out_dir
+    out_dir: str = "runs"  # where run folders go
+    seed: int = 0  # model init, data order and augmentation
+    log_every: int = 10  # steps between metrics lines
     ckpt_every: int = 200  # steps; also at every epoch end and at the end
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # checkpoints kept; older ones are deleted
     resume: str | None = None  # latest | a checkpoint path
-    plots: bool = True
+    plots: bool = True  # plots/*.png at the end of the run
     # alip: the gates' per-sample record holds every sample up to this many, else this many fixed
     # ids (train/sample_weights.py): 20-28 B each per rank and per checkpoint
     sample_record_max: int = 1_000_000
@@ -134,7 +142,7 @@ class TrainConfig:
                   ("model.adapter_init", self.model.adapter_init, ("reference", "zero")),
                   ("optim.schedule", self.optim.schedule, ("cosine", "onecycle")),
                   ("optim.precision", self.optim.precision, ("auto", "fp32", "bf16", "fp16")),
-                  ("data.backend", self.data.backend, ("torch", "dali")),
+                  ("data.backend", self.data.backend, ("auto", "torch", "dali")),
                   ("data.device", self.data.device, ("auto", "gpu", "cpu")),
                   ("data.format", self.data.format, ("wds", "arrow", "rec")),
                   ("data.shuffle", self.data.shuffle, ("global", "block")),
@@ -232,7 +240,8 @@ def _yaml(text: str, where: str):
         raise ConfigError(f"{where}: not valid YAML ({' '.join(str(e).split())})") from None
 
 
-def load_config(path: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
+def load_config(path: str | None = None, overrides: list[str] | None = None,
+                validate: bool = True) -> TrainConfig:
     cfg = TrainConfig()
     if path:
         with open(path) as f:
@@ -258,8 +267,98 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
             value = raw  # a string field keeps the text YAML would type: run.name=001 is "001", not 1
         cursor[leaf] = value
         _merge(cfg, nested)
-    return cfg.validate()
+    return cfg.validate() if validate else cfg
 
 
 def to_dict(cfg: TrainConfig) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def resolve_backend(backend: str, device: str = "auto") -> tuple[str, str]:
+    """`data.backend` (and `data.device`) → (the backend a run uses, why). `auto`: DALI when
+    nvidia.dali imports, on the GPU when CUDA is available (unless data.device=cpu), else DALI's CPU
+    graph; torch when DALI does not import. `torch` / `dali` are kept as set."""
+    if backend != "auto":
+        return backend, "set explicitly"
+    try:
+        import nvidia.dali  # noqa: F401  (a broken install fails with more than ImportError)
+    except Exception as e:
+        return "torch", f"nvidia.dali not importable: {' '.join(str(e).split()) or type(e).__name__}"
+    import torch
+
+    if device == "cpu":
+        return "dali", "cpu graph: data.device=cpu"
+    if device == "gpu" or torch.cuda.is_available():
+        return "dali", "gpu graph: CUDA device available"
+    return "dali", "cpu graph: no CUDA device"
+
+
+def backend_line(backend: str, device: str = "auto") -> tuple[str, str]:
+    """(resolved backend, the run's log line), e.g. `data.backend=auto -> dali (cpu graph: no CUDA device)`."""
+    chosen, why = resolve_backend(backend, device)
+    return chosen, f"data.backend={backend} -> {chosen} ({why})"
+
+
+@functools.cache
+def field_comments(cls: type) -> dict[str, str]:
+    """A config dataclass's fields → their descriptions: the `# comment` lines right above the
+    field and the one trailing it, read from this file's source (the definitions are the docs)."""
+    try:
+        src = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # no source (frozen, zipped): no descriptions
+        return {}
+    comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(src).readline) if tok.type == tokenize.COMMENT}
+    lines = src.splitlines()
+    out = {}
+    for node in ast.parse(src).body[0].body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        above, ln = [], node.lineno - 1
+        while ln in comments and lines[ln - 1].lstrip().startswith("#"):
+            above.insert(0, comments[ln])
+            ln -= 1
+        trailing = [comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments]
+        out[node.target.id] = " ".join(above + trailing)
+    return out
+
+
+def config_keys(obj=None, prefix: str = "") -> list[tuple[str, object, str]]:
+    """Every leaf key of a TrainConfig, dotted: (key, value, description), in declaration order."""
+    obj = TrainConfig() if obj is None else obj
+    notes = field_comments(type(obj))
+    out = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out += config_keys(value, f"{prefix}{f.name}.")
+        else:
+            out.append((prefix + f.name, value, notes.get(f.name, "")))
+    return out
+
+
+def format_value(value) -> str:
+    """A value as it would be written in a key=value override."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(format_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        return value if value else '""'
+    return repr(value)
+
+
+def describe_config(cfg: TrainConfig | None = None) -> str:
+    """`lip-train --print-config`: one line per key, `key = value  # description`; when `cfg` is
+    given, a value that differs from the default also shows the default."""
+    defaults = {k: v for k, v, _ in config_keys()}
+    rows = []
+    for key, value, note in config_keys(cfg):
+        shown = format_value(value)
+        if cfg is not None and value != defaults[key]:
+            shown += f"  (default: {format_value(defaults[key])})"
+        rows.append((f"{key} = {shown}", note))
+    width = min(max(len(r) for r, _ in rows), 60)
+    return "\n".join(f"{r:<{width}}  # {note}" for r, note in rows)

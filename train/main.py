@@ -1,24 +1,38 @@
 """Entry point: `python -m train.main --config configs/X.yaml [key=value ...]` (or `lip-train`),
-launched directly for one process or by torchrun for many."""
+launched directly for one process or by torchrun for many. `--print-config` lists every key with
+its value, default and description instead of training."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 
-from train.config import ConfigError, load_config
+from train.config import ConfigError, describe_config, load_config
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lip-train", description=__doc__.split("\n")[0])
     p.add_argument("--config", help="YAML stating what differs from the defaults in train/config.py")
     p.add_argument("overrides", nargs="*", help="dotted key=value, e.g. optim.lr=1e-3 run.resume=latest")
+    p.add_argument("--print-config", action="store_true",
+                   help="print every config key (dotted, e.g. data.batch_size) with its value and description, "
+                        "then exit without training; with --config / overrides, the values a run would use "
+                        "(and the default where it differs)")
     args = p.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, validate=not args.print_config)
     except (ConfigError, FileNotFoundError) as e:
         print(f"lip-train: config error: {e}", file=sys.stderr)
         return 2
+    if args.print_config:
+        given = bool(args.config or args.overrides)
+        print(describe_config(cfg if given else None))
+        if given:
+            try:
+                cfg.validate()
+            except ConfigError as e:
+                print(f"lip-train: note: a run with this config would stop: config error: {e}", file=sys.stderr)
+        return 0
     from train.distributed import cleanup
     from train.eval.evaluate import INPUT_ERRORS, RetrievalEvalConfig, one_line
     from train.trainer import train

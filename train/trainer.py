@@ -7,6 +7,7 @@ the very batches the killed run had not consumed yet.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import random
@@ -19,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pipelines.loader import LoaderConfig, build_loader
 from train import checkpoint
-from train.config import ConfigError, TrainConfig, evidential_scale, to_dict
+from train.config import ConfigError, TrainConfig, backend_line, evidential_scale, to_dict
 from train.variants.evidential import EvidentialLoss
 from train.distributed import DistEnv, init_distributed
 from train.losses import AlipLoss, ClipLoss
@@ -128,6 +129,12 @@ def train(cfg: TrainConfig, loader=None) -> dict:
     trainable = trainable_summary(model)
     if env.is_main and cfg.model.tuning != "none":  # full training: 100 %, logged in metrics only
         print(f"{cfg.run.name}: model.tuning={cfg.model.tuning}, {trainable['line']}", file=sys.stderr)
+    backend_note = None
+    if loader is None and cfg.data.backend == "auto":  # the run records what it chose: config.yaml names it
+        backend, backend_note = backend_line(cfg.data.backend, cfg.data.device)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, backend=backend))
+        if env.is_main:
+            print(f"{cfg.run.name}: {backend_note}", file=sys.stderr)
     loader = loader or build_loader(LoaderConfig(
         shards=cfg.data.train_shards, format=cfg.data.format, backend=cfg.data.backend,
         device="gpu" if env.device.type == "cuda" else "cpu", split="train",
@@ -183,6 +190,9 @@ def train(cfg: TrainConfig, loader=None) -> dict:
         return checkpoint.save(ckpt_dir, step, state, cfg.run.keep_checkpoints) if env.is_main else ""
 
     recorder = RunRecorder(run_dir, to_dict(cfg), env.is_main, total_steps, step)
+    if backend_note and env.is_main:  # why data.backend holds what it does (a comment: the file stays a --config)
+        with open(os.path.join(run_dir, "config.yaml"), "a") as f:
+            f.write(f"# {backend_note}\n")
     model.train()
     use_raw, use_syn = texts_used(cfg.loss.mode, cfg.loss.text)
     global_batch = cfg.data.batch_size * env.world_size * accum

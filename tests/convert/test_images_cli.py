@@ -215,7 +215,8 @@ def retrieval_json(folder, images: bool = True) -> str:
 def test_lip_train_input_errors_are_one_line(tmp_path, capsys, case, message):
     shards, out = tmp_path / "out", tmp_path / "out" / "arrow"
     out.mkdir(parents=True)  # a make-shards --out folder holding arrow shards only
-    argv = [f"run.out_dir={tmp_path / 'runs'}", "data.workers=0", "model.name=lip-tiny", "data.image_size=32"]
+    argv = [f"run.out_dir={tmp_path / 'runs'}", "data.backend=torch", "data.workers=0", "model.name=lip-tiny",
+            "data.image_size=32"]
     good_json = retrieval_json(tmp_path / "eval")
     if case == "missing shards":
         argv.append(f"data.train_shards={tmp_path / 'nope'}")
