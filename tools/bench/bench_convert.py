@@ -41,7 +41,7 @@ from tqdm import tqdm
 from tools.bench.bench_peers import WRITERS as PEERS
 from tools.convert.image_policy import RESIZE_BACKENDS, ImagePolicy, process_image
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data"
 DEFAULT_IMAGES = [DATA / "flickr8k-1k" / "images", DATA / "coco-mini" / "train2017",
                   DATA / "coco-mini" / "val2017"]

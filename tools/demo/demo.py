@@ -31,7 +31,7 @@ VARIANTS = {
 MODES = ("clip-raw", "clip-both", "alip")
 # The raw-text noise besides swaps (make-synthetic's kinds): held fixed while the swap share varies.
 OTHER_NOISE = {"truncate": 0.05, "offtopic": 0.05, "hashtag": 0.1, "mojibake": 0.05}
-CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.yaml")
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo.yaml")
 # (column, result key, format): what the tables show per variant.
 COLUMNS = [("i2t R@1", "i2t_R@1", ".1f"), ("t2i R@1", "t2i_R@1", ".1f"), ("mean R@1", "mean_R@1", ".1f"),
            ("RSUM", "rsum", ".1f"), ("AUC S_tc (post hoc)", "auc_language_gate", ".3f"),

@@ -379,9 +379,11 @@ def load_model(name: str, checkpoint: str, device: str | torch.device = "cpu", m
     trainer's export) or a trainer checkpoint. `model_config`: a JSON config to register first (name =
     its stem); train/model_configs/ is registered too."""
     import open_clip  # here, not at the top: it costs seconds and only the CLI needs it
+
+    from train.model import MODEL_CONFIGS
     if model_config and not os.path.isfile(model_config):
         raise EvalConfigError(f"model config {model_config} does not exist")
-    for path in (os.path.join(os.path.dirname(__file__), "model_configs"), model_config):
+    for path in (MODEL_CONFIGS, model_config):
         if path and os.path.exists(path):
             open_clip.add_model_config(path)
     if name not in open_clip.list_models():
