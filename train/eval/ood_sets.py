@@ -8,6 +8,9 @@ and word-level augmenters. Install them with the `ood` extra: pip install -e '.[
   MM_Robustness applies it to the COCO/Flickr originals), except pixelate, which MM_Robustness
   does on the 224-px square: down to int(224·c)² with cv2's INTER_AREA, back to the image's size.
   (MM_Robustness passes (h, w) where cv2 wants (w, h); we give the image its own size back.)
+  Where MM_Robustness's own copies of the ImageNet-C code differ from the library we keep the
+  library's: its glass blur shuffles pixels only in the top-left 224 x 224 window (the library:
+  the whole image), and its snow and frost crop the image to 224 px (the library keeps its size).
 - Text: nlpaug at MM_Robustness's rate 0.05·severity: the share of words augmented for the
   character-level augmenters (aug_word_p; nlpaug's default 30 % of a chosen word's characters),
   the share of words for the word-level ones (aug_p), the punctuation ratio for
