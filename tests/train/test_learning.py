@@ -41,7 +41,8 @@ def data(tmp_path_factory) -> tuple[Path, Path]:
 def test_tiny_run_learns(data, tmp_path):
     raw, shards = data
     cfg = load_config(str(Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"), [
-        f"data.train_shards={shards}", f"data.batch_size={BATCH}", "data.workers=0", "loss.mode=alip",
+        f"data.train_shards={shards}", f"data.batch_size={BATCH}", "data.workers=0", "data.backend=torch",
+        "loss.mode=alip",
         "model.name=lip-demo-p8",  # 64 tokens: at this tiny budget the demo's 16-token model is near chance
         f"optim.max_steps={STEPS}", f"optim.warmup_steps={STEPS // 10}", "optim.epochs=1000",
         f"run.out_dir={tmp_path}", "run.name=learn", "run.plots=false", "run.log_every=10",
