@@ -10,7 +10,7 @@ from tools.bench import bench_train
 
 @pytest.mark.parametrize("compare,extra,rows", [
     ("modes", [], {"bare loop (clip-raw)", "trainer clip-raw", "trainer clip-both", "trainer alip"}),
-    ("tuning", [], {"full", "lit", "lilt"}),
+    ("tuning", [], {"full", "lit", "lilt", "elip"}),
     ("pruning", ["--set", "model.token_pruning.layers=[1]", "--set", "model.token_pruning.keep=[0.5]"],
      {"no pruning", "token pruning"}),
 ])
