@@ -7,7 +7,7 @@ Every scenario runs one tool on a small input built to catch mislabelling (twelv
    time it passed it: the reference output and the list of kill points;
 2. then once per kill point: the tool is started again on a fresh output, SIGKILLed at that point
    (the whole run: its main process and the process that reached the point), or at a random time
-   between the first and the last point, and rerun the way the README says (make-shards and
+   between the first and the last point, and rerun the way docs/converting.md says (make-shards and
    caption-shards with --resume, attach-captions as it was); the final output must equal the
    reference byte for byte (every file of the output folders, or every object under the s3://
    prefix; stats.json without its timings and reuse counts), and every sample's image bytes, raw

@@ -1,5 +1,5 @@
 """bench-scale --quick: replication by hard links, the per-rank probe, the S3 rows and the report
-run end to end in seconds (the real sizes are BENCHMARKS.md's)."""
+run end to end in seconds (the real sizes are docs/benchmarks.md's)."""
 from __future__ import annotations
 
 import json

@@ -19,7 +19,7 @@ cache (the index is read once before):
 `--epoch`: a whole epoch over the 1 M-sample folder (1,000 shards) under `ulimit -n 1024`, with the
 torch and DALI backends. S3 (moto on 127.0.0.1): the folder of `--s3-shards` shards uploaded, then
 requests and bytes of one open, and an epoch by `--ranks` rank processes of one node sharing one
-cache (downloads per shard). Figures go to `--out` as JSON and Markdown (BENCHMARKS.md, "Scale").
+cache (downloads per shard). Figures go to `--out` as JSON and Markdown (docs/benchmarks.md, "Scale").
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ rotation, and before the same Pillow JPEG encode):
 - pillow: Pillow's scalar `resize(BICUBIC, reducing_gap=3.0)`, the default;
 - torch: `torch.nn.functional.interpolate(mode="bicubic", antialias=True)` on the uint8 image,
   torch's vectorised (AVX2) uint8 kernel: several times faster per resize, as close to a LANCZOS
-  reference (BENCHMARKS.md), but not the same bytes; deterministic for one torch build and CPU
+  reference (docs/benchmarks.md), but not the same bytes; deterministic for one torch build and CPU
   instruction set. The backend is part of the policy, so make-shards --resume never mixes them.
 """
 from __future__ import annotations

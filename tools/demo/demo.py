@@ -45,7 +45,7 @@ def make_data(raw: str, n_train: int, n_test: int, swap: float, workers: int, al
     """The demo's synthetic set: 64-px square images (the size the model sees; square, so the
     evaluation's centre crop keeps shapes at the edges), `swap` of the raw texts swapped. Raw texts
     in the captions' own style by default (`caption`): with web-style alt-text the tiny text tower
-    kept the two styles apart, so the language gate measured style, not content (README)."""
+    kept the two styles apart, so the language gate measured style, not content (docs/results.md)."""
     argv = ["--out", raw, "--train", str(n_train), "--test", str(n_test), "--size", "64",
             "--max-side-ratio", "1", "--workers", str(workers), "--swap-fraction", str(swap),
             "--alt-style", alt_style]
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
     conversion += [f"| {f} | {s} | {r} | {w} | {k} | {y} | {b / 2**20:.1f} | {v:.0f} |"
                    for f, s, r, w, k, y, b, v in rows]
-    print("\n".join(conversion) + "\n(loader throughput: `bench-loader`, see BENCHMARKS.md)\n", flush=True)
+    print("\n".join(conversion) + "\n(loader throughput: `bench-loader`, see docs/benchmarks.md)\n", flush=True)
 
     print(f"[3/4] training {', '.join(variants)} for {args.steps} steps each, seed(s) "
           f"{' '.join(map(str, args.seeds))} (same batches per seed)", flush=True)
