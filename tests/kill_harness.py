@@ -224,6 +224,7 @@ def scenarios(data: TwinData, shards: Path | None, model: str | None) -> list[Sc
 # --- running ------------------------------------------------------------------------------------
 
 def marked_pids(mark: str) -> list[int]:
+    """Processes whose environment carries `mark`: the killed run and everything it started."""
     pids = []
     for p in Path("/proc").iterdir():
         try:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import synthetic_input
+from kill_harness import marked_pids
 from tools.convert import make_shards
 from tools.convert.shard_worker import FAULT_DIR_ENV
 
@@ -110,18 +111,6 @@ def test_ray_missing_or_misused_is_one_clear_line(dataset, tmp_path, capsys, mon
     assert len(err.splitlines()) == 1 and "pip install '.[ray]'" in err
     assert make_shards.main(dataset + ARGS + ["--out", str(tmp_path / "b"), "--ray-address", "auto"]) == 2
     assert "--distributor ray" in capsys.readouterr().err
-
-
-def marked_pids(mark: str) -> list[int]:
-    """Processes whose environment carries `mark`: the killed run and everything it started."""
-    pids = []
-    for p in Path("/proc").iterdir():
-        try:
-            if p.name.isdigit() and mark.encode() in (p / "environ").read_bytes().split(b"\0"):
-                pids.append(int(p.name))
-        except OSError:
-            continue
-    return pids
 
 
 def describe(pid: int) -> str:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.resources
+import importlib.util
 import random
 import sys
 import types
