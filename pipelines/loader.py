@@ -7,27 +7,42 @@ the samples not yet yielded, at the same or at another world size and batch size
 The state also names the plan version that ordered the epoch (`sampling.PLAN_VERSION`): a state
 saved mid-epoch under another version cannot say which samples are left, and loading it is an
 error naming the way out; one saved at an epoch's end loads under any version.
+
+The data is one folder or a mixture of sources (`shards` a list: pipelines/sources.py, the plan's
+side in pipelines/mixing.py). The state names each source's samples, weight, shard layout and data
+version (`sources.fingerprint`): a resume onto other data (a source added, removed, re-weighted,
+re-sharded or re-converted) is refused with an error naming what changed, since the rest of the
+epoch would be other samples; with `remix_at_epoch` the new data applies from the next epoch's start
+instead. A state saved before mixing (no sources) loads as a one-source mixture.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Iterator
 
+import torch
+
 from pipelines.faults import BadSamples
 from pipelines.formats.base import DEFAULT_OPEN_SHARDS
+from pipelines.mixing import Mix, per_epoch
 from pipelines.sampling import DEFAULT_BLOCK_SHARDS, PLAN_VERSION, EpochPlan, shuffle_mode
 from pipelines.schema import Batch
 from pipelines.shardset import ShardSet
+from pipelines.sources import Mixture, differences, fingerprint, open_sources, parse_sources
 from pipelines.storage import DEFAULT_CACHE_DIR, DEFAULT_CACHE_LIMIT, parse_size
 from pipelines.transforms import AugmentSpec
 
 BACKENDS = ("dali", "torch")
+log = logging.getLogger("pipelines")
 
 
 @dataclass
 class LoaderConfig:
-    shards: str  # a format folder: shards/<dataset>/<format>
-    format: str = "wds"  # wds | arrow | rec
+    # a format folder (shards/<dataset>/<format>), an s3:// url, or a list of sources, each a folder/url
+    # or {shards, weight, format, name} (pipelines/sources.py)
+    shards: str | list
+    format: str = "wds"  # wds | arrow | rec: a single folder's format (a source's default: its manifest's)
     backend: str = "dali"  # dali | torch
     device: str = "cpu"  # gpu | cpu
     split: str = "train"  # train | eval
@@ -47,6 +62,7 @@ class LoaderConfig:
     cache_dir: str = DEFAULT_CACHE_DIR  # the node's cache: s3:// shards (a folder per url) and indexes built here
     cache_limit: int | str = DEFAULT_CACHE_LIMIT  # s3:// shards only: bytes (or "8GiB") the node's cache may hold
     max_open_shards: int = DEFAULT_OPEN_SHARDS  # shard files each process keeps mapped (least recently used closed)
+    remix_at_epoch: bool = False  # a resume onto changed sources starts the next epoch with them (else an error)
 
     def __post_init__(self):
         for name, value, allowed in (("format", self.format, ("wds", "arrow", "rec")),
@@ -61,6 +77,7 @@ class LoaderConfig:
         if self.shuffle_block_shards < 1:
             raise ValueError(f"loader shuffle_block_shards must be ≥ 1, not {self.shuffle_block_shards}")
         self.cache_limit = parse_size(self.cache_limit)
+        parse_sources(self.shards, self.format)  # malformed sources fail here, naming the entry
 
     def augment(self) -> AugmentSpec:
         return AugmentSpec(size=self.image_size, train=self.split == "train", flip=self.flip)
@@ -69,14 +86,34 @@ class LoaderConfig:
 class Loader:
     def __init__(self, cfg: LoaderConfig, shardset: ShardSet | None = None):
         self.cfg = cfg
-        self.shardset = shardset or ShardSet(cfg.shards, cfg.format, cfg.on_error, cfg.cache_dir, cfg.cache_limit,
-                                             cfg.max_open_shards)
+        self.sources = parse_sources(cfg.shards, cfg.format)
+        if shardset is None and isinstance(cfg.shards, str):
+            shardset = ShardSet(cfg.shards, cfg.format, cfg.on_error, cfg.cache_dir, cfg.cache_limit,
+                                cfg.max_open_shards)
+        elif shardset is None:
+            shardset = Mixture(self.sources, open_sources(self.sources, cfg.on_error, cfg.cache_dir, cfg.cache_limit,
+                                                          cfg.max_open_shards))
+        self.shardset = shardset
+        sets = shardset.sets if isinstance(shardset, Mixture) else [shardset]
+        self.sources = shardset.sources if isinstance(shardset, Mixture) else self.sources[:1]
+        self.fingerprints = [fingerprint(src, s) for src, s in zip(self.sources, sets)]
+        self.mix = Mix(tuple(len(s) for s in sets), tuple(src.weight for src in self.sources),
+                       tuple(len(s.ends) for s in sets))
+        self.length = self.mix.length  # samples of an epoch (a mixture's: Σ round(weight × samples))
+        if self.mix.identity:
+            self.mix = None  # one plan for one folder, as before mixing
+        elif cfg.drop_last and self.length < cfg.world_size * cfg.batch_size:
+            raise ValueError(f"the mixture's epoch holds {self.length} samples "
+                             f"({', '.join('%s: %d' % (r['name'], r['per_epoch']) for r in self.describe())}), fewer "
+                             f"than one batch of {cfg.batch_size} for each of {cfg.world_size} ranks; lower the "
+                             "batch size or raise the weights")
         ends = self.shardset.ends.tolist()  # samples per shard: what shuffle="block" permutes by
         self.shard_sizes = tuple(b - a for a, b in zip([0] + ends, ends))
         self.epoch = 0
         self.batches_yielded = 0
         self.offset = 0  # samples of this epoch consumed under another world/batch size (elastic)
-        self.bad = BadSamples(len(self.shardset), cfg.on_error, cfg.max_bad_in_a_row)
+        self.bad = BadSamples(len(self.shardset), cfg.on_error, cfg.max_bad_in_a_row,
+                              shardset.bounds() if isinstance(shardset, Mixture) else None)
         if cfg.backend == "dali":
             from pipelines.dali import DaliBackend as Backend
         else:
@@ -86,10 +123,15 @@ class Loader:
     def plan(self, epoch: int | None = None) -> EpochPlan:
         c = self.cfg
         epoch = self.epoch if epoch is None else epoch
-        return EpochPlan(total=len(self.shardset), batch_size=c.batch_size, seed=c.seed, epoch=epoch,
+        return EpochPlan(total=self.length, batch_size=c.batch_size, seed=c.seed, epoch=epoch,
                          rank=c.rank, world_size=c.world_size, shuffle=c.shuffle, drop_last=c.drop_last,
                          offset=self.offset if epoch == self.epoch else 0, block_shards=c.shuffle_block_shards,
-                         shard_sizes=self.shard_sizes)
+                         shard_sizes=self.shard_sizes, mix=self.mix)
+
+    def describe(self) -> list[dict]:
+        """Each source as resolved: name, shards, format, samples, weight, samples per epoch."""
+        return [{k: f[k] for k in ("name", "shards", "format", "samples", "weight")}
+                | {"per_epoch": per_epoch(f["samples"], f["weight"])} for f in self.fingerprints]
 
     @property
     def batches_per_epoch(self) -> int:
@@ -114,8 +156,11 @@ class Loader:
         """The rest of the current epoch; afterwards the loader moves on to the next epoch."""
         plan = self.plan()
         self.shardset.follow(plan, self.batches_yielded)  # object storage: the cache fetches ahead of it
+        mixture = isinstance(self.shardset, Mixture)
         for batch in self._backend.iterate(plan, self.batches_yielded):
             self.batches_yielded += 1
+            batch.sources = torch.from_numpy(self.shardset.source_of(batch.ids.numpy())) if mixture \
+                else torch.zeros(len(batch), dtype=torch.int64)
             self.shardset.follow(plan, self.batches_yielded)
             yield batch
         self.epoch, self.batches_yielded, self.offset = self.epoch + 1, 0, 0
@@ -130,7 +175,7 @@ class Loader:
         return {"plan": PLAN_VERSION, "epoch": self.epoch, "batches_yielded": self.batches_yielded, "offset": self.offset,
                 "seed": c.seed, "world_size": c.world_size, "batch_size": c.batch_size,
                 "samples": len(self.shardset), "shuffle": c.shuffle, "shuffle_block_shards": c.shuffle_block_shards,
-                "bad_samples": self.bad.state_dict()}
+                "bad_samples": self.bad.state_dict(), "sources": self.fingerprints}
 
     def load_state_dict(self, state: dict, accum_steps: int = 1) -> None:
         """Continue where `state` left off. At the world size and batch size it was saved with,
@@ -139,6 +184,8 @@ class Loader:
         the plan for this world size. `accum_steps`: batches the caller takes together (the
         trainer's gradient accumulation), so an epoch with fewer left than that is over."""
         here = self.state_dict()
+        if state["seed"] == here["seed"] and self._remixed(state):
+            return
         for k in ("seed", "samples"):
             if state[k] != here[k]:
                 raise ValueError(f"loader state has {k}={state[k]} but this loader has {here[k]}: "
@@ -173,6 +220,26 @@ class Loader:
             self.offset, self.batches_yielded = before.consumed(self.batches_yielded), 0
             if self.epoch_batches == 0:  # too few samples left for one batch per rank: next epoch
                 self.set_epoch(self.epoch + 1)
+
+
+    def _remixed(self, state: dict) -> bool:
+        """True when the state was saved on other sources and `remix_at_epoch` starts a new epoch
+        on these; raises when they differ without it. A state without sources (saved before
+        mixing) is one folder's: the sample count check follows."""
+        saved = state.get("sources")
+        changed = differences(saved, self.fingerprints) if saved is not None else []
+        if not changed:
+            return False
+        at_start = state["batches_yielded"] == 0 and not state.get("offset", 0)
+        epoch = state["epoch"] if at_start else state["epoch"] + 1
+        if not self.cfg.remix_at_epoch:
+            raise ValueError(f"loader state was saved on other data: {'; '.join(changed)}. Resume on the data it "
+                             f"was saved with, or set remix_at_epoch (lip-train: data.remix_at_epoch=true) to "
+                             f"continue from epoch {epoch}'s start with the data as it is now")
+        log.warning("data changed since the checkpoint (%s): epoch %d starts with the new data%s", "; ".join(changed),
+                    epoch, "" if at_start else f" (the rest of epoch {state['epoch']} is skipped)")
+        self.epoch, self.batches_yielded, self.offset = epoch, 0, 0
+        return True  # bad samples met on the old data are forgotten: their ids may name others now
 
 
 def _shuffle_label(mode: str, block_shards: int | None) -> str:

@@ -38,11 +38,8 @@ dropped samples differ every epoch because the permutation does. Without `drop_l
 same size on every rank); with world size 1 that is exactly every sample once.
 
 No epoch is ever materialised (plan version 2, `PLAN_VERSION`): a permutation is a function
-evaluated at the positions a batch needs (`permute`: a keyed Feistel network of `ROUNDS` rounds
-over two digits of radix ≈ √n, as format-preserving encryption does (NIST FF1's modular rounds),
-with splitmix64-style round functions keyed by (seed, epoch, ...), and cycle walking: a value
-that lands outside [0, n) is encrypted again until it lands inside, which keeps it a bijection of
-[0, n); the domain exceeds n by less than √n + 1, so walks are rare). Rank r's batch b is
+evaluated at the positions a batch needs (`permute`, a keyed Feistel network with cycle walking:
+pipelines/permutation.py), keyed by (seed, epoch, ...). Rank r's batch b is
 positions offset + (b·B + j)·W + r, so `batch(b)` costs O(B) time and memory at any N. "block"
 permutes the shards with one such permutation over [0, S) (O(S) once per plan: it grows with
 shards, not samples), and the samples of block k with another keyed by (seed, epoch, k) over the
@@ -51,6 +48,11 @@ bounds. `order()`, `rank_ids()`, `batches()` and `shard_order()` still give whol
 computed from the same permutation: O(N), for tests and small tools. Plan version 1 (numpy's
 permutations, materialised) ordered epochs differently; a loader state records the version it
 was saved with (pipelines/loader.py).
+
+Several sources (`mix`, pipelines/mixing.py): the plan orders the epoch's slots, Σ round(w_s·N_s)
+of them, exactly as it orders one folder's samples, and maps each slot to a sample id afterwards
+(block shuffle: it shuffles the epoch's shard pieces instead of the shards). So everything above
+holds over a mixture unchanged.
 """
 from __future__ import annotations
 
@@ -58,6 +60,9 @@ from dataclasses import dataclass, field, fields
 from typing import Iterator, NamedTuple
 
 import numpy as np
+
+from pipelines.mixing import Mix
+from pipelines.permutation import ROUNDS, domain, mix, mix_array, permute, round_keys, walk  # noqa: F401 (re-exported)
 
 SHUFFLES = ("global", "block", "none")
 # 8 shards: ~8,000 samples mixed at a time with ~1,000-sample shards, the scale of open_clip's
@@ -76,105 +81,11 @@ def shuffle_mode(value) -> str:
     raise ValueError(f"shuffle must be one of {', '.join(SHUFFLES)} (or True / False), not {value!r}")
 
 
-def mix(*values: int) -> int:
-    """A stable 63-bit hash of integers (splitmix64 steps): per-sample choices that do not depend
-    on which worker or backend makes them."""
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = (h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h >> 1
-
-
-# --- keyed permutations evaluated per element ------------------------------------------------------
-
 PLAN_VERSION = 2  # 1: numpy permutations of the whole epoch (until issue 18); 2: keyed Feistel permutations
-ROUNDS = 6  # Feistel rounds: 4 make a pseudo-random permutation of a good round function; 2 spare
-_M0, _M1, _M2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
-_S29, _S27, _S31, _S32 = np.uint64(29), np.uint64(27), np.uint64(31), np.uint64(32)
-_ONE = np.uint64(1)
 # Domain tags: the permutations of one (seed, epoch) get unrelated keys.
 _GLOBAL, _SHARDS, _BLOCK = 1, 2, 3
 _CHUNK = 1 << 20  # positions per step of the whole-epoch helpers: bounds their temporaries
 
-
-def _u64(value) -> np.ndarray:
-    if isinstance(value, (int, np.integer)):
-        return np.uint64(int(value) & 0xFFFFFFFFFFFFFFFF)
-    return np.asarray(value).astype(np.uint64)  # int64 → two's complement, as `mix` masks
-
-
-def mix_array(*values) -> np.ndarray:
-    """`mix` element-wise over integers and integer arrays (broadcast together): uint64, equal
-    to `mix` of each element."""
-    values = [_u64(v) for v in values]
-    with np.errstate(over="ignore"):
-        h = np.full(np.broadcast_shapes(*(np.shape(v) for v in values)), _M0, dtype=np.uint64)
-        for v in values:
-            h = (h ^ v) * _M1
-            h = (h ^ (h >> _S27)) * _M2
-            h ^= h >> _S31
-        return h >> _ONE
-
-
-def round_keys(*key: int) -> np.ndarray:
-    """uint64 [ROUNDS]: the round keys of the permutation named by the integers `key`."""
-    return mix_array(*key, np.arange(ROUNDS))
-
-
-def _domain(n) -> tuple[np.ndarray, np.ndarray]:
-    """(a, b), uint64 of n's shape: the Feistel domain [0, a·b) for [0, n), two digits of radix
-    a = ceil(√n) (high) and b = ceil(n / a) (low), so a·b - n < a: cycle walking is rare."""
-    n = np.maximum(np.asarray(n, dtype=np.uint64), _ONE)
-    a = np.ceil(np.sqrt(n.astype(np.float64))).astype(np.uint64)
-    a -= ((a - _ONE) * (a - _ONE) >= n).astype(np.uint64)  # the float root may be one off
-    a += (a * a < n).astype(np.uint64)
-    return a, (n + a - _ONE) // a
-
-
-def _encrypt(x: np.ndarray, a, b, keys) -> np.ndarray:
-    """One pass of the Feistel network over x (uint64 < a·b): digits (high < a, low < b), each
-    round adding a keyed hash of one digit to the other modulo its radix (the radices swap every
-    round, so after an even number of rounds they are back in place)."""
-    hi, lo = np.divmod(x, b)
-    for i, k in enumerate(keys):
-        f = lo ^ k  # the round function: two multiply-xorshift steps (splitmix64's), top 32 bits
-        f *= _M1
-        f ^= f >> _S29
-        f *= _M2
-        f >>= _S32
-        f += hi
-        hi, lo = lo, f % (a if i % 2 == 0 else b)
-    return hi * b + lo
-
-
-def permute(x, n, keys) -> np.ndarray:
-    """A keyed pseudo-random bijection of [0, n) evaluated at x: int [m] in [0, n) → int64 [m].
-
-    `n` and `keys` are one permutation's (an int, uint64 [ROUNDS] from `round_keys`) or one per
-    element (int [m], uint64 [ROUNDS, m]). Cycle walking: values the network maps outside [0, n)
-    are encrypted again, only those, until every one lands inside (rare: the domain exceeds n by
-    less than √n + 1)."""
-    n = np.asarray(n, dtype=np.uint64)
-    return _walk(np.asarray(x).astype(np.uint64), n, *_domain(n), np.asarray(keys, dtype=np.uint64))
-
-
-def _walk(x: np.ndarray, n: np.ndarray, a, b, keys) -> np.ndarray:
-    """`permute` with its domain (`_domain(n)`) given: uint64 in, int64 out."""
-    with np.errstate(over="ignore"):
-        y = _encrypt(x, a, b, keys)
-        todo = np.flatnonzero(y >= n)
-        while todo.size:
-            if n.ndim:  # one permutation per element: walk with each element's own
-                z = _encrypt(y[todo], a[todo], b[todo], keys[:, todo])
-                y[todo] = z
-                todo = todo[z >= n[todo]]
-            else:
-                z = _encrypt(y[todo], a, b, keys)
-                y[todo] = z
-                todo = todo[z >= n]
-    return y.astype(np.int64)
 
 
 class _Blocks(NamedTuple):
@@ -221,6 +132,9 @@ class EpochPlan:
     # Samples per shard, in storage order (global ids run shard after shard). Needed by "block" and
     # by shards_of / shard_order; the shard set's data, so kept out of repr (a cache key elsewhere).
     shard_sizes: tuple[int, ...] = field(default=(), repr=False)
+    # Several sources (pipelines/mixing.py): `total` is then the epoch's slots, Σ round(w_s·N_s), and
+    # each slot is mapped to a sample id after the shuffle; None: one source, slot = sample id.
+    mix: Mix | None = field(default=None, repr=False)
 
     def __post_init__(self):
         object.__setattr__(self, "shuffle", shuffle_mode(self.shuffle))
@@ -235,8 +149,13 @@ class EpochPlan:
                              f"of {self.world_size} ranks; lower the batch size or set drop_last=False")
         if self.block_shards < 1:
             raise ValueError(f"block_shards must be ≥ 1, not {self.block_shards}")
-        if self.shard_sizes and sum(self.shard_sizes) != self.total:
-            raise ValueError(f"shard sizes add up to {sum(self.shard_sizes)} samples, not the plan's {self.total}")
+        if self.mix is not None and self.mix.length != self.total:
+            raise ValueError(f"the mixture's epoch holds {self.mix.length} samples, not the plan's {self.total}")
+        samples = self.total if self.mix is None else self.mix.total_samples
+        if self.shard_sizes and sum(self.shard_sizes) != samples:
+            raise ValueError(f"shard sizes add up to {sum(self.shard_sizes)} samples, not the plan's {samples}")
+        if self.mix is not None and len(self.shard_sizes) != sum(self.mix.shards):
+            raise ValueError(f"{len(self.shard_sizes)} shard sizes for a mixture of {sum(self.mix.shards)} shards")
         if self.shuffle == "block" and not self.shard_sizes:
             raise ValueError("shuffle='block' needs the shard sizes (shard_sizes); the loader passes "
                              "its shard set's")
@@ -275,14 +194,13 @@ class EpochPlan:
 
     def _ids(self, p: np.ndarray) -> np.ndarray:
         """Global ids at positions p (int64 [m], valid): the epoch's permutation evaluated there."""
-        if self.shuffle == "none":
-            return p.copy()
-        if self.shuffle == "global":
-            return permute(p, self.total, self._keys)
+        if self.shuffle != "block":
+            slots = p.copy() if self.shuffle == "none" else permute(p, self.total, self._keys)
+            return slots if self.mix is None else self.mix.ids(slots, self.seed, self.epoch)
         lay = self._blocks
         k = np.searchsorted(lay.ends, p, side="right")  # empty blocks end where they start: skipped
         start = lay.starts[k]
-        u = start + _walk((p - start).astype(np.uint64), lay.lengths[k], lay.a[k], lay.b[k], lay.keys[:, k])
+        u = start + walk((p - start).astype(np.uint64), lay.lengths[k], lay.a[k], lay.b[k], lay.keys[:, k])
         # u is a position of the permuted shards laid end to end: its shard's run gives the id.
         return u + lay.shift[np.searchsorted(lay.run_ends, u, side="right")]
 
@@ -310,17 +228,23 @@ class EpochPlan:
 
     @_memo
     def _blocks(self) -> _Blocks:
+        # The shards laid end to end, each a run of consecutive ids; a mixture's are its epoch's
+        # pieces (whole shards once per repeat, parts of shards for a fractional weight).
         sizes = np.asarray(self.shard_sizes, dtype=np.int64)
-        shards = permute(np.arange(len(sizes)), len(sizes), round_keys(self.seed, self.epoch, _SHARDS))
-        lengths = sizes[shards]
+        if self.mix is None:
+            first, sizes, numbers = self._ends - sizes, sizes, np.arange(len(sizes))
+        else:
+            first, sizes, numbers = self.mix.pieces(sizes, self.seed, self.epoch)
+        order = permute(np.arange(len(sizes)), len(sizes), round_keys(self.seed, self.epoch, _SHARDS))
+        lengths = sizes[order]
         run_ends = np.cumsum(lengths)
         run_starts = run_ends - lengths
         starts = run_starts[::self.block_shards]
         ends = np.append(starts[1:], self.total)
         keys = mix_array(self.seed, self.epoch, _BLOCK, np.arange(len(starts))[None, :], np.arange(ROUNDS)[:, None])
         lengths = (ends - starts).astype(np.uint64)
-        return _Blocks(shards, run_ends, (self._ends - sizes)[shards] - run_starts, starts, ends, keys, lengths,
-                       *_domain(lengths))
+        return _Blocks(numbers[order], run_ends, first[order] - run_starts, starts, ends, keys, lengths,
+                       *domain(lengths))
 
     # --- whole epochs: O(N), for tests, tools and small sets ----------------------------------------
 

@@ -64,7 +64,10 @@ class Batch:
     has_syn:    bool [B], False where syn_tokens fell back to the raw text.
     keys:       the samples' keys, in batch order.
     ids:        int64 [B], the samples' ids in the shard set (0 .. N-1, on the CPU): what
-                per-sample records (e.g. gate weights) index by.
+                per-sample records (e.g. gate weights) index by. Unique over a mixture of
+                sources (each source's ids follow the previous source's).
+    sources:    int64 [B], each sample's source: its position in the loader's list of sources
+                (all 0 for one folder), on the CPU.
     """
 
     images: "torch.Tensor"  # noqa: F821 - torch stays out of the converter's imports
@@ -73,6 +76,7 @@ class Batch:
     has_syn: "torch.Tensor"  # noqa: F821
     keys: list[str]
     ids: "torch.Tensor | None" = None  # noqa: F821
+    sources: "torch.Tensor | None" = None  # noqa: F821 - set by the loader, whatever the backend
 
     def __len__(self) -> int:
         return len(self.keys)

@@ -151,21 +151,25 @@ class ShardSet:
 
     # --- the cache's schedule ---
 
-    def follow(self, plan, batch: int) -> None:
+    def follow(self, plan, batch: int, shards: tuple[int, int] | None = None) -> None:
         """The loader's position: batch `batch` of `plan` is the next one it yields. A remote set's
         cache fetches ahead from there (the rest of this epoch, then the next); a local set
-        ignores it."""
+        ignores it. `shards`: the plan's shard numbers [first, end) that are this set's (one
+        source of a mixture, pipelines/sources.py); default all."""
         if self.cache is not None:
             if self._following is None or self._following[0] is not plan:  # one next-epoch plan per epoch
                 self._following = (plan, dataclasses.replace(plan, epoch=plan.epoch + 1, offset=0))
-            self.cache.schedule(functools.partial(self._future, plan, self._following[1], batch))
+            first, end = shards or (0, len(self.numbers))
+            self.cache.schedule(functools.partial(self._future, plan, self._following[1], batch, first, end))
 
-    def _future(self, plan, following, batch: int):
+    def _future(self, plan, following, batch: int, first: int, end: int):
         """Shard numbers in order of first use from batch `batch` of `plan` on, through the next
         epoch, in chunks (the cache stops reading once its window is full)."""
         for p, start in ((plan, batch), (following, 0)):
             for chunk in p.read_order(start):
-                yield self.numbers[chunk]
+                mine = chunk[(chunk >= first) & (chunk < end)] - first
+                if mine.size:
+                    yield self.numbers[mine]
 
     def close(self) -> None:
         """Unmap this process's shards and stop a remote set's fetching (the loader's close)."""
@@ -286,20 +290,24 @@ class ShardSet:
         """Whole samples (every member, copied), in the order of `ids`."""
         return self._read(np.asarray(ids, np.int64), position, whole=True)
 
-    def read_batch(self, ids, seed: int, epoch: int, position: int | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+    def read_batch(self, ids, seed: int, epoch: int, position: int | None = None,
+                   caption_ids=None) -> tuple[list[np.ndarray], np.ndarray]:
         """The loader's hot path: encoded images (uint8 views, no decode) and one int32
         [B, TEXT_WIDTH] array of text (raw tokens | synthetic tokens | has_syn), the synthetic
         caption chosen per (seed, epoch, id); tokenized here for shards stored without tokens.
-        `position`: the batch's place in the plan (`position_of`), for a remote cache."""
+        `position`: the batch's place in the plan (`position_of`), for a remote cache.
+        `caption_ids`: the ids the caption choice is keyed by, when they are not `ids` (a
+        mixture's global ids: pipelines/sources.py)."""
         position = position_of(epoch, 0) if position is None else position
         ids = np.asarray(ids, np.int64)
+        keyed = ids if caption_ids is None else np.asarray(caption_ids, np.int64)
         read = self._read(ids, position, whole=False)
         images = [image for image, _, _ in read]
         text = np.empty((len(ids), TEXT_WIDTH), np.int32)
         slow = []
         for row, (_, tokens, n_syn) in enumerate(read):
             # tokens rows: raw, then each synthetic caption (the raw text again when there is none)
-            row_syn = 1 + choose_caption(n_syn, seed, epoch, int(ids[row])) if n_syn else 1
+            row_syn = 1 + choose_caption(n_syn, seed, epoch, int(keyed[row])) if n_syn else 1
             if tokens is None or row_syn >= len(tokens):  # not stored (older or foreign shards)
                 slow.append(row)
                 continue
@@ -308,7 +316,7 @@ class ShardSet:
             text[row, -1] = n_syn > 0
         if slow:  # shards without stored tokens: tokenize here, in the loader's worker
             samples = self.samples([ids[r] for r in slow], position)
-            raw, syn, has_syn = sample_tokens(samples, [ids[r] for r in slow], seed, epoch)
+            raw, syn, has_syn = sample_tokens(samples, [keyed[r] for r in slow], seed, epoch)
             text[slow, :CONTEXT_LENGTH], text[slow, CONTEXT_LENGTH:-1], text[slow, -1] = raw, syn, has_syn
         return images, text
 

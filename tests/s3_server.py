@@ -21,6 +21,7 @@ import socket
 import sys
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -120,6 +121,16 @@ class S3Server:
     def requests(self) -> list[tuple[str, str]]:
         """(method, path) of every request through the proxy so far (all processes)."""
         return list(self.proxy.requests) if self.proxy else []
+
+
+def upload_folder(folder: Path, url: str) -> int:
+    """Upload every file under `folder` (what make-shards --out s3:// does); returns the count."""
+    from pipelines import storage
+
+    files = [p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.parts)]
+    for p in files:
+        storage.upload_file(str(p), storage.join(url, *p.relative_to(folder).parts))
+    return len(files)
 
 
 @contextlib.contextmanager

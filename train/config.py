@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from pipelines.sampling import DEFAULT_BLOCK_SHARDS
+from pipelines.sources import parse_sources
 from pipelines.storage import parse_size
 
 
@@ -26,8 +27,13 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    train_shards: str = ""  # a make-shards format folder, e.g. shards/demo/train/wds, or s3://bucket/prefix
-    format: str = "wds"  # the shards' format: wds | arrow | rec
+    # a make-shards format folder (shards/demo/train/wds) or s3://bucket/prefix; or a list of sources to mix,
+    # each a folder/url or {shards, weight (repeat factor, default 1), format, name} (docs/loading.md, Mixing datasets)
+    train_shards: str | list = ""
+    format: str = "wds"  # a single folder's format: wds | arrow | rec (a listed source's default: its manifest's)
+    # a resume onto changed sources (added, removed, re-weighted, re-converted) starts the next epoch with them;
+    # without it such a resume is an error naming the change
+    remix_at_epoch: bool = False
     # auto | torch | dali. auto: DALI when nvidia.dali imports (its GPU graph with CUDA, else its CPU
     # graph), else torch; the run logs the choice and its config.yaml records it
     backend: str = "auto"
@@ -154,6 +160,10 @@ class TrainConfig:
         if not self.data.train_shards:
             raise ConfigError("data.train_shards: required (a make-shards format folder or s3://bucket/prefix)")
         try:
+            parse_sources(self.data.train_shards, self.data.format)
+        except ValueError as e:
+            raise ConfigError(f"data.train_shards: {e}") from None
+        try:
             parse_size(self.data.cache_limit)
         except ValueError as e:
             raise ConfigError(f"data.cache_limit: {e}") from None
@@ -262,7 +272,8 @@ def load_config(path: str | None = None, overrides: list[str] | None = None,
             target = getattr(target, p, None)
         value = _yaml(raw, key.strip())
         hint = typing.get_type_hints(type(target)).get(leaf) if dataclasses.is_dataclass(target) else None
-        if (hint is str or str in typing.get_args(hint)) and not isinstance(value, str) \
+        listed = isinstance(value, list) and any(a is list or typing.get_origin(a) is list for a in typing.get_args(hint))
+        if (hint is str or str in typing.get_args(hint)) and not isinstance(value, str) and not listed \
                 and not (value is None and hint is not str):
             value = raw  # a string field keeps the text YAML would type: run.name=001 is "001", not 1
         cursor[leaf] = value

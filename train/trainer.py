@@ -30,6 +30,7 @@ from train.variants.pruning import apply_token_pruning
 from train.records import RunRecorder
 from train.variants.tuning import apply_tuning, trainable_summary
 from train.sample_weights import SampleWeights
+from train.source_counts import SourceCounts
 
 MAX_LOGIT_SCALE = math.log(100)
 
@@ -141,8 +142,9 @@ def train(cfg: TrainConfig, loader=None) -> dict:
         batch_size=cfg.data.batch_size, image_size=cfg.data.image_size, seed=cfg.run.seed,
         rank=env.rank, world_size=env.world_size, workers=cfg.data.workers, flip=cfg.data.flip,
         hw_decoder_load=cfg.data.hw_decoder_load, cache_dir=cfg.data.cache_dir, cache_limit=cfg.data.cache_limit,
-        max_open_shards=cfg.data.max_open_shards,
+        max_open_shards=cfg.data.max_open_shards, remix_at_epoch=cfg.data.remix_at_epoch,
         shuffle=cfg.data.shuffle, shuffle_block_shards=cfg.data.shuffle_block_shards))
+    seen = SourceCounts(loader, env)
     accum = cfg.optim.accum_steps
     steps_per_epoch = loader.batches_per_epoch // accum
     if steps_per_epoch == 0:
@@ -178,21 +180,27 @@ def train(cfg: TrainConfig, loader=None) -> dict:
         if weights is not None and "sample_weights" in state:
             weights.load_state_dict(state["sample_weights"])
         loader.load_state_dict(state["loader"], accum_steps=accum)  # an epoch with < accum left is over
+        seen.load_state_dict(state.get("sources_seen"))
         checkpoint.set_rng_state(state["rng"])
         step = state["step"]
 
     def save() -> str:
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                  "scaler": scaler.state_dict(), "loss": loss_fn.state_dict(), "loader": loader.state_dict(),
-                 "rng": checkpoint.rng_state(), "step": step, "epoch": loader.epoch, "config": to_dict(cfg)}
+                 "rng": checkpoint.rng_state(), "step": step, "epoch": loader.epoch, "config": to_dict(cfg),
+                 "sources_seen": seen.state_dict()}  # collective under DDP: every rank calls save()
         if weights is not None:  # merging is collective: every rank calls save()
             state["sample_weights"] = weights.merged(env.world_size)
         return checkpoint.save(ckpt_dir, step, state, cfg.run.keep_checkpoints) if env.is_main else ""
 
     recorder = RunRecorder(run_dir, to_dict(cfg), env.is_main, total_steps, step)
-    if backend_note and env.is_main:  # why data.backend holds what it does (a comment: the file stays a --config)
+    if env.is_main:  # why data.backend holds what it does, the sources as resolved (comments: the file stays a --config)
         with open(os.path.join(run_dir, "config.yaml"), "a") as f:
-            f.write(f"# {backend_note}\n")
+            f.write(f"# {backend_note}\n" if backend_note else "")
+            f.write(seen.describe())
+        for src in seen.sources if len(seen.sources) > 1 else []:
+            print(f"{cfg.run.name}: source {src['name']} ({src['format']}, {src['shards']}): {src['samples']} samples "
+                  f"× weight {src['weight']} = {src['per_epoch']} per epoch", file=sys.stderr)
     model.train()
     use_raw, use_syn = texts_used(cfg.loss.mode, cfg.loss.text)
     global_batch = cfg.data.batch_size * env.world_size * accum
@@ -208,6 +216,7 @@ def train(cfg: TrainConfig, loader=None) -> dict:
             continue
         for batch in loader:
             micro = loader.batches_yielded
+            seen.add(batch)
             sync = micro % accum == 0
             with (contextlib.nullcontext() if sync or env.world_size == 1 else ddp.no_sync()):
                 if isinstance(loss_fn, EvidentialLoss):
@@ -243,7 +252,7 @@ def train(cfg: TrainConfig, loader=None) -> dict:
                         "grad_norm": float(grad_norm), "epoch": loader.epoch,
                         "trainable_fraction": trainable["trainable_fraction"],
                         "samples_per_s": (step - tick_step) * global_batch / (now - tick),
-                        **{k: float(info[k]) for k in ("loss_raw", "loss_syn") if k in info}}
+                        **{k: float(info[k]) for k in ("loss_raw", "loss_syn") if k in info}, **seen.metrics()}
                 if cfg.loss.mode == "alip":
                     last.update(gate_metrics(info))
                     recorder.histogram(step, "gate/w_sample", info["w_sample"])

@@ -26,3 +26,7 @@ def test_bench_scale_quick(tmp_path):
     assert s3["requests_first_open"] == 2 and s3["requests_next_open"] == 1
     assert s3["node_epoch"]["downloads"] == s3["shards"] and s3["node_epoch"]["samples"] >= 200
     assert "| wds | 20,000 | 200 |" in (tmp_path / "out" / "scale.md").read_text()
+    mix = report["mix"]  # four hard-linked copies of the 20,000-sample folder, opened as one mixture
+    assert mix["sources"] == 4 and mix["many"]["samples"] == 4 * mix["one"]["samples"] == 80_000
+    assert mix["many"]["shards"] == 4 * mix["one"]["shards"] and mix["many"]["resume_s"] > 0
+    assert "| 4 | 80,000 |" in (tmp_path / "out" / "scale.md").read_text()

@@ -18,7 +18,7 @@ from pipelines import storage
 from pipelines.loader import LoaderConfig, build_loader
 from pipelines.shardset import ShardError, ShardSet
 from pipelines.storage import StorageError
-from s3_server import s3  # noqa: F401 - the module-scoped server fixture
+from s3_server import s3, upload_folder  # noqa: F401 - the module-scoped server fixture
 
 N, PER_SHARD = 48, 8  # six shards per format
 SIZE = 32
@@ -33,14 +33,6 @@ def quick_retries(monkeypatch):
 def local(tmp_path_factory) -> Path:
     """A make-shards --out folder: wds, arrow and rec subfolders of 48 synthetic samples."""
     return build_synthetic_shards(tmp_path_factory.mktemp("storage"), N, "wds,arrow,rec", PER_SHARD)
-
-
-def upload_folder(folder: Path, url: str) -> int:
-    """Upload every file under `folder` (what make-shards --out s3:// does); returns the count."""
-    files = [p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.parts)]
-    for p in files:
-        storage.upload_file(str(p), storage.join(url, *p.relative_to(folder).parts))
-    return len(files)
 
 
 @pytest.fixture(scope="module")

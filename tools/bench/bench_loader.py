@@ -16,6 +16,8 @@ chunks (tools/bench/bench_peers.py), with the torch baseline's decode + augmenta
 tokenized in the workers. `--resume-check` stops each loader mid-epoch, restores a fresh one from
 its state_dict and says whether the epoch's keys came out exactly as uninterrupted. `--s3`
 serves every dataset from a loopback S3 server (moto) instead of the local disk.
+`--mix A,B` adds dali-cpu / torch rows over folders A and B as one mixture of sources: with A and B
+holding --shards' samples between them, the ratio to the one-folder row is what mixing costs.
 `--stages` adds, per format, the DALI path's CPU per image by stage, its first batch and the cost
 of an epoch boundary beside DALI's reader (`tools/bench/bench_stages.py`).
 """
@@ -83,8 +85,9 @@ def _check_tokens(raw: torch.Tensor, n: int) -> None:
         raise BenchError(f"batch of {n} came with tokens of shape {tuple(raw.shape)}, not ({n}, 77)")
 
 
-def our_config(args: Namespace, folder: str, fmt: str, backend: str, device: str, hw_load: float) -> LoaderConfig:
-    cache = {"cache_dir": os.path.join(args.peers_dir, "cache", "ours")} if folder.startswith("s3://") else {}
+def our_config(args: Namespace, folder: str | list, fmt: str, backend: str, device: str, hw_load: float) -> LoaderConfig:
+    remote = any(str(f).startswith("s3://") for f in (folder if isinstance(folder, list) else [folder]))
+    cache = {"cache_dir": os.path.join(args.peers_dir, "cache", "ours")} if remote else {}
     return LoaderConfig(shards=folder, format=fmt, backend=backend, device=device, split="train",
                         batch_size=args.batch_size, image_size=args.image_size, workers=args.workers,
                         hw_decoder_load=hw_load, **cache)
@@ -288,6 +291,11 @@ def plan(args: Namespace, fmt: str, folder: str) -> list[tuple[Result, Callable,
             runs.append((Result(backend, fmt, backend),
                          lambda b=backend: ours(args, folder, fmt, "torch" if b == "torch" else "dali",
                                                 "cpu", args.hw_decoder_load[0]), False))
+            if args.mix:  # the same samples as several sources mixed 1:1 (pipelines/sources.py)
+                sources = [os.path.join(d, fmt) if os.path.isdir(os.path.join(d, fmt)) else d for d in args.mix]
+                runs.append((Result(backend, fmt, f"{backend} (mix of {len(sources)})"),
+                             lambda b=backend, s=sources: ours(args, s, fmt, "torch" if b == "torch" else "dali",
+                                                               "cpu", args.hw_decoder_load[0]), False))
         elif backend in PEERS:
             runs.append((Result(backend, fmt, backend, tokens="raw"), lambda b=backend: peer(args, b), False))
         elif backend == "openclip":
@@ -365,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume-stop", type=int, default=2, help="--s3 resume check: batches before the stop")
     p.add_argument("--s3", action="store_true", help="serve the wds shards and the peers' datasets from a "
                    "loopback S3 server (moto) and read them through each loader's s3:// support")
+    p.add_argument("--mix", type=lambda v: [d for d in v.split(",") if d], default=None,
+                   help="comma-separated make-shards --out folders that hold --shards' samples between them: "
+                   "dali-cpu and torch also run over them as one mixture (weights 1), beside the one folder")
     p.add_argument("--quick", action="store_true", help="2 s, 1 repeat, batch 32, 64 px: for tests")
     return p
 

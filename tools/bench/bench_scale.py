@@ -106,6 +106,19 @@ def replicate(base: str, dest: str, shards: int) -> str:
 
 # --- one rank, measured in its own process -------------------------------------------------------
 
+def link_copy(src: str, dest: str) -> str:
+    """Another source of the same samples: `dest` holding hard links of every file in `src` (its
+    shards, index and manifest: a replicated dataset, a folder of its own for the loader)."""
+    if os.path.exists(os.path.join(dest, INDEX_NAME)):
+        return dest
+    shutil.rmtree(dest, ignore_errors=True)
+    os.makedirs(dest)
+    for name in os.listdir(src):
+        if os.path.isfile(os.path.join(src, name)):
+            os.link(os.path.join(src, name), os.path.join(dest, name))
+    return dest
+
+
 def _status(pid: int | str = "self") -> dict[str, int]:
     """VmRSS, RssAnon, RssFile of a process, in bytes."""
     out = {}
@@ -181,13 +194,17 @@ def probe(args: argparse.Namespace) -> dict:
                        world_size=args.world, workers=args.workers, cache_dir=args.cache_dir)
     base = _status()
     t0 = time.perf_counter()
-    shardset = ShardSet(cfg.shards, cfg.format, cfg.on_error, cfg.cache_dir, cfg.cache_limit, cfg.max_open_shards)
+    mixture = isinstance(args.folder, list)  # several sources: the loader opens them (pipelines/sources.py)
+    shardset = None if mixture else ShardSet(cfg.shards, cfg.format, cfg.on_error, cfg.cache_dir, cfg.cache_limit,
+                                             cfg.max_open_shards)
     opened = time.perf_counter() - t0
     loader = Loader(cfg, shardset)
-    out = {"open_s": opened, "loader_s": time.perf_counter() - t0, "samples": len(shardset),
-           "shards": len(shardset.paths), "requests_open": sum(REQUESTS.values()),
+    shardset = loader.shardset
+    sets = shardset.sets if mixture else [shardset]
+    out = {"open_s": time.perf_counter() - t0 if mixture else opened, "loader_s": time.perf_counter() - t0,
+           "samples": len(shardset), "shards": len(shardset.paths), "requests_open": sum(REQUESTS.values()),
            **{f"open_{k}": v for k, v in _status().items()}, "base_rss": base["VmRSS"],
-           "base_anon": base["RssAnon"], "index_rss": _mapping_rss(shardset.index.path)}
+           "base_anon": base["RssAnon"], "index_rss": sum(_mapping_rss(s.index.path) for s in sets)}
     out["open_fds"] = len(os.listdir("/proc/self/fd"))
     if args.open_only:
         loader.close()
@@ -205,7 +222,7 @@ def probe(args: argparse.Namespace) -> dict:
     batches = min(args.batches, len(loader))
     for _ in range(batches - 1):
         next(it)
-    folder = loader.shardset.folder
+    folder = os.path.commonpath([s.folder for s in sets]) if mixture else loader.shardset.folder
     out["after"] = {"batches": batches, "main": _handles(os.getpid(), folder),
                     "workers": [h for h in (_handles(w, folder) for w in _children(os.getpid())) if h]}
     out.update({f"after_{k}": v for k, v in _status().items()})
@@ -360,6 +377,14 @@ def markdown(report: dict) -> str:
         if f:
             lines.append(f"\nFit of {name}: {f['fixed']:.4g} + {f['per_shard']:.4g} per shard + "
                          f"{f['per_sample']:.4g} per sample.")
+    if report.get("mix"):
+        m = report["mix"]
+        lines.append(f"\n| sources (a mixture of {m['sources']} copies) | samples | open s | RSS after open: anonymous; "
+                     "index pages | plan s | first batch s | resume s |\n|---|---:|---:|---|---:|---:|---:|")
+        for label, r in (("one", m["one"]), (f"{m['sources']}", m["many"])):
+            lines.append(f"| {label} | {r['samples']:,} | {r['open_s']:.2f} | +{gib(r['open_RssAnon'] - r['base_anon'])}; "
+                         f"{gib(r['index_rss'])} | {r.get('plan_s', float('nan')):.4f} | "
+                         f"{r.get('first_batch_s', float('nan')):.2f} | {r.get('resume_s', float('nan')):.2f} |")
     if report.get("epoch"):
         lines.append("\n| whole epoch under ulimit -n | backend | samples | seconds | peak fds |\n|---|---|---:|---:|---:|")
         for backend, e in report["epoch"].items():
@@ -395,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="a whole epoch over the 1M folder under ulimit -n 1024, both backends")
     p.add_argument("--s3-shards", type=int, nargs="*", default=[1000, 10000])
     p.add_argument("--ranks", type=int, default=8, help="rank processes of one node in the S3 epoch")
+    p.add_argument("--mix", type=int, default=4, help="also open this many sources of the largest wds size "
+                   "(hard-linked copies) as one mixture, against one (0: skip)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for tests")
     p.add_argument("--out", default="bench_out/scale")
     args = p.parse_args(argv)
@@ -416,7 +443,15 @@ def main(argv: list[str] | None = None) -> int:
             row = {"format": fmt, **run_probe(folder, fmt, batches=args.batches)}
             report["local"].append(row)
             print(json.dumps({k: row[k] for k in ("format", "samples", "shards", "open_s", "open_VmRSS")}), flush=True)
-    for row in report["local"]:
+    if args.mix > 1:  # several sources of the largest size against one (the first row of that size)
+        size = int(max(args.sizes))
+        folder = os.path.join(args.root, f"wds-{size}")
+        folders = [folder] + [link_copy(folder, f"{folder}-copy{i}") for i in range(1, args.mix)]
+        one = next(r for r in report["local"] if r["format"] == "wds" and r["samples"] >= size * 0.99)
+        many = run_probe(folders, "wds", batches=args.batches)
+        report["mix"] = {"sources": args.mix, "one": one, "many": many}
+        print(json.dumps({"mix": args.mix, "samples": many["samples"], "open_s": many["open_s"]}), flush=True)
+    for row in report["local"] + ([report["mix"]["many"]] if "mix" in report else []):
         row["open_anon"] = row["open_RssAnon"] - row["base_anon"]
     for key in ("open_s", "open_anon", "open_VmRSS"):
         report["fits"][key] = fit(report["local"], key)

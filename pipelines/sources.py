@@ -1,0 +1,260 @@
+"""A loader's data as a list of sources, and several sources opened as one shard set.
+
+`LoaderConfig.shards` is one folder or url (one source, as before) or a list of sources, each a
+folder/url or a mapping `{shards, weight (default 1), format (default: the folder's manifest),
+name (default: the folder's dataset name)}`. A weight is a repeat factor (pipelines/mixing.py:
+round(weight × N) samples of the source in every epoch). Sources may differ in format and storage.
+
+`Mixture` opens each source as a `ShardSet` and lays their samples end to end: source s's sample j
+has the global id offsets[s] + j, so ids stay unique over the mixture (per-sample records never
+collide) and the epoch plan, the bad-sample record and the trainer see one shard set. Remote
+sources share the node cache under the loader's one `cache_dir` and `cache_limit`.
+
+`fingerprint` is what a resume compares (pipelines/loader.py): per source the shard layout that
+decides the epoch's order (samples per shard) and the data's version (its shards' names, sizes and
+digests, or sizes and mtimes where a folder has no digests), besides its samples and weight.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipelines.mixing import check_weight
+from pipelines.shardset import ShardError, ShardSet
+from pipelines.storage import StorageError, is_remote, join, read_json
+
+FORMATS = ("wds", "arrow", "rec")
+_KEYS = ("shards", "weight", "format", "name")
+
+
+@dataclass(frozen=True)
+class Source:
+    shards: str  # a format folder, the make-shards --out folder, or an s3:// url of either
+    weight: float = 1.0  # repeat factor: round(weight × samples) of the source in every epoch
+    format: str | None = None  # wds | arrow | rec; None: what the folder's manifest says
+    name: str = ""  # in logs and metrics; default: the folder's dataset name
+
+
+def parse_sources(value, default_format: str = "wds") -> list[Source]:
+    """`LoaderConfig.shards` / `data.train_shards` → sources. A single folder keeps
+    `default_format` (the loader's `format`, as before mixing); list entries without a format read
+    it from their folder. ValueError naming the entry for anything malformed. No I/O beyond a
+    local folder's manifest.json."""
+    if isinstance(value, str):
+        if not value:
+            raise ValueError("no shards given: a shard folder, an s3:// url or a list of sources")
+        return [Source(value, 1.0, default_format, dataset_name(value))]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"shards must be a folder, an s3:// url or a non-empty list of sources, not {value!r}")
+    out = []
+    for i, entry in enumerate(value):
+        where = f"source {i}"
+        if isinstance(entry, str):
+            entry = {"shards": entry}
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: expected a folder or a mapping with keys {', '.join(_KEYS)}, not {entry!r}")
+        unknown = sorted(set(entry) - set(_KEYS))
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; a source takes {', '.join(_KEYS)}")
+        shards = entry.get("shards")
+        if not isinstance(shards, str) or not shards:
+            raise ValueError(f"{where}: 'shards' must name a folder or an s3:// url, not {shards!r}")
+        where = f"source {i} ({shards})"
+        weight = check_weight(entry.get("weight", 1.0), where)
+        fmt = entry.get("format")
+        if fmt is not None and fmt not in FORMATS:
+            raise ValueError(f"{where}: format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+        name = entry.get("name") or dataset_name(shards)
+        if not isinstance(name, str):
+            raise ValueError(f"{where}: name must be a string, not {name!r}")
+        out.append(Source(shards, weight, fmt, name))
+    names = Counter(s.name for s in out)
+    seen: Counter = Counter()
+    for i, s in enumerate(out):  # two folders named alike (two "train" sets): number them
+        if names[s.name] > 1:
+            seen[s.name] += 1
+            out[i] = Source(s.shards, s.weight, s.format, f"{s.name}-{seen[s.name]}")
+    return out
+
+
+def dataset_name(url: str) -> str:
+    """shards/coco/wds → coco; shards/coco → coco; s3://bucket/cc3m/rec → cc3m."""
+    parts = [p for p in url.rstrip("/").split("/") if p]
+    if len(parts) > 1 and parts[-1] in FORMATS:
+        return parts[-2]
+    return parts[-1] if parts else url
+
+
+def manifest_format(url: str, fmt: str | None) -> str | None:
+    """The format a folder's manifest.json names (the folder itself, or its only format subfolder
+    when it is a make-shards --out folder); None when no manifest says. ValueError when `fmt` is
+    given and the folder's own manifest names another."""
+    candidates = [url] + ([join(url, fmt)] if fmt else [join(url, f) for f in FORMATS])
+    found = []
+    for folder in candidates:
+        manifest = _read_manifest(folder)
+        if manifest is not None and manifest.get("format") in FORMATS:
+            found.append((folder, manifest["format"]))
+            if folder == url:
+                break
+    if fmt is not None:
+        for folder, named in found:
+            if named != fmt:
+                raise ValueError(f"{folder}/manifest.json says format {named!r}, but the source sets "
+                                 f"format {fmt!r}; drop the source's format or set it to {named!r}")
+        return fmt
+    if len(found) > 1:
+        raise ValueError(f"{url} holds {', '.join(f for _, f in found)} shards: name the source's format")
+    return found[0][1] if found else None
+
+
+def _read_manifest(folder: str) -> dict | None:
+    try:
+        if is_remote(folder):
+            return read_json(join(folder, "manifest.json"))
+        with open(os.path.join(folder, "manifest.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError, StorageError):
+        return None
+
+
+def fingerprint(source: Source, shardset: ShardSet) -> dict:
+    """What a resume compares for one source (see the module docstring)."""
+    counts = np.diff(np.concatenate([[0], shardset.ends])).astype("<i8")
+    table = shardset.index.shards[shardset.numbers]
+    version = hashlib.sha256()
+    for s, row in zip(shardset.numbers, table):
+        has_digest = bool(row["sha256"].any())
+        version.update(json.dumps([shardset.index.names[s], int(row["count"]), int(row["bytes"]),
+                                   bytes(row["sha256"]).hex() if has_digest else int(row["mtime_ns"]),
+                                   bytes(row["text_sha256"]).hex()]).encode())
+    return {"name": source.name, "shards": source.shards, "format": shardset.format, "weight": source.weight,
+            "samples": len(shardset), "layout": hashlib.sha256(counts.tobytes()).hexdigest()[:16],
+            "version": version.hexdigest()[:16]}
+
+
+def differences(saved: list[dict], now: list[dict]) -> list[str]:
+    """What changed between two mixtures' fingerprints, one phrase each (empty: the same data)."""
+    if [s["name"] for s in saved] != [s["name"] for s in now]:
+        return [f"sources {[s['name'] for s in saved]} became {[s['name'] for s in now]}"]
+    out = []
+    for a, b in zip(saved, now):
+        for key, what in (("weight", "weight"), ("samples", "samples"), ("layout", "shard layout (re-sharded)"),
+                          ("version", "data (re-converted)"), ("format", "format")):
+            if a.get(key) != b.get(key):
+                detail = f": {a.get(key)} → {b.get(key)}" if key in ("weight", "samples", "format") else ""
+                out.append(f"{a['name']}'s {what} changed{detail}")
+    return out
+
+
+class Mixture:
+    """Several shard sets as one: `ShardSet`'s interface over global ids (sources end to end)."""
+
+    def __init__(self, sources: list[Source], shardsets: list[ShardSet]):
+        self.sources, self.sets = sources, shardsets
+        sizes = [len(s) for s in shardsets]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # [S + 1]
+        self.first_shard = np.concatenate([[0], np.cumsum([len(s.ends) for s in shardsets])]).astype(np.int64)
+        self.ends = np.concatenate([s.ends + o for s, o in zip(shardsets, self.offsets)])
+        self.paths = [p for s in shardsets for p in s.paths]
+        self.format = "+".join(dict.fromkeys(s.format for s in shardsets))
+        self.folder = ", ".join(s.folder for s in shardsets)
+        self.skipped = sum((s.skipped for s in shardsets), Counter())
+        self.problems = [p for s in shardsets for p in s.problems]
+        self.cache = None  # each remote source has its own (the node's, under one limit)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def source_of(self, ids) -> np.ndarray:
+        """Source position of each global id: int64, ids' shape."""
+        return np.searchsorted(self.offsets[1:], np.asarray(ids, np.int64), side="right").astype(np.int64)
+
+    def _split(self, ids):
+        """[(source, positions in ids, local ids)] for each source the ids touch, in source order."""
+        ids = np.asarray(ids, np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= len(self)):
+            raise IndexError(f"sample ids must lie in [0, {len(self)}), got {ids.min()}..{ids.max()}")
+        src = self.source_of(ids)
+        return [(int(s), np.flatnonzero(src == s), ids[src == s] - self.offsets[s]) for s in np.unique(src)]
+
+    def bounds(self) -> list[tuple[int, int]]:
+        """[first id, end id) of each source: where a bad sample's substitute is looked for."""
+        return [(int(a), int(b)) for a, b in zip(self.offsets[:-1], self.offsets[1:])]
+
+    # --- ShardSet's interface ---
+
+    def read_batch(self, ids, seed: int, epoch: int, position: int | None = None):
+        ids = np.asarray(ids, np.int64)
+        images: list = [None] * len(ids)
+        text = None
+        for s, at, local in self._split(ids):
+            part_images, part_text = self.sets[s].read_batch(local, seed, epoch, position, caption_ids=ids[at])
+            if text is None:
+                text = np.empty((len(ids), part_text.shape[1]), part_text.dtype)
+            text[at] = part_text
+            for k, image in zip(at, part_images):
+                images[k] = image
+        return images, text
+
+    def samples(self, ids, position: int = 0) -> list:
+        out: list = [None] * len(ids)
+        for s, at, local in self._split(ids):
+            for k, sample in zip(at, self.sets[s].samples(local, position)):
+                out[k] = sample
+        return out
+
+    def get(self, gid: int, position: int = 0):
+        return self.samples([gid], position)[0]
+
+    def keys(self, ids) -> list[str]:
+        out: list = [None] * len(ids)
+        for s, at, local in self._split(ids):
+            for k, key in zip(at, self.sets[s].keys(local)):
+                out[k] = key
+        return out
+
+    def key(self, gid: int) -> str:
+        return self.keys([gid])[0]
+
+    def where(self, gid: int) -> str:
+        s = int(self.source_of([gid])[0])
+        return f"{self.sources[s].name}: {self.sets[s].where(int(gid - self.offsets[s]))}"
+
+    def follow(self, plan, batch: int) -> None:
+        for s, shardset in enumerate(self.sets):
+            shardset.follow(plan, batch, shards=(int(self.first_shard[s]), int(self.first_shard[s + 1])))
+
+    def close(self) -> None:
+        for s in self.sets:
+            s.close()
+
+
+def open_sources(sources: list[Source], on_error: str, cache_dir: str, cache_limit: int,
+                 max_open: int) -> list[ShardSet]:
+    """Each source opened as a ShardSet; errors name the source. Two sources that resolve to the
+    same folder are an error (weight one of them instead)."""
+    sets, folders = [], {}
+    for i, source in enumerate(sources):
+        where = f"data source {i} ({source.name}: {source.shards})"
+        try:
+            fmt = manifest_format(source.shards, source.format) or "wds"
+            shardset = ShardSet(source.shards, fmt, on_error, cache_dir, cache_limit, max_open)
+        except (ShardError, StorageError, ValueError) as e:
+            raise type(e)(f"{where}: {e}") from None
+        folder = shardset.folder if is_remote(shardset.folder) else os.path.realpath(shardset.folder)
+        if folder in folders:
+            shardset.close()
+            raise ValueError(f"{where} is the same folder as data source {folders[folder]}: list it once "
+                             "and give it a weight instead")
+        folders[folder] = i
+        sets.append(shardset)
+    return sets
+
+
+__all__ = ["Source", "Mixture", "parse_sources", "open_sources", "fingerprint", "differences", "dataset_name"]
