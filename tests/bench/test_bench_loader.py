@@ -74,7 +74,28 @@ def test_stages_report_cpu_per_stage_and_the_epoch_boundary(shards, tmp_path, ca
         assert r["samples"] == 96
         assert 0 < r["plan_us"] < r["read_us"] < r["graph_us"] and r["loader_us"] > 0 and r["native_us"] > 0
         assert r["loader_first_batch_s"] > 0 and "loader_boundary_ms" in r and "native_boundary_ms" in r
-    assert "| format | samples | plan | read | graph |" in capsys.readouterr().out
+        assert r["host_per_cpu_s"] > 1e6 / r["graph_us"]  # the host side outruns the decode it feeds
+    assert "| format | samples | plan | read | host side, no decode (samples per CPU-s) | graph |" in \
+        capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_mix_rows_and_the_host_side(shards, tmp_path, capsys):
+    """--mix: the same samples as two sources beside the one folder; --host: the host side alone."""
+    halves = [build_synthetic_shards(tmp_path / name, 48, "wds", 24) for name in ("a", "b")]
+    mix = ",".join(str(h) for h in halves)
+    out = tmp_path / "mix.json"
+    assert bench_loader.main(["--shards", str(shards), "--backends", "dali-cpu", "--mix", mix, "--quick",
+                              "--workers", "1", "--out", str(out)]) == 0
+    labels = [r["label"] for r in json.loads(out.read_text())["results"]]
+    assert labels == ["dali-cpu", "dali-cpu (mix of 2)"]
+    assert bench_loader.main(["--shards", str(shards), "--format", "wds,rec", "--mix", mix, "--host", "--quick",
+                              "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["host"]
+    assert [(r["format"], r["data"]) for r in rows] == [("wds", "one folder"), ("wds", "mix of 2"),
+                                                        ("rec", "one folder")]  # the halves hold no rec
+    assert all(r["per_cpu_s"] > 1000 for r in rows)
+    assert "| wds | mix of 2 |" in capsys.readouterr().out
 
 
 @pytest.mark.slow  # three 2-s measurements, worker start-ups and the resume checks: ~30 s

@@ -291,8 +291,8 @@ def plan(args: Namespace, fmt: str, folder: str) -> list[tuple[Result, Callable,
             runs.append((Result(backend, fmt, backend),
                          lambda b=backend: ours(args, folder, fmt, "torch" if b == "torch" else "dali",
                                                 "cpu", args.hw_decoder_load[0]), False))
-            if args.mix:  # the same samples as several sources mixed 1:1 (pipelines/sources.py)
-                sources = [os.path.join(d, fmt) if os.path.isdir(os.path.join(d, fmt)) else d for d in args.mix]
+            if mix_folders(args, fmt):  # the same samples as several sources mixed 1:1 (pipelines/sources.py)
+                sources = mix_folders(args, fmt)
                 runs.append((Result(backend, fmt, f"{backend} (mix of {len(sources)})"),
                              lambda b=backend, s=sources: ours(args, s, fmt, "torch" if b == "torch" else "dali",
                                                                "cpu", args.hw_decoder_load[0]), False))
@@ -310,6 +310,12 @@ def plan(args: Namespace, fmt: str, folder: str) -> list[tuple[Result, Callable,
         for res, _, _ in runs:
             res.label += " (s3)"
     return runs
+
+
+def mix_folders(args: Namespace, fmt: str) -> list[str]:
+    """`--mix`'s folders of this format (each DIR/fmt), or [] when one of them has none."""
+    found = [os.path.join(d, fmt) for d in args.mix or []]
+    return found if found and all(os.path.isdir(f) for f in found) else []
 
 
 def skip_reason(backend: str, fmt: str, gpu: bool, s3: bool = False) -> str | None:
@@ -348,6 +354,30 @@ def resume_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def host_only(args: Namespace, formats: list[str], folders: dict[str, str]) -> int:
+    """`--host`: the host side's samples per CPU-second, per format and over `--mix`, median of repeats."""
+    from tools.bench.bench_stages import host_rate
+
+    rows = []
+    for fmt in formats:
+        cases = [(folders[fmt], "one folder")]
+        if mix_folders(args, fmt):
+            cases.append((mix_folders(args, fmt), f"mix of {len(args.mix)}"))
+        for shards, label in cases:
+            runs = [host_rate(args, shards, fmt, args.seconds) for _ in range(args.repeats)]
+            rows.append({"format": fmt, "data": label, "per_cpu_s": statistics.median(r["host_per_cpu_s"] for r in runs),
+                         "per_s": statistics.median(r["host_per_s"] for r in runs)})
+            log(f"host {fmt} {label}: {rows[-1]['per_cpu_s']:,.0f} samples per CPU-second")
+    print("\n| format | data | host side: samples per CPU-second (one core) | samples per second |\n|---|---|---:|---:|")
+    for r in rows:
+        print(f"| {r['format']} | {r['data']} | {r['per_cpu_s']:,.0f} | {r['per_s']:,.0f} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"machine": machine(), "args": {k: v for k, v in vars(args).items() if k != "peer_locations"},
+                       "host": rows}, f, indent=2, default=str)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench-loader", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -376,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mix", type=lambda v: [d for d in v.split(",") if d], default=None,
                    help="comma-separated make-shards --out folders that hold --shards' samples between them: "
                    "dali-cpu and torch also run over them as one mixture (weights 1), beside the one folder")
+    p.add_argument("--host", action="store_true", help="only the host side per format (and of --mix): "
+                   "samples per CPU-second with decoding removed, on one core (tools/bench/bench_stages.py)")
     p.add_argument("--quick", action="store_true", help="2 s, 1 repeat, batch 32, 64 px: for tests")
     return p
 
@@ -428,6 +460,8 @@ def run(args: Namespace, formats: list[str], stack) -> int:
     skipped: list[dict] = []
     stage_rows: list[dict] = []
     resume_rows: list[dict] = []
+    if args.host:
+        return host_only(args, formats, folders)
     for fmt in formats:
         folder = folders[fmt]
         if args.resume_check and fmt == "wds":

@@ -5,6 +5,9 @@ Stages, CPU µs per image (all threads of the process; page cache warm):
 - plan: the epoch's permutation and rank slice (`EpochPlan.batches`);
 - read: `ShardSet.read_batch`, what the external source's workers do per batch (offsets →
   views of the memory-mapped shard, tokens chosen, one text array);
+- host: the whole host side with decoding and augmentation removed, on one core (`host_rate`:
+  plan, reads, tokens, the hand-off to DALI, the Batch's keys and ids), as samples per CPU-second:
+  the ceiling a GPU run meets once nvJPEG decodes;
 - graph: DALI's decode + augmentation alone, fed the same encoded batches from memory;
 - loader: `build_loader(backend="dali")` end to end, its worker processes included;
 - native: DALI's own reader + the same graph (`dali-native`), the bound.
@@ -13,12 +16,16 @@ for our loader (second epoch on) and for DALI's reader.
 """
 from __future__ import annotations
 
+import collections
 import resource
 import statistics
 import time
 from argparse import Namespace
 
+import numpy as np
+
 from pipelines.loader import LoaderConfig, build_loader
+from pipelines.schema import CONTEXT_LENGTH
 from pipelines.sampling import EpochPlan
 from pipelines.shardset import ShardSet
 from pipelines.transforms import AugmentSpec
@@ -58,6 +65,61 @@ def graph_cpu(args: Namespace, held: list[list], images: int) -> float:
     return used / n * 1e6
 
 
+def host_rate(args: Namespace, shards, fmt: str, seconds: float = 3.0) -> dict:
+    """The host side of one rank with decoding and augmentation removed, on one core: plan, index,
+    reads, tokens, the Batch's keys and ids, and the hand-off to DALI (an external source, no
+    decode: DALI copies the encoded bytes and the text into its buffers and hands them out).
+    What a GPU run meets once nvJPEG takes the decode. `shards`: a folder or a list of sources.
+    Samples per CPU-second of this process (one thread: DALI's too) and per wall-second."""
+    import torch
+    from nvidia.dali import fn, pipeline_def, types
+
+    cfg = LoaderConfig(shards=shards, format=fmt, backend="dali", device="cpu", batch_size=args.batch_size,
+                       image_size=args.image_size, workers=1)
+    loader = build_loader(cfg)  # its plan and shard set; DALI's backend starts nothing until iterated
+    shardset, plan = loader.shardset, loader.plan()
+    torch.set_num_threads(1)
+    state = {"b": 0, "epoch": plan}
+    planned: collections.deque = collections.deque()  # ids handed to DALI, for the Batch's keys and ids
+
+    def batch_ids():
+        p = state["epoch"]
+        if state["b"] >= p.num_batches:
+            state["epoch"], state["b"] = loader.plan(p.epoch + 1), 0
+            p = state["epoch"]
+        ids = p.batch(state["b"])
+        state["b"] += 1
+        return p.epoch, ids
+
+    def source(info):
+        epoch, ids = batch_ids()
+        planned.append(ids)
+        return shardset.read_batch(ids, cfg.seed, epoch)
+
+    @pipeline_def(batch_size=args.batch_size, num_threads=1, device_id=None, seed=0, prefetch_queue_depth=1,
+                  exec_dynamic=True)
+    def pipe():
+        jpegs, text = fn.external_source(source, num_outputs=2, batch=True, batch_info=True,
+                                         dtype=[types.UINT8, types.INT32])
+        return jpegs, text
+
+    p = pipe()
+    p.build()
+    p.run()
+    n, cpu, t0 = 0, time.process_time(), time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        jpegs, text = p.run()
+        text = torch.from_numpy(np.asarray(text.as_tensor()))
+        ids = planned.popleft()
+        keys, raw, syn = shardset.keys(ids), text[:, :CONTEXT_LENGTH].long(), text[:, CONTEXT_LENGTH:-1].long()
+        sources = torch.from_numpy(shardset.source_of(ids)) if hasattr(shardset, "source_of") else None
+        n += len(jpegs)
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - t0
+    del p
+    loader.close()
+    return {"host_per_cpu_s": n / cpu, "host_per_s": n / wall}
+
+
 def timed_epochs(epochs, count: int) -> tuple[list[float], list[int]]:
     """Wall time waited for each batch over `count` epochs, and the index of each epoch's first."""
     waits, firsts = [], []
@@ -91,6 +153,7 @@ def stages(args: Namespace, folder: str, fmt: str, native_opener) -> dict:
     for b in batches:
         shardset.read_batch(b, 0, 0)
     row["read_us"] = (time.process_time() - t) / n * 1e6
+    row.update(host_rate(args, folder, fmt))
     row["graph_us"] = graph_cpu(args, held, 2 * n)
 
     cfg = LoaderConfig(shards=folder, format=fmt, backend="dali", device="cpu", batch_size=args.batch_size,
@@ -121,13 +184,15 @@ def stages(args: Namespace, folder: str, fmt: str, native_opener) -> dict:
 def stages_table(rows: list[dict]) -> str:
     def f(v, spec):
         return "–" if v is None else format(v, spec)
-    lines = ["| format | samples | plan | read | graph | loader (all processes) | native (bound) | "
+    lines = ["| format | samples | plan | read | host side, no decode (samples per CPU-s) | graph | "
+             "loader (all processes) | native (bound) | "
              "loader / native CPU | first batch: loader / native | epoch boundary: loader / native |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         native = r.get("native_us")
         lines.append(
             f"| {r['format']} | {r['samples']:,} | {r['plan_us']:.2f} µs | {r['read_us']:.1f} µs | "
+            f"{r['host_per_cpu_s']:,.0f} | "
             f"{r['graph_us']:,.0f} µs | {r['loader_us']:,.0f} µs | {f(native, ',.0f')} µs | "
             f"{f(native and r['loader_us'] / native, '.2f')} | {r['loader_first_batch_s']:.2f} s / "
             f"{f(r.get('native_first_batch_s'), '.2f')} s | {r['loader_boundary_ms']:+.0f} ms / "
