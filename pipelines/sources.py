@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -237,23 +238,33 @@ class Mixture:
 
 def open_sources(sources: list[Source], on_error: str, cache_dir: str, cache_limit: int,
                  max_open: int) -> list[ShardSet]:
-    """Each source opened as a ShardSet; errors name the source. Two sources that resolve to the
-    same folder are an error (weight one of them instead)."""
-    sets, folders = [], {}
-    for i, source in enumerate(sources):
+    """Each source opened as a ShardSet, all at once (an open is stats of local shard files or
+    requests to a store: waits that overlap); errors name the source, the first in list order.
+    Two sources that resolve to the same folder are an error (weight one of them instead)."""
+    def open_one(source: Source) -> ShardSet:
+        fmt = manifest_format(source.shards, source.format) or "wds"
+        return ShardSet(source.shards, fmt, on_error, cache_dir, cache_limit, max_open)
+
+    with ThreadPoolExecutor(min(len(sources), 8)) as pool:
+        futures = [pool.submit(open_one, s) for s in sources]
+    sets, folders, error = [], {}, None
+    for i, (source, future) in enumerate(zip(sources, futures)):
         where = f"data source {i} ({source.name}: {source.shards})"
         try:
-            fmt = manifest_format(source.shards, source.format) or "wds"
-            shardset = ShardSet(source.shards, fmt, on_error, cache_dir, cache_limit, max_open)
+            shardset = future.result()
         except (ShardError, StorageError, ValueError) as e:
-            raise type(e)(f"{where}: {e}") from None
+            error = error or type(e)(f"{where}: {e}")
+            continue
+        sets.append(shardset)
         folder = shardset.folder if is_remote(shardset.folder) else os.path.realpath(shardset.folder)
         if folder in folders:
-            shardset.close()
-            raise ValueError(f"{where} is the same folder as data source {folders[folder]}: list it once "
-                             "and give it a weight instead")
-        folders[folder] = i
-        sets.append(shardset)
+            error = error or ValueError(f"{where} is the same folder as data source {folders[folder]}: list it "
+                                        "once and give it a weight instead")
+        folders.setdefault(folder, i)
+    if error is not None:
+        for s in sets:
+            s.close()
+        raise error
     return sets
 
 
