@@ -9,7 +9,7 @@ CORE_STAMP := $(VENV)/.installed-core
 OOD_STAMP := $(VENV)/.installed-ood
 DEMO_DIR ?= shards/demo
 
-.PHONY: venv test demo demo-long demo-seeds demo-variants noise-sweep clean
+.PHONY: venv test test-fast demo demo-long demo-seeds demo-variants noise-sweep clean
 
 venv: $(STAMP)
 
@@ -30,6 +30,10 @@ $(STAMP): $(CORE_STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The edit-test loop: everything but the tests marked slow (make test stays the whole suite).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 demo: $(CORE_STAMP)
 	$(PY) -m tools.demo --out $(DEMO_DIR)
