@@ -323,8 +323,13 @@ class ShardSet:
 
 def _remote_manifest(url: str, fmt: str) -> tuple[str, dict | None]:
     """(format folder url, its manifest.json or None). The make-shards --out url itself is found
-    through its `fmt/` subfolder, as for a local folder."""
-    for candidate in (url, join(url, fmt)):
+    through its `fmt/` subfolder, as for a local folder. Which to ask first is a guess that costs
+    a 404 when wrong: make-shards names every format folder by its format, so a url ending in
+    `/<fmt>` is taken for the format folder and any other for the --out prefix."""
+    candidates = (url, join(url, fmt))
+    if url.rstrip("/").rsplit("/", 1)[-1] != fmt:
+        candidates = candidates[::-1]
+    for candidate in candidates:
         try:
             return candidate, read_json(join(candidate, "manifest.json"))
         except StorageError as e:

@@ -59,7 +59,7 @@ def convert(root: Path, n: int, per_shard: int, caption: str = "caption") -> Pat
 def sixteen(s3, tmp_path_factory):  # noqa: F811
     """16 shards of 4 samples in the store: blocks of 8 shards, two of them."""
     folder = convert(tmp_path_factory.mktemp("sixteen"), 64, 4)
-    url = s3.url("sixteen")
+    url = s3.url("sixteen", "wds")  # a format folder, named as make-shards names it
     upload_folder(folder, url)
     return url, folder
 

@@ -296,14 +296,15 @@ def s3_rows(base: str, root: str, shards: list[int], ranks: int) -> list[dict]:
     with loopback_s3("scale"):
         for count in shards:
             folder = replicate(base, os.path.join(root, f"s3-{count}"), count)
-            url = f"s3://scale/wds-{count}"
+            prefix = f"s3://scale/wds-{count}"  # a make-shards --out prefix, opened by it as users do
+            url = f"{prefix}/wds"
             names = sorted(os.listdir(folder))
             with ThreadPoolExecutor(16) as pool:
                 list(pool.map(lambda n: storage.upload_file(os.path.join(folder, n), f"{url}/{n}"), names))
             cache = os.path.join(root, f"s3-cache-{count}")
             shutil.rmtree(cache, ignore_errors=True)
-            one = run_probe(url, "wds", open_only=True, cache_dir=cache)
-            again = run_probe(url, "wds", open_only=True, cache_dir=cache)
+            one = run_probe(prefix, "wds", open_only=True, cache_dir=cache)
+            again = run_probe(prefix, "wds", open_only=True, cache_dir=cache)
             row = {"shards": count, "samples": one["samples"], "open_s": one["open_s"],
                    "requests_first_open": one["requests_open"], "requests_next_open": again["requests_open"],
                    "index_bytes": os.path.getsize(os.path.join(folder, INDEX_NAME)),
