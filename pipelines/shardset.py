@@ -266,8 +266,11 @@ class ShardSet:
                 if whole:
                     return recordio.get_sample(handle.buf, handle.text, rec, path, key)
                 image, tokens, n_syn = recordio.read_sample(handle.buf, handle.text, rec, path, key)
+        # Images leave the map as copies, always: a batch is held for a while (a DALI prefetch
+        # queue, the trainer's step), and a view keeps its whole shard mapped after OpenShards has
+        # closed it, so a global-shuffle batch of 32 kept ~21 shards mapped with max_open=4.
+        image = np.array(image)
         if copy:  # nothing may map a cached file once its lock is gone
-            image = np.array(image)
             tokens = None if tokens is None else np.array(tokens)
         return image, tokens, n_syn
 
@@ -292,7 +295,7 @@ class ShardSet:
 
     def read_batch(self, ids, seed: int, epoch: int, position: int | None = None,
                    caption_ids=None) -> tuple[list[np.ndarray], np.ndarray]:
-        """The loader's hot path: encoded images (uint8 views, no decode) and one int32
+        """The loader's hot path: encoded images (uint8 copies out of the map, no decode) and one int32
         [B, TEXT_WIDTH] array of text (raw tokens | synthetic tokens | has_syn), the synthetic
         caption chosen per (seed, epoch, id); tokenized here for shards stored without tokens.
         `position`: the batch's place in the plan (`position_of`), for a remote cache.
