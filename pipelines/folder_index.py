@@ -146,11 +146,19 @@ def write_folder_index(folder: str, fmt: str, files: dict[str, dict] | None = No
     def assembled():
         for name in names:
             kept = os.path.join(pieces_dir, name[: -len(SUFFIX[fmt])] + PIECE_SUFFIX) if pieces_dir else None
-            if kept and os.path.exists(kept):
-                yield with_digests(FolderIndex(kept).piece(0), fmt, files)
-            else:
-                yield shard_piece(folder, fmt, name, files)
+            kept = _kept_piece(kept) if kept and os.path.exists(kept) else None
+            yield with_digests(kept, fmt, files) if kept else shard_piece(folder, fmt, name, files)
     return write_index(target, fmt, assembled())
+
+
+def _kept_piece(path: str) -> Piece | None:
+    """A converter's piece of one shard, or None when it is damaged (the shard is indexed again)."""
+    try:
+        index = FolderIndex(path)
+        return index.piece(0) if len(index.names) == 1 and index.verified(0) else None
+    except IndexError_ as e:
+        log.warning("%s", e)
+        return None
 
 
 def index_for_manifest(folder: str, fmt: str, entries: list[dict], pieces_dir: str | None = None) -> dict:
@@ -236,7 +244,8 @@ def local_index(folder: str, fmt: str, cache_dir: str) -> tuple[FolderIndex, lis
         if os.path.exists(target):
             try:
                 cached = FolderIndex(target)
-            except IndexError_:
+            except IndexError_ as e:
+                log.warning("%s", e)
                 cached = None
             if cached is not None and cached.format == fmt and cached.names == names:
                 changed, missing = _stale(cached, folder, with_mtime=True)

@@ -20,21 +20,24 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 from collections import Counter
 
 import numpy as np
 
-from pipelines.folder_index import COMPANIONS, SUFFIX, IndexLock, indexes, local_index, pieces, shard_names
+from pipelines.folder_index import COMPANIONS, SUFFIX, IndexLock, indexes, local_index, piece, pieces, shard_names
 from pipelines.formats import arrow, recordio, wds
 from pipelines.formats.base import DEFAULT_OPEN_SHARDS, MappedFile, OpenShards
-from pipelines.formats.index import INDEX_NAME, FolderIndex, write_index
+from pipelines.formats.index import INDEX_NAME, FolderIndex, Piece, write_index
 from pipelines.schema import CONTEXT_LENGTH, Sample
 from pipelines.cached_files import cache_folder, fetch_once, identity_of
 from pipelines.shard_cache import ShardCache
 from pipelines.storage import DEFAULT_CACHE_DIR, DEFAULT_CACHE_LIMIT, StorageError, is_remote, join, list_files, read_json
 from pipelines.text import choose_caption, sample_tokens
 
+
+log = logging.getLogger("pipelines")
 
 # read_batch's text row: raw tokens, synthetic-caption tokens, has_syn.
 TEXT_WIDTH = 2 * CONTEXT_LENGTH + 1
@@ -98,6 +101,7 @@ class ShardSet:
         if not self.ends.size or self.ends[-1] == 0:
             raise ShardError(f"{folder}: no readable samples ({dict(self.skipped)})")
         self._open = OpenShards(max_open)
+        self._repaired: dict[int, Piece] = {}  # shard position -> its rows indexed again (a damaged index)
         self._following = None  # (plan, the next epoch's plan) the cache follows
 
     # --- opening ---
@@ -199,15 +203,51 @@ class ShardSet:
         return int(pos[0]), int(gid - self._starts[pos[0]])
 
     def key(self, gid: int) -> str:
-        return self.index.key(int(self._locate([gid])[1][0]))
+        return self.keys([gid])[0]
 
     def keys(self, ids) -> list[str]:
-        return self.index.keys(self._locate(ids)[1])
+        pos, rows = self._locate(ids)
+        if self._check(pos):
+            return [self._row(int(p), int(r))[0] for p, r in zip(pos, rows)]
+        return self.index.keys(rows)
 
     def where(self, gid: int) -> str:
         """How an error names a sample: its shard file and key."""
-        pos, rows = self._locate([gid])
-        return f"{self.paths[int(pos[0])]}: sample {self.index.key(int(rows[0]))}"
+        pos, _ = self._locate([gid])
+        return f"{self.paths[int(pos[0])]}: sample {self.key(gid)}"
+
+    def _check(self, pos: np.ndarray) -> bool:
+        """Check the index rows of the shards at positions `pos` (once per shard and process); a
+        shard whose rows fail their checksum (a damaged index) is indexed again from its own files,
+        so a damaged index never yields a wrong sample. Whether any of them was."""
+        pos = np.unique(np.asarray(pos, np.int64))
+        for s in self.index.unverified(self.numbers[pos]).tolist():
+            p = int(np.searchsorted(self.numbers, s))
+            if p not in self._repaired and not self.index.verified(s):
+                self._repaired[p] = self._reindex(p)
+        return bool(self._repaired) and any(int(p) in self._repaired for p in pos)
+
+    def _reindex(self, p: int) -> Piece:
+        name, path = self.index.names[int(self.numbers[p])], self.paths[p]
+        if self.cache is not None:
+            raise ShardError(f"{self.index.path}: damaged (the rows of {name} fail their checksum); delete it "
+                             "and open the folder again: it is fetched anew")
+        log.warning("%s: damaged (the rows of %s fail their checksum); indexing %s again", self.index.path, name, path)
+        strict = os.path.exists(os.path.join(self.folder, "manifest.json"))
+        fresh = piece(self.format, self.folder, name, strict)
+        want = int(self.ends[p] - self._starts[p])
+        if len(fresh.keys) != want:
+            raise ShardError(f"{self.index.path}: damaged, and {path} indexed again holds {len(fresh.keys)} readable "
+                             f"samples, not {want}: delete the index and open the folder again")
+        return fresh
+
+    def _row(self, p: int, row: int):
+        """(key, index record or None) of index row `row` of the shard at position p."""
+        fixed = self._repaired.get(p)
+        if fixed is None:
+            return self.index.key(row), None if self.index.samples is None else self.index.samples[row]
+        i = row - int(self._row0[p])
+        return fixed.keys[i], None if fixed.samples is None else fixed.samples[i]
 
     def _grouped(self, ids):
         """(shard position, [(index in ids, index row)]) per shard the ids touch, in order of first need."""
@@ -233,6 +273,7 @@ class ShardSet:
     def _read_group(self, p: int, members, position: int, whole: bool):
         """Read `members` [(slot, row)] of shard position p: Samples (`whole`) or the hot path's
         (image, tokens, n_syn). From a remote shard everything is copied out before it is let go."""
+        self._check(np.array([p]))
         handle, held = self._handle(p, position)
         remote = held is not None
         try:
@@ -256,8 +297,7 @@ class ShardSet:
                 return handle.get(local)
             image, tokens, n_syn = handle.read(local)
         else:
-            key = self.index.key(row)
-            rec = self.index.samples[row]
+            key, rec = self._row(p, row)
             if fmt == "wds":
                 if whole:
                     return wds.get_sample(handle.buf, rec, path, key)

@@ -8,13 +8,18 @@ the converter writes, beside the shards, one index per folder:
     magic "LIPINDEX" | uint64 header length | JSON header | arrays, each 64-byte aligned
 
 The JSON header holds the format, the shard names, the problems found while indexing (samples or
-shards left out, with the reason) and where each array lies. The arrays:
+shards left out, with the reason), where each array lies and the file's length. The arrays:
     shards    [S]  per shard: first row, readable samples, data-file bytes and sha256, and for
                    RecordIO its text sidecar's bytes and sha256 (what a cache needs to fetch it)
     samples   [N]  per sample, in the format's own record layout (`SAMPLE_DTYPES`): byte offsets
                    and sizes of what the loader's hot path reads (wds, rec; Arrow needs none)
     key_ends  [N]  uint64: end of each sample's key in `keys`
     keys      [K]  uint8: every key, UTF-8, end to end
+    checks    [S]  uint32: per shard, CRC-32 of its rows in samples, key_ends and keys
+and last a trailer, "LIPCRC32" | CRC-32 of magic, length and header | CRC-32 of `shards`.
+A damaged file (cut short, bytes changed) must never open as another index: the lengths and the
+trailer are checked at every open (O(shards): the header and the shards array), a shard's rows the
+first time a process reads them (`verified`), so opening stays O(shards) at any sample count.
 Rows are the samples a loader can read, shard after shard; samples that cannot be read (no image,
 no text, past the end of the file) are left out and named in the header's problems, so a loader
 applies its error policy without looking at them again.
@@ -30,6 +35,7 @@ import json
 import os
 import shutil
 import struct
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -44,6 +50,8 @@ MAGIC = b"LIPINDEX"
 VERSION = 1
 ALIGN = 64
 MAX_MESSAGES = 10_000  # problem messages kept verbatim; counts per reason are always exact
+TRAILER = b"LIPCRC32"
+TRAILER_SIZE = len(TRAILER) + 8
 
 SAMPLE_DTYPES = {
     # start: the sample's first tar header; span: bytes through its last member's padded data.
@@ -121,6 +129,7 @@ class IndexWriter:
         self.names: list[str] = []
         self.shards: list[tuple] = []
         self.problems: list[list] = []
+        self.checks: list[int] = []
         self.reasons: Counter = Counter()
         self.rows = self.key_bytes = 0
 
@@ -128,10 +137,12 @@ class IndexWriter:
         encoded = [k.encode("utf-8") for k in piece.keys]
         lengths = np.fromiter((len(k) for k in encoded), np.uint64, len(encoded))
         ends = self.key_bytes + np.cumsum(lengths, dtype=np.uint64)
-        self._files["key_ends"].write(ends.astype("<u8").tobytes())
-        self._files["keys"].write(b"".join(encoded))
-        if self.dtype is not None:
-            self._files["samples"].write(np.ascontiguousarray(piece.samples, self.dtype).tobytes())
+        rows = np.ascontiguousarray(piece.samples, self.dtype).tobytes() if self.dtype is not None else b""
+        ends, keys = ends.astype("<u8").tobytes(), b"".join(encoded)
+        self._files["key_ends"].write(ends)
+        self._files["keys"].write(keys)
+        self._files["samples"].write(rows)
+        self.checks.append(zlib.crc32(keys, zlib.crc32(ends, zlib.crc32(rows))))
         self.key_bytes += int(lengths.sum())
         s = len(self.names)
         self.names.append(piece.name)
@@ -152,7 +163,8 @@ class IndexWriter:
             sections = [("shards", SHARD_DTYPE, len(shards), shards.tobytes()),
                         ("samples", self.dtype, self.rows if self.dtype is not None else 0, "samples"),
                         ("key_ends", np.dtype("<u8"), self.rows, "key_ends"),
-                        ("keys", np.dtype("u1"), self.key_bytes, "keys")]
+                        ("keys", np.dtype("u1"), self.key_bytes, "keys"),
+                        ("checks", np.dtype("<u4"), len(self.checks), np.array(self.checks, "<u4").tobytes())]
             header = {"format": self.format, "version": VERSION, "samples": self.rows, "names": self.names,
                       "problems": self.problems, "problem_counts": dict(sorted(self.reasons.items())),
                       "arrays": {}}
@@ -165,14 +177,17 @@ class IndexWriter:
                     if dtype is None:
                         continue
                     header["arrays"][name] = {"offset": offset, "dtype": _descr(dtype), "count": count}
-                    offset = -(-(offset + count * dtype.itemsize) // ALIGN) * ALIGN
+                    end = offset + count * dtype.itemsize
+                    offset = -(-end // ALIGN) * ALIGN
+                header["bytes"] = end + TRAILER_SIZE
                 blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
                 if len(MAGIC) + 8 + len(blob) <= room:
                     break
                 room = -(-(len(MAGIC) + 8 + len(blob)) // ALIGN) * ALIGN
             tmp = self._tmp["out"]
+            head = MAGIC + struct.pack("<Q", len(blob)) + blob
             with open(tmp, "wb") as out:
-                out.write(MAGIC + struct.pack("<Q", len(blob)) + blob)
+                out.write(head)
                 for name, dtype, count, data in sections:
                     if dtype is None:
                         continue
@@ -182,6 +197,7 @@ class IndexWriter:
                     else:
                         with open(self._tmp[data], "rb") as src:
                             shutil.copyfileobj(src, out, 1 << 22)
+                out.write(TRAILER + struct.pack("<II", zlib.crc32(head), zlib.crc32(sections[0][3])))
                 out.flush()
                 os.fsync(out.fileno())
             if base.atomic_write_hook is not None:  # the tools' kill-anywhere test hook, as write_atomic's
@@ -237,22 +253,81 @@ class FolderIndex:
         raw = np.frombuffer(buf, np.uint8)
         if len(raw) < len(MAGIC) + 8 or bytes(raw[:len(MAGIC)]) != MAGIC:
             raise IndexError_(f"{self.path}: not a folder index; delete it and rerun make-shards (or index-shards)")
-        (length,) = struct.unpack("<Q", bytes(raw[len(MAGIC):len(MAGIC) + 8]))
-        header = json.loads(bytes(raw[len(MAGIC) + 8:len(MAGIC) + 8 + length]))
-        if header.get("version") != VERSION:
-            raise IndexError_(f"{self.path}: folder index version {header.get('version')}, this loader reads "
-                              f"{VERSION}; rebuild it with index-shards")
+        header, arrays = self._parse(raw, buf)
         self.header = header
         self.format: str = header["format"]
         self.names: list[str] = header["names"]
-        arrays = {}
-        for name, spec in header["arrays"].items():
-            arrays[name] = np.frombuffer(buf, _dtype(spec["dtype"]), spec["count"], spec["offset"])
         self.shards: np.ndarray = arrays["shards"]
         self.samples: np.ndarray | None = arrays.get("samples")
         self.key_ends: np.ndarray = arrays["key_ends"]
         self.key_blob: np.ndarray = arrays["keys"]
+        self._checks = arrays.get("checks")  # None: written before checksums (lengths checked only)
+        self._verified = np.zeros(len(self.names), np.int8)  # per shard: 0 unchecked, 1 good, -1 damaged
         self._pid = os.getpid()
+
+    def _parse(self, raw: np.ndarray, buf) -> tuple[dict, dict[str, np.ndarray]]:
+        """Header and arrays, or IndexError_ for any damage the lengths and the trailer show."""
+        damaged = (f"{self.path}: damaged folder index (%s); it is indexed again from the shards (delete it, "
+                   "or rerun make-shards --resume, to stop this)")
+        (length,) = struct.unpack("<Q", bytes(raw[len(MAGIC):len(MAGIC) + 8]))
+        head_end = len(MAGIC) + 8 + length
+        if head_end > len(raw):
+            raise IndexError_(damaged % f"cut short: {len(raw)} bytes, its header alone needs {head_end}")
+        try:
+            header = json.loads(bytes(raw[len(MAGIC) + 8:head_end]))
+            if header.get("version") != VERSION:
+                raise IndexError_(f"{self.path}: folder index version {header.get('version')}, this loader reads "
+                                  f"{VERSION}; rebuild it with index-shards")
+            arrays = {}
+            for name, spec in header["arrays"].items():
+                dtype = _dtype(spec["dtype"])
+                offset, count = int(spec["offset"]), int(spec["count"])
+                if offset < head_end or offset + count * dtype.itemsize > len(raw):
+                    raise IndexError_(damaged % f"its {name} array lies past its end or in its header")
+                arrays[name] = np.frombuffer(buf, dtype, count, offset)
+            if len(header["names"]) != len(arrays["shards"]) or not {"key_ends", "keys"} <= set(arrays):
+                raise IndexError_(damaged % "its header does not match its arrays")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
+            if isinstance(e, IndexError_):
+                raise
+            raise IndexError_(damaged % f"unreadable header: {e}") from None
+        if "bytes" in header:  # written with a trailer (older indexes: the checks above only)
+            if len(raw) != header["bytes"]:
+                raise IndexError_(damaged % f"{len(raw)} bytes, written as {header['bytes']}")
+            trailer = bytes(raw[len(raw) - TRAILER_SIZE:])
+            crcs = struct.unpack("<II", trailer[len(TRAILER):]) if trailer.startswith(TRAILER) else None
+            if crcs != (zlib.crc32(raw[:head_end]), zlib.crc32(arrays["shards"])):
+                raise IndexError_(damaged % "its header or shard table fails its checksum")
+            if "checks" not in arrays or len(arrays["checks"]) != len(arrays["shards"]):
+                raise IndexError_(damaged % "its shard checksums are missing")
+        return header, arrays
+
+    def verified(self, s: int) -> bool:
+        """Whether shard `s`'s rows (sample records, key ends, keys) are as written: checked against
+        their CRC-32 the first time this process asks, then remembered. An index written before
+        checksums has none to check (True)."""
+        state = self._verified[s]
+        if state == 0:
+            state = 1 if self._checks is None or self._crc(s) == int(self._checks[s]) else -1
+            self._verified[s] = state
+        return state == 1
+
+    def unverified(self, shards: np.ndarray) -> np.ndarray:
+        """The shard numbers among `shards` not yet found good in this process (cheap per batch)."""
+        return shards[self._verified[shards] != 1]
+
+    def _crc(self, s: int) -> int:
+        lo, n = int(self.shards[s]["row0"]), int(self.shards[s]["count"])
+        crc = 0
+        if self.samples is not None:
+            crc = zlib.crc32(self.samples[lo:lo + n].view(np.uint8) if n else b"")
+        ends = self.key_ends[lo:lo + n]
+        crc = zlib.crc32(ends.view(np.uint8) if n else b"", crc)
+        start = int(self.key_ends[lo - 1]) if lo else 0
+        stop = int(ends[-1]) if n else start
+        if not 0 <= start <= stop <= len(self.key_blob):
+            return -1  # key ends that point outside the keys: damaged whatever the CRC says
+        return zlib.crc32(self.key_blob[start:stop], crc)
 
     def __getstate__(self):
         return {"path": self.path}
