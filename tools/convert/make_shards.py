@@ -34,7 +34,7 @@ from pipelines.schema import SCHEMA_VERSION
 from pipelines.text import TOKENIZER_NAME, clean_text
 from tools.convert.caption import SidecarJoin, join_summary, load_sidecar
 from tools.convert.image_policy import DEFAULT_MAX_PIXELS, RESIZE_BACKENDS, ImagePolicy
-from tools.convert import remote_out
+from tools.convert import input_identity, remote_out
 from tools.convert.distribute import DISTRIBUTORS, DistributorError, make_distributor
 from tools.convert.shard_worker import PARTS_DIR, ShardJob, WorkItem, shard_is_complete
 from tools.convert.sources import SOURCES, get_source
@@ -104,8 +104,12 @@ def chunks(items: Iterator[WorkItem], size: int) -> Iterator[list[WorkItem]]:
 
 
 def prepare_output(out: str, cfg: ConvertConfig, resume: bool, overwrite: bool) -> None:
-    """Check each format folder against the plan it was written with; clear leftovers of a kill."""
+    """Check each format folder against the plan it was written with; clear leftovers of a kill.
+    The plan records the inputs' identity (tools/convert/input_identity.py): --resume onto an
+    input that changed since is refused, since the finished shards hold the old input's samples."""
     plan = json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k != "formats"}))
+    paths = {"--input": cfg.input, "--synthetic-captions": cfg.synthetic_captions}
+    inputs = None  # their identities, computed once for every format folder
     for fmt in cfg.formats:
         folder = os.path.join(out, fmt)
         plan_path = os.path.join(folder, PARTS_DIR, PLAN_FILE)
@@ -119,6 +123,7 @@ def prepare_output(out: str, cfg: ConvertConfig, resume: bool, overwrite: bool) 
                 with open(plan_path) as f:
                     previous = json.load(f)
                 previous.setdefault("resize_backend", "pillow")  # plans written before the option
+                recorded = previous.pop("inputs", None)
                 if previous != plan:
                     diff = sorted(k for k in plan if plan[k] != previous.get(k))
                     raise UsageError(f"{folder} holds another conversion (differs in {', '.join(diff)}); "
@@ -126,10 +131,22 @@ def prepare_output(out: str, cfg: ConvertConfig, resume: bool, overwrite: bool) 
                 if not resume:
                     raise UsageError(f"{folder} already holds this conversion; pass --resume to finish "
                                      "it or --overwrite to redo it")
+                if recorded is None:
+                    print(f"make-shards: warning: {plan_path} was written before make-shards recorded its "
+                          "inputs' identity: resuming without checking that --input and --synthetic-captions "
+                          "are unchanged since (if they changed, pass --overwrite instead)", file=sys.stderr)
+                else:
+                    changed, now = input_identity.compare(recorded, paths)
+                    if changed:
+                        raise UsageError(f"{folder}: {'; '.join(changed)} since this conversion began, so its "
+                                         "finished shards hold the old input; --resume cannot finish it: pass "
+                                         "--overwrite instead of --resume, or choose another --out")
+                    inputs = inputs or now
         os.makedirs(os.path.join(folder, PARTS_DIR), exist_ok=True)
         for sub in (folder, os.path.join(folder, PARTS_DIR)):  # what a killed run was writing
             remove_partial_writes(sub)
-        write_json_atomic(plan_path, plan)
+        inputs = inputs or input_identity.identities(paths)
+        write_json_atomic(plan_path, {**plan, "inputs": inputs})
 
 
 def run(cfg: ConvertConfig, out: str, workers: int, resume: bool = False, overwrite: bool = False,
