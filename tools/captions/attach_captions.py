@@ -36,6 +36,7 @@ from pipelines.formats import recordio
 from pipelines.formats.base import file_digest, holds_only_partial_writes, remove_partial_writes, write_json_atomic
 from pipelines.formats.registry import DATA_SUFFIX, WRITERS, get_format
 from pipelines.text import TOKENIZER_NAME, clean_text
+from tools.convert import input_identity
 from tools.convert.caption import CaptionSidecar, JoinCounts, join_summary, load_sidecar, stored_record
 from tools.fault_hooks import point
 from tools.convert.shard_worker import PARTS_DIR, TOKENIZE_BLOCK, part_path, set_tokens, write_record
@@ -121,16 +122,20 @@ def attach_plan(folder: str, in_place: bool, sidecar: CaptionSidecar, mode: str,
     return plan
 
 
-def prepare_output(out_folder: str, plan: dict, in_place: bool) -> str:
+def prepare_output(out_folder: str, plan: dict, in_place: bool, source: str | None = None) -> str:
     """Check `out_folder` against this attach's plan and clear what a killed run left; return
-    the records' folder. --out: a folder holding another attach or foreign files is refused. In
-    place: records of another attach are dropped (their shards are this folder's now)."""
+    the records' folder. --out: a folder holding another attach or foreign files is refused, and
+    so is one begun from shards that changed since (`source`: their manifest.json, recorded by
+    content, tools/convert/input_identity.py). In place: records of another attach are dropped
+    (their shards are this folder's now)."""
     records = os.path.join(out_folder, ATTACH_DIR)
     plan_path = os.path.join(records, PLAN_FILE)
-    previous = None
+    previous, recorded, inputs = None, None, None
+    paths = {} if in_place or source is None else {"--shards": source}
     if os.path.exists(plan_path):
         with open(plan_path, encoding="utf-8") as f:
             previous = json.load(f)
+        recorded = previous.pop("inputs", None)
     if in_place:
         if previous is not None and previous != plan:
             shutil.rmtree(records)
@@ -142,10 +147,19 @@ def prepare_output(out_folder: str, plan: dict, in_place: bool) -> str:
             diff = sorted(k for k in plan if plan[k] != previous.get(k))
             raise UsageError(f"{out_folder} holds another attach (differs in {', '.join(diff)}); "
                              "choose another --out, or rerun that attach's own command to finish it")
+        if paths and recorded is None:
+            print(f"attach-captions: warning: {plan_path} was written before attach-captions recorded its "
+                  f"shards' identity: finishing it without checking that {source} is unchanged since (if the "
+                  "shards were converted again, delete the --out folder first)", file=sys.stderr)
+        elif paths:
+            changed, inputs = input_identity.compare(recorded, paths)
+            if changed:
+                raise UsageError(f"{out_folder}: {'; '.join(changed)} since this attach began, so its finished "
+                                 f"shards hold the old shards' samples; delete {out_folder} or choose another --out")
     os.makedirs(records, exist_ok=True)
     for sub in (out_folder, records, os.path.join(out_folder, PARTS_DIR)):  # a killed run's leftovers
         remove_partial_writes(sub)
-    write_json_atomic(plan_path, plan)
+    write_json_atomic(plan_path, {**plan, "inputs": inputs or input_identity.identities(paths)} if paths else plan)
     return records
 
 
@@ -174,7 +188,8 @@ def attach_folder(folder: str, sidecar: CaptionSidecar, out_folder: str, mode: s
         raise UsageError(f"{folder}/manifest.json: tokenizer {manifest['tokenizer']} is not {TOKENIZER_NAME}; "
                          "reconvert with make-shards --tokenize")
     in_place = os.path.realpath(out_folder) == os.path.realpath(folder)
-    records = prepare_output(out_folder, attach_plan(folder, in_place, sidecar, mode, scorer), in_place)
+    records = prepare_output(out_folder, attach_plan(folder, in_place, sidecar, mode, scorer), in_place,
+                             os.path.join(folder, "manifest.json"))
     data = [e["name"] for e in manifest["files"] if e["name"].endswith(DATA_SUFFIX[fmt])]
 
     def listing():  # every stored sample as its record: for the sidecar's looser names

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from pipelines.formats.base import holds_only_partial_writes, remove_partial_writes, write_atomic, write_json_atomic
 from pipelines.text import clean_text
+from tools.convert import input_identity
 from tools.convert.caption import stored_line_id
 from tools.fault_hooks import point
 
@@ -217,14 +218,25 @@ def _parts(out: str) -> str:
     return out + ".parts"
 
 
+def source_inputs(cfg: CaptionConfig) -> dict[str, str]:
+    """What the captions are made from, by content: the shards (their folder's manifest.json, which
+    names every file's sha256; a folder without one by its listing) and the model folder."""
+    folder = cfg.shards if os.path.exists(os.path.join(cfg.shards, "manifest.json")) else \
+        os.path.join(cfg.shards, cfg.format)
+    manifest = os.path.join(folder, "manifest.json")
+    return {"--shards": manifest if os.path.exists(manifest) else folder, "--model": cfg.model}
+
+
 def prepare_output(out: str, cfg: CaptionConfig, resume: bool, overwrite: bool, device: str = "cpu",
                    backend: str = "torch") -> str:
     """Check --out's completion records against this plan; return the records' folder. Device
     (bf16 or fp32) and backend (their resampling differs slightly) are part of it: a resumed run
-    must caption as the killed one did."""
+    must caption as the killed one did; so are its inputs' identities (a --resume onto shards
+    re-converted since, or another checkpoint of the same size, is refused)."""
     parts = _parts(out)
     plan = {**asdict(cfg), "model_files": model_fingerprint(cfg.model), "device": device, "backend": backend,
             "line_ids": LINE_IDS}
+    paths, inputs = source_inputs(cfg), None
     plan_path = os.path.join(parts, PLAN_FILE)
     if overwrite:
         shutil.rmtree(parts, ignore_errors=True)
@@ -233,18 +245,29 @@ def prepare_output(out: str, cfg: CaptionConfig, resume: bool, overwrite: bool, 
     elif os.path.exists(plan_path):
         with open(plan_path) as f:
             previous = json.load(f)
+        recorded = previous.pop("inputs", None)
         if previous != plan:
             diff = sorted(k for k in plan if plan[k] != previous.get(k))
             raise UsageError(f"{parts} holds captions made with other arguments (differs in {', '.join(diff)}); "
                              "pass --overwrite to redo them or choose another --out")
         if not resume:
             raise UsageError(f"{parts} holds this run's records; pass --resume to finish it or --overwrite to redo it")
+        if recorded is None:
+            print(f"caption-shards: warning: {plan_path} was written before caption-shards recorded its inputs' "
+                  "identity: resuming without checking that the shards and the model are unchanged since (if "
+                  "they changed, pass --overwrite instead)", file=sys.stderr)
+        else:
+            changed, inputs = input_identity.compare(recorded, paths)
+            if changed:
+                raise UsageError(f"{parts}: {'; '.join(changed)} since these captions were begun, so the finished "
+                                 "shards' captions are of the old input; --resume cannot finish them: pass "
+                                 "--overwrite instead of --resume, or choose another --out")
     elif os.path.exists(out) or (os.path.exists(parts) and not holds_only_partial_writes(parts)):
         raise UsageError(f"{out} already exists; choose another --out or pass --overwrite")
     os.makedirs(parts, exist_ok=True)
     remove_partial_writes(parts)  # what a killed run was writing
     remove_partial_writes(os.path.dirname(os.path.abspath(out)), prefix=os.path.basename(out) + ".tmp")
-    write_json_atomic(plan_path, plan)
+    write_json_atomic(plan_path, {**plan, "inputs": inputs or input_identity.identities(paths)})
     return parts
 
 
