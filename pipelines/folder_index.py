@@ -157,7 +157,7 @@ def _kept_piece(path: str) -> Piece | None:
         index = FolderIndex(path)
         return index.piece(0) if len(index.names) == 1 and index.verified(0) else None
     except IndexError_ as e:
-        log.warning("%s", e)
+        log.warning("%s; indexing the shard again", e)
         return None
 
 
@@ -245,7 +245,7 @@ def local_index(folder: str, fmt: str, cache_dir: str) -> tuple[FolderIndex, lis
             try:
                 cached = FolderIndex(target)
             except IndexError_ as e:
-                log.warning("%s", e)
+                log.warning("%s; indexing the folder again", e)
                 cached = None
             if cached is not None and cached.format == fmt and cached.names == names:
                 changed, missing = _stale(cached, folder, with_mtime=True)

@@ -273,7 +273,8 @@ class ShardSet:
     def _read_group(self, p: int, members, position: int, whole: bool):
         """Read `members` [(slot, row)] of shard position p: Samples (`whole`) or the hot path's
         (image, tokens, n_syn). From a remote shard everything is copied out before it is let go."""
-        self._check(np.array([p]))
+        if p not in self._repaired and not self.index.verified(int(self.numbers[p])):  # once per shard
+            self._repaired[p] = self._reindex(p)
         handle, held = self._handle(p, position)
         remote = held is not None
         try:

@@ -267,8 +267,7 @@ class FolderIndex:
 
     def _parse(self, raw: np.ndarray, buf) -> tuple[dict, dict[str, np.ndarray]]:
         """Header and arrays, or IndexError_ for any damage the lengths and the trailer show."""
-        damaged = (f"{self.path}: damaged folder index (%s); it is indexed again from the shards (delete it, "
-                   "or rerun make-shards --resume, to stop this)")
+        damaged = f"{self.path}: damaged folder index (%s)"  # the caller says what it does instead
         (length,) = struct.unpack("<Q", bytes(raw[len(MAGIC):len(MAGIC) + 8]))
         head_end = len(MAGIC) + 8 + length
         if head_end > len(raw):
