@@ -4,7 +4,7 @@ the cost of an epoch boundary, each beside DALI's own reader measured in the sam
 Stages, CPU µs per image (all threads of the process; page cache warm):
 - plan: the epoch's permutation and rank slice (`EpochPlan.batches`);
 - read: `ShardSet.read_batch`, what the external source's workers do per batch (offsets →
-  views of the memory-mapped shard, tokens chosen, one text array);
+  image bytes copied out of the memory-mapped shard, tokens chosen, one text array);
 - host: the whole host side with decoding and augmentation removed, on one core (`host_rate`:
   plan, reads, tokens, the hand-off to DALI, the Batch's keys and ids), as samples per CPU-second:
   the ceiling a GPU run meets once nvJPEG decodes;
