@@ -301,6 +301,22 @@ class FolderIndex:
                 raise IndexError_(damaged % "its shard checksums are missing")
         return header, arrays
 
+    @property
+    def has_checksums(self) -> bool:
+        """False for an index written before checksums (its lengths are all an open can check)."""
+        return self._checks is not None
+
+    def same_rows(self, other: "FolderIndex") -> bool:
+        """Whether two indexes hold the same shards, samples, keys and problems, whatever their
+        layout (one written before checksums, the other after)."""
+        mine = {k: v for k, v in self.header.items() if k not in ("arrays", "bytes")}
+        theirs = {k: v for k, v in other.header.items() if k not in ("arrays", "bytes")}
+        pairs = [(self.shards, other.shards), (self.key_ends, other.key_ends), (self.key_blob, other.key_blob)]
+        if self.samples is not None or other.samples is not None:
+            pairs.append((self.samples, other.samples))
+        return mine == theirs and all(a is not None and b is not None and a.dtype == b.dtype
+                                      and np.array_equal(a, b) for a, b in pairs)
+
     def verified(self, s: int) -> bool:
         """Whether shard `s`'s rows (sample records, key ends, keys) are as written: checked against
         their CRC-32 the first time this process asks, then remembered. An index written before

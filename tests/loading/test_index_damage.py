@@ -100,3 +100,39 @@ def test_every_cut_is_an_index_error_naming_the_file(folder, tmp_path):
         path.write_bytes(data[:n])
         with pytest.raises(IndexError_, match=str(path)):
             FolderIndex(str(path))
+
+
+def legacy(data: bytes) -> bytes:
+    """The same index as written before checksums: no trailer, no `checks` array, no length."""
+    end, header = layout(data)
+    del header["bytes"], header["arrays"]["checks"]
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    first = min(a["offset"] for a in header["arrays"].values())
+    keys = header["arrays"]["keys"]
+    assert 16 + len(blob) <= first
+    return (data[:8] + struct.pack("<Q", len(blob)) + blob + b"\0" * (first - 16 - len(blob))
+            + data[first:keys["offset"] + keys["count"]])
+
+
+def test_an_index_written_before_checksums_opens_and_verifies(folder, tmp_path, caplog):
+    """Folders converted before the checksums keep working: the open checks their lengths only,
+    and verify-shards accepts them when their rows match the shards."""
+    from pipelines.formats.base import file_digest
+    from tools.convert import verify_shards
+
+    copy = tmp_path / "old"
+    shutil.copytree(folder / "wds", copy)
+    old = legacy((copy / INDEX_NAME).read_bytes())
+    (copy / INDEX_NAME).write_bytes(old)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["index"].update(bytes=len(old), sha256=file_digest(str(copy / INDEX_NAME)))
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with caplog.at_level(logging.WARNING, logger="pipelines"):
+        shards = ShardSet(str(copy), "wds", cache_dir=str(tmp_path / "c"))
+        assert not shards.index.has_checksums
+        assert contents(shards) == contents(ShardSet(str(folder / "wds"), "wds", cache_dir=str(tmp_path / "c")))
+    assert not caplog.records, caplog.text
+    assert verify_shards.verify_folder(str(copy), progress=False)["samples"] == 24
+    (copy / INDEX_NAME).write_bytes(old[:-5])  # cut: its lengths still show it
+    with pytest.raises(IndexError_, match="keys array lies past its end"):
+        FolderIndex(str(copy / INDEX_NAME))
