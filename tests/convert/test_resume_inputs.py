@@ -95,3 +95,29 @@ def test_a_plan_without_identities_resumes_with_a_warning(grown, tmp_path, capsy
     assert "written before make-shards recorded its inputs' identity" in capsys.readouterr().err
     assert keys(out) == [f"{i:09d}" for i in range(10)]
     assert "inputs" in json.loads((out / "wds" / ".parts" / "plan.json").read_text())
+
+
+def test_folder_inputs_by_listing_and_file_inputs_by_content(tmp_path):
+    """img2dataset output (a folder) is known by its files' names, sizes and mtimes; a JSON or
+    table by its bytes: each change is named, a touched file with the same bytes is not one."""
+    from tools.convert import input_identity
+
+    folder, coco = tmp_path / "i2d", tmp_path / "captions.json"
+    (folder / "00000").mkdir(parents=True)
+    (folder / "00000" / "a.tar").write_bytes(b"x" * 100)
+    coco.write_text('{"images": [], "annotations": []}')
+    paths = {"--input": str(folder), "--captions": str(coco), "--synthetic-captions": None}
+    recorded = input_identity.identities(paths)
+    assert input_identity.compare(recorded, paths)[0] == []
+    (folder / "00000" / "b.tar").write_bytes(b"y")
+    coco.write_text('{"images": [1], "annotations": []}')
+    changed, _ = input_identity.compare(recorded, paths)
+    assert changed == [f"--input {folder} changed (1 files, 100 bytes → 2 files, 101 bytes, or files rewritten)",
+                       f"--captions {coco} changed (33 → 34 bytes, other content)"]
+    recorded = input_identity.identities(paths)
+    st = os.stat(folder / "00000" / "a.tar")
+    os.utime(folder / "00000" / "a.tar", ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # rewritten in place
+    assert input_identity.compare(recorded, paths)[0] == [
+        f"--input {folder} changed (2 files, 101 bytes → 2 files, 101 bytes, or files rewritten)"]
+    coco.unlink()
+    assert f"--captions {coco} is gone" in input_identity.compare(recorded, paths)[0]
