@@ -178,17 +178,24 @@ def cache_path(cache_dir: str, folder: str, fmt: str) -> str:
 
 def _stale(index: FolderIndex, folder: str, with_mtime: bool) -> tuple[set[int], list[int]]:
     """(shards whose file changed since indexing, shards whose file is missing)."""
+    # One stat per shard is what a local open costs (100,000 shards at 100 M samples): names relative
+    # to the folder's descriptor (no path joined or walked per shard) and the sizes as Python ints.
     changed, missing = set(), []
-    sizes = index.shards["bytes"]
-    mtimes = index.shards["mtime_ns"]
-    for s, name in enumerate(index.names):
-        try:
-            st = os.stat(os.path.join(folder, name))
-        except FileNotFoundError:
-            missing.append(s)
-            continue
-        if st.st_size != int(sizes[s]) or (with_mtime and st.st_mtime_ns != int(mtimes[s])):
-            changed.add(s)
+    sizes = index.shards["bytes"].tolist()
+    mtimes = index.shards["mtime_ns"].tolist() if with_mtime else None
+    stat = os.stat
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for s, name in enumerate(index.names):
+            try:
+                st = stat(name, dir_fd=fd)
+            except FileNotFoundError:
+                missing.append(s)
+                continue
+            if st.st_size != sizes[s] or (with_mtime and st.st_mtime_ns != mtimes[s]):
+                changed.add(s)
+    finally:
+        os.close(fd)
     return changed, missing
 
 
