@@ -104,11 +104,17 @@ class PlanSource:
                                                     position_of(epoch, self.position(info.iteration)[1]))
             if not self.spec.train:
                 return images, text
-            windows = crop_windows(self.spec, self.seed, epoch, ids, header_sizes(images, ids)).astype(np.int32)
-            mirror = flips(self.spec, self.seed, epoch, ids).astype(np.int32)
-            return images, text, windows[:, :2], windows[:, 2:], mirror
+            return images, text, *host_draws(self.spec, self.seed, epoch, ids, images)
         except Exception as e:  # noqa: BLE001 - DALI passes on only the text: tag it with batch and cause
             raise RuntimeError(source_error(info.iteration, e)) from None
+
+
+def host_draws(spec: AugmentSpec, seed: int, epoch: int, ids: np.ndarray, images: list):
+    """The training graph's per-sample inputs: int32 anchors [B, 2] (top, left) and shapes [B, 2]
+    (height, width) of the crop windows in the upright images, int32 mirror [B]."""
+    windows = crop_windows(spec, seed, epoch, ids, header_sizes(images, ids)).astype(np.int32)
+    anchors, shapes = np.ascontiguousarray(windows[:, :2]), np.ascontiguousarray(windows[:, 2:])  # DALI: dense only
+    return anchors, shapes, flips(spec, seed, epoch, ids).astype(np.int32)
 
 
 def header_sizes(images: list, ids: np.ndarray) -> np.ndarray:

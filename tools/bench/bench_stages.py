@@ -5,7 +5,9 @@ Stages, CPU µs per image (all threads of the process; page cache warm):
 - plan: the epoch's permutation and rank slice (`EpochPlan.batches`);
 - read: `ShardSet.read_batch`, what the external source's workers do per batch (offsets →
   views of the memory-mapped shard, tokens chosen, one text array);
-- graph: DALI's decode + augmentation alone, fed the same encoded batches from memory;
+- draws: what the workers add for training, the image sizes from the headers and the crop
+  windows and flips of (seed, epoch, id) (`pipelines.dali.host_draws`); `header` is its first part;
+- graph: DALI's decode + augmentation alone, fed the same encoded batches and draws from memory;
 - loader: `build_loader(backend="dali")` end to end, its worker processes included;
 - native: DALI's own reader + the same graph (`dali-native`), the bound.
 Epoch boundary: the wait for the first batch of an epoch minus the median wait for a batch,
@@ -31,8 +33,9 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def graph_cpu(args: Namespace, held: list[list], images: int) -> float:
-    """CPU µs per image of the decode + augment graph alone, fed encoded batches from memory."""
+def graph_cpu(args: Namespace, held: list[tuple], images: int) -> float:
+    """CPU µs per image of the decode + augment graph alone, fed encoded batches (and their
+    windows and flips) from memory."""
     from nvidia.dali import fn, pipeline_def
 
     from pipelines.dali import augment_graph
@@ -43,8 +46,9 @@ def graph_cpu(args: Namespace, held: list[list], images: int) -> float:
     @pipeline_def(batch_size=args.batch_size, num_threads=max(1, args.workers), device_id=None, seed=0,
                   prefetch_queue_depth=2, exec_dynamic=True)
     def pipe():
-        jpegs = fn.external_source(source, batch=True, batch_info=True)
-        return augment_graph(jpegs, AugmentSpec(size=args.image_size, train=True), "cpu", 0.0)
+        jpegs, anchors, shapes, mirror = fn.external_source(source, num_outputs=4, batch=True, batch_info=True)
+        return augment_graph(jpegs, AugmentSpec(size=args.image_size, train=True), "cpu", 0.0,
+                             anchors, shapes, mirror)
 
     p = pipe()
     p.build()
@@ -78,6 +82,8 @@ def boundary(waits: list[float], firsts: list[int]) -> float:
 
 
 def stages(args: Namespace, folder: str, fmt: str, native_opener) -> dict:
+    from pipelines.dali import header_sizes, host_draws
+
     shardset = ShardSet(folder, fmt)
     plan = EpochPlan(total=len(shardset), batch_size=args.batch_size)
     batches = plan.batches()
@@ -91,7 +97,15 @@ def stages(args: Namespace, folder: str, fmt: str, native_opener) -> dict:
     for b in batches:
         shardset.read_batch(b, 0, 0)
     row["read_us"] = (time.process_time() - t) / n * 1e6
-    row["graph_us"] = graph_cpu(args, held, 2 * n)
+    spec = AugmentSpec(size=args.image_size, train=True)
+    t = time.process_time()
+    for b, images in zip(batches, held):
+        header_sizes(images, b)
+    row["header_us"] = (time.process_time() - t) / n * 1e6
+    t = time.process_time()
+    draws = [host_draws(spec, 0, 0, b, images) for b, images in zip(batches, held)]
+    row["draws_us"] = (time.process_time() - t) / n * 1e6
+    row["graph_us"] = graph_cpu(args, [(images, *d) for images, d in zip(held, draws)], 2 * n)
 
     cfg = LoaderConfig(shards=folder, format=fmt, backend="dali", device="cpu", batch_size=args.batch_size,
                        image_size=args.image_size, workers=args.workers)
@@ -121,13 +135,14 @@ def stages(args: Namespace, folder: str, fmt: str, native_opener) -> dict:
 def stages_table(rows: list[dict]) -> str:
     def f(v, spec):
         return "–" if v is None else format(v, spec)
-    lines = ["| format | samples | plan | read | graph | loader (all processes) | native (bound) | "
+    lines = ["| format | samples | plan | read | draws (header) | graph | loader (all processes) | native (bound) | "
              "loader / native CPU | first batch: loader / native | epoch boundary: loader / native |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         native = r.get("native_us")
         lines.append(
             f"| {r['format']} | {r['samples']:,} | {r['plan_us']:.2f} µs | {r['read_us']:.1f} µs | "
+            f"{r['draws_us']:.1f} µs ({r['header_us']:.1f} µs) | "
             f"{r['graph_us']:,.0f} µs | {r['loader_us']:,.0f} µs | {f(native, ',.0f')} µs | "
             f"{f(native and r['loader_us'] / native, '.2f')} | {r['loader_first_batch_s']:.2f} s / "
             f"{f(r.get('native_first_batch_s'), '.2f')} s | {r['loader_boundary_ms']:+.0f} ms / "
