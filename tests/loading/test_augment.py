@@ -206,3 +206,29 @@ def test_dali_resume_gives_every_sample_its_pixels(photos):
     assert set(got) <= set(want) and len(got) >= len(want) - 8  # elastic: a remainder may drop
     for g, im in got.items():
         assert torch.equal(im, want[g]), g
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_an_image_without_a_header_is_a_bad_sample(tmp_path, backend):
+    """DALI's workers read each size from the header before anything decodes: bytes that are no
+    image are a bad sample there too (named, substituted under skip), as the torch backend finds."""
+    import tarfile
+
+    from pipelines.faults import SampleError
+    from test_loader_faults import N, PER_TAR, epoch, expected, jpeg, loader
+
+    folder = tmp_path / "wds"
+    folder.mkdir()
+    for t in range(N // PER_TAR):
+        with tarfile.open(folder / f"{t:05d}.tar", "w") as tar:
+            for i in range(t * PER_TAR, (t + 1) * PER_TAR):
+                for ext, payload in (("jpg", b"no image here" if i == 13 else jpeg(4 * i)), ("txt", b"photo")):
+                    info = tarfile.TarInfo(f"s{i:04d}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    skip = loader(folder, backend, on_error="skip")
+    want = expected(skip, {13})
+    assert epoch(skip) == want and sorted(skip.bad.found) == [13]
+    assert "no image header" in skip.bad.found[13] or backend == "torch"
+    with pytest.raises(SampleError, match=r"00001\.tar: sample s0013: image does not decode"):
+        epoch(loader(folder, backend, shuffle=False))
