@@ -19,6 +19,7 @@ remain the bound in `tools/bench/bench_loader.py`.
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing.util
 import os
 import re
 from typing import Iterator
@@ -28,29 +29,50 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 
 from pipelines.faults import BadSamples
-from pipelines.images import decode_rgb
+from pipelines.images import decode_rgb, oriented_size
+from pipelines.parent_watch import watch_in_child, watch_parent
 from pipelines.sampling import EpochPlan
 from pipelines.schema import CONTEXT_LENGTH, Batch
 from pipelines.shardset import SampleReadError, ShardSet, position_of
 from pipelines.storage import StorageError
-from pipelines.transforms import CLIP_MEAN, CLIP_STD, AugmentSpec
+from pipelines.transforms import CLIP_MEAN, CLIP_STD, AugmentSpec, crop_windows, flips
 
 
 PREFETCH = 2  # batches DALI prepares ahead of the one it yields
+START_METHOD: str | None = None  # of the source's workers; None: spawn on the GPU (CUDA cannot fork), else fork
 
 
 class PlanSource:
     """Batch-mode callback for `fn.external_source(parallel=True)`. Iteration i is the i-th batch
     of the endless sequence that starts at batch `start` of `plan` and goes on through epochs
     plan.epoch + 1, + 2, ... (whole epochs, offset 0). Used by the workers (to read) and by the
-    training process (to name what each batch holds), so both agree by construction."""
+    training process (to name what each batch holds), so both agree by construction.
 
-    def __init__(self, shardset: ShardSet, plan: EpochPlan, start: int, seed: int, bad: BadSamples):
+    For training it also draws each sample's augmentation on the host (`transforms.crop_windows`
+    from the image's header size, `transforms.flips`), keyed by (seed, epoch, id) as the torch
+    backend draws them: the graph holds no random operator, so a pipeline rebuilt anywhere (a
+    resume, another world size) crops what the uninterrupted one cropped.
+
+    Its worker processes die with the training process (`parent_watch`): forked ones from
+    multiprocessing's after-fork hook, spawned ones when they unpickle it."""
+
+    def __init__(self, shardset: ShardSet, plan: EpochPlan, start: int, seed: int, bad: BadSamples,
+                 spec: AugmentSpec = AugmentSpec(train=False)):
         self.shardset, self.plan, self.start, self.seed, self.bad = shardset, plan, start, seed, bad
+        self.spec = spec
         self.first = plan.num_batches - start  # batches left in the first epoch
         self.per_epoch = dataclasses.replace(plan, offset=0).num_batches
         self._later: EpochPlan | None = None  # the plan of the latest later epoch asked for
         self._pid: int | None = None
+        self._owner = os.getpid()
+        # Forked workers run this at their start, before they wait on DALI's task queue: a run
+        # killed before their first batch must not leave them waiting there for good.
+        multiprocessing.util.register_after_fork(self, watch_in_child)
+
+    def __setstate__(self, state):  # in a spawned worker (DALI on the GPU): watch its parent at once
+        self.__dict__.update(state)
+        if os.getpid() != self._owner:
+            watch_parent()
 
     def position(self, i: int) -> tuple[EpochPlan, int]:
         """(plan of the epoch, batch index in it) of iteration i."""
@@ -73,12 +95,38 @@ class PlanSource:
             # forked worker entering an OpenMP region its parent had started deadlocks (libgomp).
             torch.set_num_threads(1)
             self._pid = os.getpid()
+            if self._pid != self._owner:
+                watch_parent()  # (already, from the hooks above; idempotent)
         epoch, ids = self.planned(info.iteration)
         try:
-            return self.shardset.read_batch(self.bad.apply(ids), self.seed, epoch,
-                                            position_of(epoch, self.position(info.iteration)[1]))
+            ids = self.bad.apply(ids)
+            images, text = self.shardset.read_batch(ids, self.seed, epoch,
+                                                    position_of(epoch, self.position(info.iteration)[1]))
+            if not self.spec.train:
+                return images, text
+            return images, text, *host_draws(self.spec, self.seed, epoch, ids, images)
         except Exception as e:  # noqa: BLE001 - DALI passes on only the text: tag it with batch and cause
             raise RuntimeError(source_error(info.iteration, e)) from None
+
+
+def host_draws(spec: AugmentSpec, seed: int, epoch: int, ids: np.ndarray, images: list):
+    """The training graph's per-sample inputs: int32 anchors [B, 2] (top, left) and shapes [B, 2]
+    (height, width) of the crop windows in the upright images, int32 mirror [B]."""
+    windows = crop_windows(spec, seed, epoch, ids, header_sizes(images, ids)).astype(np.int32)
+    anchors, shapes = np.ascontiguousarray(windows[:, :2]), np.ascontiguousarray(windows[:, 2:])  # DALI: dense only
+    return anchors, shapes, flips(spec, seed, epoch, ids).astype(np.int32)
+
+
+def header_sizes(images: list, ids: np.ndarray) -> np.ndarray:
+    """int64 [B, 2]: (width, height) of each upright image, from its header. An image without a
+    readable header is a bad sample (the torch backend cannot decode it either)."""
+    sizes = np.empty((len(images), 2), np.int64)
+    for k, image in enumerate(images):
+        try:
+            sizes[k] = oriented_size(image)
+        except Exception as e:  # noqa: BLE001 - PIL raises several kinds for bytes that are no image
+            raise SampleReadError(f"no image header ({type(e).__name__}: {e})", int(ids[k])) from None
+    return sizes
 
 
 # DALI re-raises a worker's error as text, when the pipeline reaches that iteration, which may be
@@ -97,17 +145,25 @@ def source_error(iteration: int, e: BaseException) -> str:
     return f"[lip-source iteration={iteration} kind=other] {message}"
 
 
-def augment_graph(jpegs, spec: AugmentSpec, decode_device: str, hw_decoder_load: float):
-    """decode (+ fused random crop) → resize → flip → normalize, CHW float."""
+def augment_graph(jpegs, spec: AugmentSpec, decode_device: str, hw_decoder_load: float,
+                  anchors=None, shapes=None, mirror=None):
+    """decode (+ fused crop of the host's window: `anchors` (top, left), `shapes` (height, width)
+    per sample, in the upright image) → resize → flip (`mirror` per sample) → normalize, CHW float.
+    No random operator: every choice arrives from the host. Without `anchors` (DALI's own readers
+    in the benchmarks' bound, which have no host to ask) the crop and flip are DALI's random ones."""
     extra = {"hw_decoder_load": hw_decoder_load} if decode_device == "mixed" else {}
     mean = [255 * m for m in CLIP_MEAN]
     std = [255 * s for s in CLIP_STD]
     if spec.train:
-        images = fn.decoders.image_random_crop(jpegs, device=decode_device, output_type=types.RGB,
-                                               random_area=list(spec.area),
-                                               random_aspect_ratio=list(spec.aspect), **extra)
+        if anchors is None:
+            images = fn.decoders.image_random_crop(jpegs, device=decode_device, output_type=types.RGB,
+                                                   random_area=list(spec.area),
+                                                   random_aspect_ratio=list(spec.aspect), **extra)
+            mirror = fn.random.coin_flip(probability=0.5) if spec.flip else 0
+        else:
+            images = fn.decoders.image_slice(jpegs, anchors, shapes, axes=[0, 1], device=decode_device,
+                                             output_type=types.RGB, **extra)
         images = fn.resize(images, resize_x=spec.size, resize_y=spec.size, antialias=True)
-        mirror = fn.random.coin_flip(probability=0.5) if spec.flip else 0
         return fn.crop_mirror_normalize(images, mirror=mirror, mean=mean, std=std,
                                         output_layout="CHW", dtype=types.FLOAT)
     images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB, **extra)
@@ -116,17 +172,26 @@ def augment_graph(jpegs, spec: AugmentSpec, decode_device: str, hw_decoder_load:
                                     mean=mean, std=std, output_layout="CHW", dtype=types.FLOAT)
 
 
-def build_pipeline(cfg, source: PlanSource, seed: int):
+def build_pipeline(cfg, source: PlanSource):
     gpu = cfg.device == "gpu"
+    spec = cfg.augment()
 
+    # The seed is fixed: the graph draws nothing (see augment_graph).
     @pipeline_def(batch_size=cfg.batch_size, num_threads=max(1, cfg.workers),
-                  device_id=torch.cuda.current_device() if gpu else None, seed=seed,
-                  py_num_workers=max(1, cfg.workers), py_start_method="spawn" if gpu else "fork",
+                  device_id=torch.cuda.current_device() if gpu else None, seed=cfg.seed,
+                  py_num_workers=max(1, cfg.workers),
+                  py_start_method=START_METHOD or ("spawn" if gpu else "fork"),
                   prefetch_queue_depth=PREFETCH, exec_dynamic=True)
     def pipe():
-        jpegs, text = fn.external_source(source, num_outputs=2, batch=True, batch_info=True,
-                                         parallel=True, dtype=[types.UINT8, types.INT32])
-        return augment_graph(jpegs, cfg.augment(), "mixed" if gpu else "cpu", cfg.hw_decoder_load), text
+        device = "mixed" if gpu else "cpu"
+        if not spec.train:
+            jpegs, text = fn.external_source(source, num_outputs=2, batch=True, batch_info=True,
+                                             parallel=True, dtype=[types.UINT8, types.INT32])
+            return augment_graph(jpegs, spec, device, cfg.hw_decoder_load), text
+        jpegs, text, anchors, shapes, mirror = fn.external_source(
+            source, num_outputs=5, batch=True, batch_info=True, parallel=True,
+            dtype=[types.UINT8, types.INT32, types.INT32, types.INT32, types.INT32])
+        return augment_graph(jpegs, spec, device, cfg.hw_decoder_load, anchors, shapes, mirror), text
 
     p = pipe()
     p.build()
@@ -177,10 +242,8 @@ class DaliBackend:
 
     def _build(self, plan: EpochPlan, start: int) -> None:
         self.close()
-        self.source = PlanSource(self.shardset, plan, start, self.cfg.seed, self.bad)
-        # Crops come from DALI's RNG, seeded per (seed, epoch, batch) of the build.
-        seed = (self.cfg.seed * 1_000_003 + plan.epoch * 7919 + start) % (2 ** 31)
-        self.pipe, self.next, self.known_bad = build_pipeline(self.cfg, self.source, seed), 0, len(self.bad)
+        self.source = PlanSource(self.shardset, plan, start, self.cfg.seed, self.bad, self.cfg.augment())
+        self.pipe, self.next, self.known_bad = build_pipeline(self.cfg, self.source), 0, len(self.bad)
 
     def iterate(self, plan: EpochPlan, start: int) -> Iterator[Batch]:
         for b in range(start, plan.num_batches):

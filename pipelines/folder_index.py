@@ -27,6 +27,7 @@ import numpy as np
 from pipelines.formats import arrow, recordio, wds
 from pipelines.formats.base import file_digest
 from pipelines.formats.index import INDEX_NAME, SAMPLE_DTYPES, FolderIndex, IndexError_, Piece, write_index
+from pipelines.parent_watch import watch_in_child
 
 log = logging.getLogger("pipelines")
 
@@ -82,8 +83,9 @@ def pieces(fmt: str, folder: str, names: list[str], strict: bool, sizes: dict | 
         results = map(_piece_args, jobs)
         pool = None
     else:
-        # fork: the children only parse files; nothing of the parent's threads is used there
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+        # fork: the children only parse files; nothing of the parent's threads is used there. They
+        # watch the parent: a loader killed while indexing must not leave them waiting on its queue.
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=watch_in_child)
         results = pool.map(_piece_args, jobs, chunksize=8)
     try:
         for p in results:

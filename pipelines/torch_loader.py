@@ -3,8 +3,10 @@
 Shaped like open_clip's training loader: a webdataset pipeline of small stages run inside
 DataLoader workers (read → PIL decode → torchvision RandomResizedCrop / flip / normalize →
 tokenize → batch), `batch_size=None` in the DataLoader because batching happens in the workers.
-The only difference is the first stage: it takes this worker's batches of the epoch plan instead
-of streaming whole tars, which is what makes ranks disjoint and resume exact.
+The differences: the first stage takes this worker's batches of the epoch plan instead of
+streaming whole tars, which is what makes ranks disjoint and resume exact; and the crop window and
+flip are drawn from (seed, epoch, sample id) (`transforms.crop_windows`, `flips`: torchvision's
+RandomResizedCrop algorithm without its RNG), the same draws as the DALI backend's.
 """
 from __future__ import annotations
 
@@ -15,17 +17,21 @@ import numpy as np
 import torch
 import webdataset as wds
 from torchvision import transforms as T
+from torchvision.transforms import functional as TF
 
 from pipelines.faults import BadSamples
 from pipelines.images import decode_rgb
+from pipelines.parent_watch import watch_in_child
 from pipelines.sampling import EpochPlan, mix
 from pipelines.schema import Batch
 from pipelines.shardset import SampleReadError, ShardSet, position_of
 from pipelines.text import sample_tokens
-from pipelines.transforms import CLIP_MEAN, CLIP_STD, AugmentSpec
+from pipelines.transforms import CLIP_MEAN, CLIP_STD, AugmentSpec, crop_windows, flips
 
 
 def torchvision_transform(spec: AugmentSpec) -> T.Compose:
+    """torchvision's own transforms, random crops from torch's RNG: the evaluators' and the
+    benchmarks' open_clip baseline. The loader trains with `Augment` (same algorithm, keyed draws)."""
     norm = T.Normalize(CLIP_MEAN, CLIP_STD)
     if spec.train:
         ops = [T.RandomResizedCrop(spec.size, scale=spec.area, ratio=spec.aspect,
@@ -35,6 +41,26 @@ def torchvision_transform(spec: AugmentSpec) -> T.Compose:
         return T.Compose(ops + [T.ToTensor(), norm])
     return T.Compose([T.Resize(spec.size, interpolation=T.InterpolationMode.BICUBIC),
                       T.CenterCrop(spec.size), T.ToTensor(), norm])
+
+
+class Augment:
+    """(upright PIL image, sample id) → float [3, S, S]: for training what T.RandomResizedCrop +
+    RandomHorizontalFlip + ToTensor + Normalize do, with the window and flip of (seed, epoch, id)."""
+
+    def __init__(self, spec: AugmentSpec, seed: int, epoch: int):
+        self.spec, self.seed, self.epoch = spec, seed, epoch
+        self.eval = None if spec.train else torchvision_transform(spec)
+
+    def __call__(self, image, gid: int) -> torch.Tensor:
+        if self.eval is not None:
+            return self.eval(image)
+        spec = self.spec
+        top, left, height, width = crop_windows(spec, self.seed, self.epoch, [gid], [image.size])[0].tolist()
+        image = TF.resized_crop(image, top, left, height, width, [spec.size, spec.size],
+                                interpolation=T.InterpolationMode.BICUBIC, antialias=True)
+        if flips(spec, self.seed, self.epoch, [gid])[0]:
+            image = TF.hflip(image)
+        return TF.normalize(TF.to_tensor(image), CLIP_MEAN, CLIP_STD)
 
 
 def worker_batches(plan: EpochPlan, start: int) -> Iterator[np.ndarray]:
@@ -62,26 +88,23 @@ def read_samples(src, shardset: ShardSet, bad: BadSamples, epoch: int):
         yield j, ids, samples, found
 
 
-def decode_augment(src, transform, seed: int, epoch: int, shardset: ShardSet, bad: BadSamples):
+def decode_augment(src, augment: Augment, shardset: ShardSet, bad: BadSamples):
     """Decode and augment; an image that does not decode is reported (an error under
-    on_error="raise") and replaced by its substitute, whose image is decoded in its place."""
+    on_error="raise") and replaced by its substitute, whose image is decoded in its place (and
+    cropped by the substitute's own window). No RNG is used: with workers=0 this runs in the
+    training process, whose global RNG stays untouched."""
     for j, ids, samples, found in src:
-        # Crops depend on (seed, epoch, batch), not on which worker runs the batch or when the
-        # DataLoader was created: a resumed run sees the same augmentation. fork_rng: with
-        # workers=0 this runs in the training process, whose global RNG must stay untouched.
         images = []
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(mix(seed, epoch, j))  # CPU only: keep CUDA's RNG
-            ids = ids.copy()
-            for k, s in enumerate(samples):
-                while True:
-                    try:
-                        images.append(transform(decode_rgb(s.image)))  # EXIF orientation, 16-bit grey
-                        break
-                    except Exception as e:  # noqa: BLE001 - name the sample, whatever broke
-                        bad.report(int(ids[k]), shardset.where(int(ids[k])), e)
-                        ids[k] = bad.substitute(ids[k])
-                        samples[k] = s = shardset.get(int(ids[k]))
+        ids = ids.copy()
+        for k, s in enumerate(samples):
+            while True:
+                try:
+                    images.append(augment(decode_rgb(s.image), int(ids[k])))  # EXIF orientation, 16-bit grey
+                    break
+                except Exception as e:  # noqa: BLE001 - name the sample, whatever broke
+                    bad.report(int(ids[k]), shardset.where(int(ids[k])), e)
+                    ids[k] = bad.substitute(ids[k])
+                    samples[k] = s = shardset.get(int(ids[k]))
         news = dict(list(bad.found.items())[found:])  # what this batch found, for the main process
         yield ids, samples, torch.stack(images), news
 
@@ -107,8 +130,7 @@ class TorchBackend:
         pipeline = wds.DataPipeline(
             functools.partial(worker_batches, plan, start),
             wds.pipelinefilter(read_samples)(self.shardset, self.bad, plan.epoch),
-            wds.pipelinefilter(decode_augment)(torchvision_transform(cfg.augment()), cfg.seed, plan.epoch,
-                                               self.shardset, self.bad),
+            wds.pipelinefilter(decode_augment)(Augment(cfg.augment(), cfg.seed, plan.epoch), self.shardset, self.bad),
             wds.pipelinefilter(tokenize_batch)(cfg.seed, plan.epoch),
         )
         n = plan.num_batches - start
@@ -118,6 +140,7 @@ class TorchBackend:
         loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=workers,
                                              persistent_workers=False, pin_memory=cfg.device == "gpu",
                                              prefetch_factor=4 if workers else None,
+                                             worker_init_fn=watch_in_child,  # gone within 0.5 s of a killed trainer
                                              generator=torch.Generator().manual_seed(mix(cfg.seed, plan.epoch)))
         device = torch.device("cuda" if cfg.device == "gpu" else "cpu")
         for j, (images, raw, syn, has_syn, keys, ids, news) in enumerate(loader):

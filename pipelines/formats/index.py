@@ -235,7 +235,11 @@ def write_index(path: str, fmt: str, pieces) -> str:
 
 class FolderIndex:
     """A folder index mapped read-only. Arrays are numpy views into the mapping; pickling keeps
-    the path only and the receiving process maps the file itself (the page cache is shared)."""
+    the path only and the receiving process maps the file itself (the page cache is shared).
+    That process (a spawned loader worker: DALI on the GPU) must map the very file its sender
+    mapped, not one written at the same path since (a re-index, a new dataset version): the
+    pickle carries the file's identity (device, inode, size, mtime) and another one is an error,
+    never samples read at another version's offsets. Forked workers inherit the mapping itself."""
 
     def __init__(self, path: str):
         self.path = path
@@ -247,6 +251,8 @@ class FolderIndex:
         except (OSError, pa.ArrowException) as e:
             raise IndexError_(f"{self.path}: cannot map the folder index ({e})") from None
         try:
+            st = os.fstat(mm.fileno())  # of the file mapped, whatever the path names by now
+            self._identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
             buf = mm.read_buffer()
         finally:
             mm.close()  # the mapping lives while `buf` (and views of it) do; no descriptor stays open
@@ -345,11 +351,15 @@ class FolderIndex:
         return zlib.crc32(self.key_blob[start:stop], crc)
 
     def __getstate__(self):
-        return {"path": self.path}
+        return {"path": self.path, "identity": self._identity}
 
     def __setstate__(self, state):
         self.path = state["path"]
         self._load()
+        if state.get("identity", self._identity) != self._identity:
+            raise IndexError_(f"{self.path}: the folder index was replaced after the loader opened it (re-indexed, "
+                              "or another version of the data written in its place); a worker cannot read the "
+                              "samples its loader planned from another index: restart the run")
 
     def __len__(self) -> int:
         return len(self.key_ends)

@@ -73,10 +73,11 @@ def test_stages_report_cpu_per_stage_and_the_epoch_boundary(shards, tmp_path, ca
     for r in rows.values():
         assert r["samples"] == 96
         assert 0 < r["plan_us"] < r["read_us"] < r["graph_us"] and r["loader_us"] > 0 and r["native_us"] > 0
+        assert 0 < r["header_us"] < r["draws_us"] < r["graph_us"]
         assert r["loader_first_batch_s"] > 0 and "loader_boundary_ms" in r and "native_boundary_ms" in r
         assert r["host_per_cpu_s"] > 1e6 / r["graph_us"]  # the host side outruns the decode it feeds
-    assert "| format | samples | plan | read | host side, no decode (samples per CPU-s) | graph |" in \
-        capsys.readouterr().out
+    assert "| format | samples | plan | read | draws (header) | host side, no decode (samples per CPU-s) | graph |" \
+        in capsys.readouterr().out
 
 
 @pytest.mark.slow

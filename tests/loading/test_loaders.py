@@ -388,8 +388,8 @@ def test_resume_mid_epoch_and_across_epochs(shards, backend):
     rest = run_epoch(resumed)
     assert rest["keys"] == epochs[0]["keys"][k * BATCH:]
     assert torch.equal(rest["syn"], epochs[0]["syn"][k * BATCH:])
-    if backend == "torch":  # crops are seeded by (seed, epoch, batch); DALI's by pipeline start
-        assert torch.equal(rest["images"], epochs[0]["images"][k * BATCH:])
+    # Crops and flips are drawn per (seed, epoch, id) in both backends: the resumed pipeline's too.
+    assert torch.equal(rest["images"], epochs[0]["images"][k * BATCH:])
     assert resumed.state_dict()["epoch"] == 1
     assert run_epoch(resumed)["keys"] == epochs[1]["keys"]
 

@@ -7,7 +7,7 @@ images, 2-layer towers of width 64, context 32) on 200 synthetic images in four 
 2. Resume: a run SIGKILLed mid-epoch (a `python -m train.main` subprocess) and continued with
    run.resume=latest — and one continued from the epoch-end checkpoint — end bitwise where a
    straight run does (model, optimizer, gate means, loader position, scheduler, RNG, metrics),
-   across an epoch boundary, with DataLoader workers and with accumulation.
+   across an epoch boundary, with DataLoader workers and with accumulation, and with DALI's CPU graph.
 3. DDP: two spawned gloo ranks (DualPathCLIP under DDP, the trainer's losses) against one process
    on the concatenated batch — loss, all-reduced gradients, gate means; and the whole trainer on
    two ranks with accumulation.
@@ -382,6 +382,9 @@ RESUME_VARIANTS = {
     "batch16-workers2": dict(data__batch_size=16, data__workers=2),
     # 25 batches of 8 per epoch, 12 steps of 2: batch 25 is never begun (the remainder path).
     "batch8-accum2": dict(data__batch_size=8, optim__accum_steps=2),
+    # DALI's CPU graph: the resumed pipeline crops and flips what the straight run's did (issue 26).
+    "dali-batch8-accum2-workers2": dict(data__backend="dali", data__device="cpu", data__batch_size=8,
+                                        optim__accum_steps=2, data__workers=2),
 }
 
 

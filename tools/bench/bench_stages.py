@@ -5,10 +5,12 @@ Stages, CPU µs per image (all threads of the process; page cache warm):
 - plan: the epoch's permutation and rank slice (`EpochPlan.batches`);
 - read: `ShardSet.read_batch`, what the external source's workers do per batch (offsets →
   image bytes copied out of the memory-mapped shard, tokens chosen, one text array);
+- draws: what the workers add for training, the image sizes from the headers and the crop
+  windows and flips of (seed, epoch, id) (`pipelines.dali.host_draws`); `header` is its first part;
 - host: the whole host side with decoding and augmentation removed, on one core (`host_rate`:
-  plan, reads, tokens, the hand-off to DALI, the Batch's keys and ids), as samples per CPU-second:
-  the ceiling a GPU run meets once nvJPEG decodes;
-- graph: DALI's decode + augmentation alone, fed the same encoded batches from memory;
+  plan, reads, tokens, draws, the hand-off to DALI, the Batch's keys and ids), as samples per
+  CPU-second: the ceiling a GPU run meets once nvJPEG decodes;
+- graph: DALI's decode + augmentation alone, fed the same encoded batches and draws from memory;
 - loader: `build_loader(backend="dali")` end to end, its worker processes included;
 - native: DALI's own reader + the same graph (`dali-native`), the bound.
 Epoch boundary: the wait for the first batch of an epoch minus the median wait for a batch,
@@ -16,7 +18,6 @@ for our loader (second epoch on) and for DALI's reader.
 """
 from __future__ import annotations
 
-import collections
 import resource
 import statistics
 import time
@@ -38,8 +39,9 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def graph_cpu(args: Namespace, held: list[list], images: int) -> float:
-    """CPU µs per image of the decode + augment graph alone, fed encoded batches from memory."""
+def graph_cpu(args: Namespace, held: list[tuple], images: int) -> float:
+    """CPU µs per image of the decode + augment graph alone, fed encoded batches (and their
+    windows and flips) from memory."""
     from nvidia.dali import fn, pipeline_def
 
     from pipelines.dali import augment_graph
@@ -50,8 +52,9 @@ def graph_cpu(args: Namespace, held: list[list], images: int) -> float:
     @pipeline_def(batch_size=args.batch_size, num_threads=max(1, args.workers), device_id=None, seed=0,
                   prefetch_queue_depth=2, exec_dynamic=True)
     def pipe():
-        jpegs = fn.external_source(source, batch=True, batch_info=True)
-        return augment_graph(jpegs, AugmentSpec(size=args.image_size, train=True), "cpu", 0.0)
+        jpegs, anchors, shapes, mirror = fn.external_source(source, num_outputs=4, batch=True, batch_info=True)
+        return augment_graph(jpegs, AugmentSpec(size=args.image_size, train=True), "cpu", 0.0,
+                             anchors, shapes, mirror)
 
     p = pipe()
     p.build()
@@ -66,54 +69,40 @@ def graph_cpu(args: Namespace, held: list[list], images: int) -> float:
 
 
 def host_rate(args: Namespace, shards, fmt: str, seconds: float = 3.0) -> dict:
-    """The host side of one rank with decoding and augmentation removed, on one core: plan, index,
-    reads, tokens, the Batch's keys and ids, and the hand-off to DALI (an external source, no
-    decode: DALI copies the encoded bytes and the text into its buffers and hands them out).
-    What a GPU run meets once nvJPEG takes the decode. `shards`: a folder or a list of sources.
-    Samples per CPU-second of this process (one thread: DALI's too) and per wall-second."""
+    """The host side of one rank with decoding and augmentation removed, on one core: the DALI
+    backend's own source (`PlanSource`: plan, index, reads, tokens, header sizes, crop windows and
+    flips), the hand-off to DALI (an external source and no decode: DALI copies what the source gives
+    into its buffers and hands it out) and the Batch's keys, ids and sources. What a GPU run meets
+    once nvJPEG takes the decode. `shards`: a folder or a list of sources. Samples per CPU-second of
+    this process (one thread: DALI's too) and per wall-second."""
     import torch
-    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import fn, pipeline_def
+
+    from pipelines.dali import PlanSource
 
     cfg = LoaderConfig(shards=shards, format=fmt, backend="dali", device="cpu", batch_size=args.batch_size,
                        image_size=args.image_size, workers=1)
     loader = build_loader(cfg)  # its plan and shard set; DALI's backend starts nothing until iterated
-    shardset, plan = loader.shardset, loader.plan()
+    shardset = loader.shardset
+    source = PlanSource(shardset, loader.plan(), 0, cfg.seed, loader.bad, cfg.augment())
     torch.set_num_threads(1)
-    state = {"b": 0, "epoch": plan}
-    planned: collections.deque = collections.deque()  # ids handed to DALI, for the Batch's keys and ids
-
-    def batch_ids():
-        p = state["epoch"]
-        if state["b"] >= p.num_batches:
-            state["epoch"], state["b"] = loader.plan(p.epoch + 1), 0
-            p = state["epoch"]
-        ids = p.batch(state["b"])
-        state["b"] += 1
-        return p.epoch, ids
-
-    def source(info):
-        epoch, ids = batch_ids()
-        planned.append(ids)
-        return shardset.read_batch(ids, cfg.seed, epoch)
 
     @pipeline_def(batch_size=args.batch_size, num_threads=1, device_id=None, seed=0, prefetch_queue_depth=1,
                   exec_dynamic=True)
     def pipe():
-        jpegs, text = fn.external_source(source, num_outputs=2, batch=True, batch_info=True,
-                                         dtype=[types.UINT8, types.INT32])
-        return jpegs, text
+        return tuple(fn.external_source(source, num_outputs=5, batch=True, batch_info=True))
 
     p = pipe()
     p.build()
     p.run()
-    n, cpu, t0 = 0, time.process_time(), time.perf_counter()
+    n, i, cpu, t0 = 0, 1, time.process_time(), time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        jpegs, text = p.run()
+        jpegs, text, *_ = p.run()
         text = torch.from_numpy(np.asarray(text.as_tensor()))
-        ids = planned.popleft()
+        _, ids = source.planned(i)
         keys, raw, syn = shardset.keys(ids), text[:, :CONTEXT_LENGTH].long(), text[:, CONTEXT_LENGTH:-1].long()
         sources = torch.from_numpy(shardset.source_of(ids)) if hasattr(shardset, "source_of") else None
-        n += len(jpegs)
+        n, i = n + len(jpegs), i + 1
     cpu, wall = time.process_time() - cpu, time.perf_counter() - t0
     del p
     loader.close()
@@ -140,6 +129,8 @@ def boundary(waits: list[float], firsts: list[int]) -> float:
 
 
 def stages(args: Namespace, folder: str, fmt: str, native_opener) -> dict:
+    from pipelines.dali import header_sizes, host_draws
+
     shardset = ShardSet(folder, fmt)
     plan = EpochPlan(total=len(shardset), batch_size=args.batch_size)
     batches = plan.batches()
@@ -153,8 +144,16 @@ def stages(args: Namespace, folder: str, fmt: str, native_opener) -> dict:
     for b in batches:
         shardset.read_batch(b, 0, 0)
     row["read_us"] = (time.process_time() - t) / n * 1e6
+    spec = AugmentSpec(size=args.image_size, train=True)
+    t = time.process_time()
+    for b, images in zip(batches, held):
+        header_sizes(images, b)
+    row["header_us"] = (time.process_time() - t) / n * 1e6
+    t = time.process_time()
+    draws = [host_draws(spec, 0, 0, b, images) for b, images in zip(batches, held)]
+    row["draws_us"] = (time.process_time() - t) / n * 1e6
     row.update(host_rate(args, folder, fmt))
-    row["graph_us"] = graph_cpu(args, held, 2 * n)
+    row["graph_us"] = graph_cpu(args, [(images, *d) for images, d in zip(held, draws)], 2 * n)
 
     cfg = LoaderConfig(shards=folder, format=fmt, backend="dali", device="cpu", batch_size=args.batch_size,
                        image_size=args.image_size, workers=args.workers)
@@ -184,14 +183,15 @@ def stages(args: Namespace, folder: str, fmt: str, native_opener) -> dict:
 def stages_table(rows: list[dict]) -> str:
     def f(v, spec):
         return "–" if v is None else format(v, spec)
-    lines = ["| format | samples | plan | read | host side, no decode (samples per CPU-s) | graph | "
+    lines = ["| format | samples | plan | read | draws (header) | host side, no decode (samples per CPU-s) | graph | "
              "loader (all processes) | native (bound) | "
              "loader / native CPU | first batch: loader / native | epoch boundary: loader / native |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         native = r.get("native_us")
         lines.append(
             f"| {r['format']} | {r['samples']:,} | {r['plan_us']:.2f} µs | {r['read_us']:.1f} µs | "
+            f"{r['draws_us']:.1f} µs ({r['header_us']:.1f} µs) | "
             f"{r['host_per_cpu_s']:,.0f} | "
             f"{r['graph_us']:,.0f} µs | {r['loader_us']:,.0f} µs | {f(native, ',.0f')} µs | "
             f"{f(native and r['loader_us'] / native, '.2f')} | {r['loader_first_batch_s']:.2f} s / "
