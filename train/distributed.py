@@ -8,6 +8,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from pipelines.parent_watch import watch_parent
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -26,6 +28,11 @@ def init_distributed(device: str = "auto") -> DistEnv:
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "gpu"
     if device == "gpu" and not torch.cuda.is_available():
         raise RuntimeError("data.device=gpu but no CUDA device is visible; use data.device=cpu")
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        # A rank torchrun started: torchrun stops its ranks when it ends cleanly, but SIGKILLed (the
+        # OOM killer, a preemption) it leaves them training on, writing checkpoints into the run a
+        # restart resumes. A rank ends within a second of its agent instead.
+        watch_parent(os.getppid())
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))

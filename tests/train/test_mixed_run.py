@@ -1,6 +1,6 @@
 """lip-train on a mixture of three sources (wds and arrow on the local disk, RecordIO on the loopback
-S3 server): two torchrun ranks killed with SIGKILL after a checkpoint, resumed at world size 1; the
-per-source counts in the records go on from the checkpoint and add up to what the plan gave."""
+S3 server): torchrun with two ranks SIGKILLed after a checkpoint (its ranks end with it), resumed at
+world size 1; the per-source counts in the records go on from the checkpoint and add up."""
 from __future__ import annotations
 
 import contextlib
@@ -45,6 +45,14 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
@@ -80,12 +88,15 @@ def test_mixture_run_killed_under_torchrun_resumes_at_another_world_size(tmp_pat
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.05)
     finally:
-        tree = descendants(ranks.pid)  # torchrun starts its ranks in sessions of their own
-        os.killpg(ranks.pid, signal.SIGKILL)
-        for pid in tree:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        tree = descendants(ranks.pid)  # torchrun starts its ranks in process groups of their own
+        os.killpg(ranks.pid, signal.SIGKILL)  # torchrun alone: its ranks must end with it
         ranks.wait()
+        deadline = time.monotonic() + 10
+        while (alive := [p for p in tree if _alive(p)]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in alive:
+            os.kill(pid, signal.SIGKILL)
+    assert not alive, f"ranks outlived torchrun: {alive}"
     killed = checkpoint.load(checkpoint.list_checkpoints(str(run_dir / "checkpoints"))[-1])
     k = killed["step"]
     assert 4 <= k < 10 and killed["loader"]["world_size"] == 2
