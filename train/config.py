@@ -25,6 +25,11 @@ class ConfigError(ValueError):
     pass
 
 
+# loss.evidential_clamp's upper end: with |cos| ≤ 1 a clamp at the scale (ELIP's 100) clamps
+# nothing, and the loss is tested against 100-digit arithmetic up to it
+MAX_EVIDENTIAL_CLAMP = 100.0
+
+
 @dataclass
 class DataConfig:
     # a make-shards format folder (shards/demo/train/wds) or s3://bucket/prefix; or a list of sources to mix,
@@ -87,7 +92,9 @@ class LossConfig:
     normalize: str = "mean"  # mean (ALIP) | weight_sum
     h_init: str = "one"  # one (ALIP: gate means start at 1.0) | first_batch (the first batch's means)
     text: str = "raw"  # evidential only: the text it pairs with images: raw | syn | both (two terms)
-    evidential_clamp: float = 10.0  # ELIP's ±10 saturates cosines above 0.1 at logit scale 100
+    # ELIP's ±10 saturates cosines above 0.1 at logit scale 100; any value in (0, 100] (the loss is
+    # computed in log space and float64: within 1e-12 there, train/variants/evidential.py)
+    evidential_clamp: float = 10.0
     evidential_scale: float | str = 100.0  # evidential logits' scale: ELIP's constant 100 | learned (exp(logit_scale))
     kl_anneal_epochs: float = 20.0  # KL weight min(1, (epoch + 1) / this), epoch 0-based (ELIP: 20); 0 = full
 
@@ -171,6 +178,9 @@ class TrainConfig:
             evidential_scale(self.loss.evidential_scale)
         except ValueError as e:
             raise ConfigError(f"loss.evidential_scale: {e}") from None
+        if not 0 < self.loss.evidential_clamp <= MAX_EVIDENTIAL_CLAMP:  # NaN fails too
+            raise ConfigError(f"loss.evidential_clamp: {self.loss.evidential_clamp!r} is not in (0, "
+                              f"{MAX_EVIDENTIAL_CLAMP:g}] (100: no clamp at scale 100; tested up to there)")
         if self.data.shuffle_block_shards < 1:
             raise ConfigError("data.shuffle_block_shards: must be ≥ 1")
         if self.optim.accum_steps < 1:
