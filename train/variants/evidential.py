@@ -37,12 +37,14 @@ def evidence(logits: torch.Tensor, clamp: float = 10.0) -> torch.Tensor:
     return torch.exp(logits.clamp(-clamp, clamp)) + 1
 
 
-def log_uncertainty(logits: torch.Tensor) -> torch.Tensor:
-    """log u per row of [Q, K] logits, unclamped, in float64 without overflow:
-    S = Σ_j (e^{L_j} + 1) = K + Σ_j e^{L_j}, so log S = logaddexp(log K, logsumexp_j L_j)."""
+def log_uncertainty(logits: torch.Tensor, k: int | None = None) -> torch.Tensor:
+    """log u per row of [Q, C] logits, unclamped, in float64 without overflow:
+    S = Σ_j (e^{L_j} + 1) = C + Σ_j e^{L_j}, so log S = logaddexp(log C, logsumexp_j L_j), and
+    u = K / S with K = C unless `k` is given (ELIP's image→text u divides the number of images by
+    an S over one fewer caption: train/eval/ood.py, reference_i2t_candidates)."""
     x = logits.double()
-    log_k = math.log(x.shape[1])
-    return log_k - torch.logaddexp(x.logsumexp(dim=1), x.new_tensor(log_k))
+    log_c = math.log(x.shape[1])
+    return math.log(k or x.shape[1]) - torch.logaddexp(x.logsumexp(dim=1), x.new_tensor(log_c))
 
 
 def uncertainty(logits: torch.Tensor) -> torch.Tensor:
