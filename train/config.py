@@ -25,6 +25,14 @@ class ConfigError(ValueError):
     pass
 
 
+# loss.evidential_clamp's upper end: with |cos| ≤ 1 a clamp at the scale (ELIP's 100) clamps
+# nothing, and the loss is tested against 100-digit arithmetic up to it
+MAX_EVIDENTIAL_CLAMP = 100.0
+# run.keep_best's choices: lip-eval's retrieval keys and train/validation.py's two derived ones
+KEEP_BEST_METRICS = ("mean_r1", "r_mean", "rsum", "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5",
+                     "t2i_R@10")
+
+
 @dataclass
 class DataConfig:
     # a make-shards format folder (shards/demo/train/wds) or s3://bucket/prefix; or a list of sources to mix,
@@ -87,7 +95,9 @@ class LossConfig:
     normalize: str = "mean"  # mean (ALIP) | weight_sum
     h_init: str = "one"  # one (ALIP: gate means start at 1.0) | first_batch (the first batch's means)
     text: str = "raw"  # evidential only: the text it pairs with images: raw | syn | both (two terms)
-    evidential_clamp: float = 10.0  # ELIP's ±10 saturates cosines above 0.1 at logit scale 100
+    # ELIP's ±10 saturates cosines above 0.1 at logit scale 100; any value in (0, 100] (the loss is
+    # computed in log space and float64: within 1e-12 there, train/variants/evidential.py)
+    evidential_clamp: float = 10.0
     evidential_scale: float | str = 100.0  # evidential logits' scale: ELIP's constant 100 | learned (exp(logit_scale))
     kl_anneal_epochs: float = 20.0  # KL weight min(1, (epoch + 1) / this), epoch 0-based (ELIP: 20); 0 = full
 
@@ -114,7 +124,11 @@ class EvalConfig:
     retrieval_json: str | None = None  # Karpathy-style test list
     images_root: str | None = None  # retrieval_json's image paths are relative to it; default: the JSON's folder
     caption_prefix: str = ""  # put before every caption (ALIP: "a photo of ")
-    batch_size: int = 64  # evaluation runs once, at the end of training, on rank 0
+    batch_size: int = 64  # the evaluation's batch size (rank 0 evaluates, at the end and when every_* says)
+    # evaluate retrieval_json at the end of every this many epochs during training (metrics.jsonl's
+    # eval/<metric> rows, TensorBoard, plots/eval_*.png); 0: only at the end of the run
+    every_epochs: int = 0
+    every_steps: int = 0  # also every this many steps; 0: off
 
 
 @dataclass
@@ -130,6 +144,10 @@ class RunConfig:
     # alip: the gates' per-sample record holds every sample up to this many, else this many fixed
     # ids (train/sample_weights.py): 20-28 B each per rank and per checkpoint
     sample_record_max: int = 1_000_000
+    # "" (off) | a validation metric (mean_r1, r_mean = rsum/6 as ELIP selects, rsum, i2t_R@1, ...):
+    # the weights of the best evaluation so far go to <run>/best/ (checkpoint.pt, open_clip_model.pt)
+    # beside the last; needs eval.every_epochs or eval.every_steps; a resumed run keeps the best so far
+    keep_best: str = ""
 
 
 @dataclass
@@ -171,6 +189,21 @@ class TrainConfig:
             evidential_scale(self.loss.evidential_scale)
         except ValueError as e:
             raise ConfigError(f"loss.evidential_scale: {e}") from None
+        if not 0 < self.loss.evidential_clamp <= MAX_EVIDENTIAL_CLAMP:  # NaN fails too
+            raise ConfigError(f"loss.evidential_clamp: {self.loss.evidential_clamp!r} is not in (0, "
+                              f"{MAX_EVIDENTIAL_CLAMP:g}] (100: no clamp at scale 100; tested up to there)")
+        for key, value in (("eval.every_epochs", self.eval.every_epochs), ("eval.every_steps", self.eval.every_steps)):
+            if value < 0:
+                raise ConfigError(f"{key}: must be ≥ 0 (0: off)")
+            if value and not self.eval.retrieval_json:
+                raise ConfigError(f"{key}: validating needs eval.retrieval_json (the test set to evaluate)")
+        if self.run.keep_best:
+            if self.run.keep_best not in KEEP_BEST_METRICS:
+                raise ConfigError(f"run.keep_best: {self.run.keep_best!r} is not one of {', '.join(KEEP_BEST_METRICS)} "
+                                  "(or \"\" for off)")
+            if not (self.eval.every_epochs or self.eval.every_steps):
+                raise ConfigError("run.keep_best: needs eval.every_epochs or eval.every_steps (with neither, the "
+                                  "only evaluation is the last)")
         if self.data.shuffle_block_shards < 1:
             raise ConfigError("data.shuffle_block_shards: must be ≥ 1")
         if self.optim.accum_steps < 1:

@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         cleanup()
     if result["is_main"]:
         print(json.dumps({"run_dir": result["run_dir"], "steps": result["steps"], **result["final"],
-                          **({"eval": result["eval"]} if "eval" in result else {})}))
+                          **({"eval": result["eval"]} if "eval" in result else {}),
+                          **({"best": result["best"]} if "best" in result else {})}))  # run.keep_best's
     return 0
 
 

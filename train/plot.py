@@ -1,5 +1,6 @@
 """PNG plots of a run from its metrics.jsonl: loss per path, learning rate, logit scale, gate
-means and weight quantiles. `python -m train.plot runs/<name>` redraws them on demand."""
+means and weight quantiles, and the validation curve (eval/*, when the run validated: recall and
+RSUM with the best so far). `python -m train.plot runs/<name>` redraws them on demand."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +15,8 @@ PANELS = {
     "gate_means": ["gate/h_tc", "gate/h_xt", "gate/h_xc"],
     "gate_weights": ["gate/w_sample_q10", "gate/w_sample_q50", "gate/w_sample_q90",
                      "gate/w_raw_mean", "gate/w_syn_mean"],
+    "eval_recall": ["eval/i2t_R@1", "eval/t2i_R@1", "eval/mean_r1", "eval/best_mean_r1"],
+    "eval_rsum": ["eval/rsum", "eval/best_rsum"],
 }
 
 
@@ -42,7 +45,9 @@ def plot_run(run_dir: str) -> list[str]:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for k in present:
             pts = [(r["step"], r[k]) for r in rows if k in r]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k)
+            # validation points are few: marked, so one evaluation is a visible dot
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, marker="o" if len(pts) < 50 else None,
+                    markersize=3)
         ax.set_xlabel("step")
         ax.set_title(f"{os.path.basename(run_dir)}: {panel}")
         ax.legend(fontsize=7)

@@ -38,8 +38,9 @@ class RunRecorder:
             if isinstance(v, (int, float)):
                 self._tb.add_scalar(k, v, step)
         self._bar.update(step - self._bar.n)
-        self._bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}",
-                              sps=f"{metrics.get('samples_per_s', 0):.0f}", refresh=False)
+        if "loss" in metrics:  # a validation row (eval/*) leaves the training loss shown
+            self._bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}",
+                                  sps=f"{metrics.get('samples_per_s', 0):.0f}", refresh=False)
 
     def histogram(self, step: int, name: str, values) -> None:
         if self.enabled:

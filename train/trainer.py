@@ -31,6 +31,7 @@ from train.records import RunRecorder
 from train.variants.tuning import apply_tuning, trainable_summary
 from train.sample_weights import SampleWeights
 from train.source_counts import SourceCounts
+from train.validation import Validation, retrieval_evals
 
 MAX_LOGIT_SCALE = math.log(100)
 
@@ -95,15 +96,12 @@ def autocast_for(precision: str, device: torch.device):
     return precision, lambda: torch.autocast(device.type, dtype=dtype)
 
 
-def evaluate_run(cfg: TrainConfig, model, device, run_dir: str) -> dict:
-    """Zero-shot retrieval on `eval.retrieval_json` at the end of the run → results.json/.md."""
-    from train.eval.evaluate import RetrievalEvalConfig, run_evals, write_results
+def evaluate_run(cfg: TrainConfig, model, device, run_dir: str, evals: dict | None = None) -> dict:
+    """Zero-shot retrieval on `eval.retrieval_json` at the end of the run → results.json/.md;
+    `evals`: the validation's own at the last step, when it made one (not evaluated twice)."""
+    from train.eval.evaluate import write_results
 
-    evals = run_evals(model, [RetrievalEvalConfig(
-        name=os.path.splitext(os.path.basename(cfg.eval.retrieval_json))[0],
-        karpathy_json=cfg.eval.retrieval_json, images_root=cfg.eval.images_root,
-        caption_prefix=cfg.eval.caption_prefix, image_size=cfg.data.image_size,
-        batch_size=cfg.eval.batch_size, workers=cfg.data.workers)], device)
+    evals = evals or retrieval_evals(cfg, model, device)
     write_results(os.path.join(run_dir, "results.json"), {cfg.run.name: evals})
     model.train()
     return evals
@@ -155,6 +153,7 @@ def train(cfg: TrainConfig, loader=None) -> dict:
         total_steps = min(total_steps, cfg.optim.max_steps)
 
     loss_fn = build_losses(cfg, env)
+    validation = Validation(cfg, env, run_dir)  # eval.every_epochs / every_steps, run.keep_best
     # The gates' last weight per sample id (alip only): the training-time AUC reads it.
     weights = SampleWeights.for_loader(loader, env.device, steps_per_epoch, cfg.run.sample_record_max) \
         if cfg.loss.mode == "alip" else None
@@ -181,6 +180,7 @@ def train(cfg: TrainConfig, loader=None) -> dict:
             weights.load_state_dict(state["sample_weights"])
         loader.load_state_dict(state["loader"], accum_steps=accum)  # an epoch with < accum left is over
         seen.load_state_dict(state.get("sources_seen"))
+        validation.load_state_dict(state.get("validation"))  # the best so far stays the one to beat
         checkpoint.set_rng_state(state["rng"])
         step = state["step"]
 
@@ -189,6 +189,7 @@ def train(cfg: TrainConfig, loader=None) -> dict:
                  "scaler": scaler.state_dict(), "loss": loss_fn.state_dict(), "loader": loader.state_dict(),
                  "rng": checkpoint.rng_state(), "step": step, "epoch": loader.epoch, "config": to_dict(cfg),
                  "sources_seen": seen.state_dict()}  # collective under DDP: every rank calls save()
+        state["validation"] = validation.state_dict()
         if weights is not None:  # merging is collective: every rank calls save()
             state["sample_weights"] = weights.merged(env.world_size)
         return checkpoint.save(ckpt_dir, step, state, cfg.run.keep_checkpoints) if env.is_main else ""
@@ -258,6 +259,8 @@ def train(cfg: TrainConfig, loader=None) -> dict:
                     recorder.histogram(step, "gate/w_sample", info["w_sample"])
                 recorder.log(step, last)
                 tick, tick_step = now, step
+            if validation.due(step, loader.epoch, micro == batches_per_epoch, step == total_steps):
+                validation(step, loader.epoch, model, recorder)  # before save(): it records the best so far
             if step % cfg.run.ckpt_every == 0 or step == total_steps or micro == batches_per_epoch:
                 save()
             step_times.append(time.perf_counter())
@@ -267,11 +270,11 @@ def train(cfg: TrainConfig, loader=None) -> dict:
     if weights is not None:
         weights.save(os.path.join(run_dir, "sample_weights.pt"), env.world_size, env.is_main)
     result = {"run_dir": run_dir, "steps": step, "final": last, "step_times": step_times,
-              "is_main": env.is_main}
+              "is_main": env.is_main, **({"best": validation.state_dict()} if validation.metric else {})}
     if env.is_main:
         export_open_clip(model, os.path.join(run_dir, "open_clip_model.pt"))
         if cfg.eval.retrieval_json:
-            result["eval"] = evaluate_run(cfg, model, env.device, run_dir)
+            result["eval"] = evaluate_run(cfg, model, env.device, run_dir, validation.evals_at(step))
         if cfg.run.plots:
             from train.plot import plot_run
 

@@ -79,3 +79,13 @@ def test_demo_variants_end_to_end_tiny(tmp_path):
     for name in ("ft-full", "ft-evidential"):
         assert 0 <= rows[name]["ood_image_R@1"] <= 100 and (runs / name / "ood" / "ood.png").is_file()
     assert "| pruned |" in (runs / "variants.md").read_text()
+    # the evidential row: ELIP's runnable optimiser settings, validated, its best beside the last
+    from train.config import load_config
+
+    ev = load_config(str(runs / "ft-evidential" / "config.yaml"))
+    assert (ev.optim.lr, ev.optim.weight_decay, ev.optim.betas, ev.optim.eps, ev.optim.clip_grad) == \
+        (5e-5, 0.02, (0.9, 0.999), 1e-8, 5.0) and ev.loss.kl_anneal_epochs == 20 and ev.run.keep_best == "r_mean"
+    assert load_config(str(runs / "ft-full" / "config.yaml")).optim.lr == 5e-4  # --finetune-lr's default
+    row = rows["ft-evidential"]
+    assert (row["best_epoch"], row["best_step"]) == (0, 2) and row["epochs"] == 2 / 3  # 96 // 32 batches
+    assert 0 <= row["best_mean_R@1"] <= 100 and "best_epoch" not in rows["ft-full"]

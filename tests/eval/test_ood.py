@@ -167,11 +167,64 @@ def test_auroc_hand_cases():
 def test_ood_metrics_top1_matches_recall():
     img = torch.eye(3)
     txt = torch.tensor([[1.0, 0, 0], [0, 0, 1], [0, 0, 1], [1, 0, 0]])  # texts 0,1 -> image 0; 2 -> 1; 3 -> 2
-    m = ood.ood_metrics(img, txt, [0, 0, 1, 2], logit_scale=5.0)
+    m = ood.ood_metrics(img, txt, [0, 0, 1, 2], logit_scale=5.0, i2t_u="all")
     assert m["i2t_R@1"] == pytest.approx(100 / 3) and m["t2i_R@1"] == 25.0
-    # i2t: image 0 is right, 1 (no evidence: u = 0.5) and 2 are wrong; 2 is as sure as 0 (a tie: half)
-    assert m["auroc_u_i2t"] == 0.75 and 0 < m["mean_u_i2t"] < 1
+    # i2t over all captions: image 0 is right, 1 (no evidence: u = 0.5) and 2 are wrong; 2 is as sure as 0
+    # (a tie: half)
+    assert m["auroc_u_i2t_all"] == 0.75 and 0 < m["mean_u_i2t_all"] < 1 and "auroc_u_i2t" not in m
     assert m["auroc_u_t2i"] == 0.5  # every text sees one cos-1 image: all tied
+
+
+def _caption_groups(counts, dim=8, seed=0):
+    """Unit-norm features of len(counts) images and sum(counts) captions near their image."""
+    g = torch.Generator().manual_seed(seed)
+    img = torch.nn.functional.normalize(torch.randn(len(counts), dim, generator=g), dim=-1)
+    t2i = [i for i, c in enumerate(counts) for _ in range(c)]
+    txt = torch.nn.functional.normalize(img[t2i] + 0.9 * torch.randn(len(t2i), dim, generator=g), dim=-1)
+    return img, txt, t2i
+
+
+def test_reference_i2t_candidates_are_one_own_caption_per_image_but_the_last():
+    t2i = [0, 0, 0, 1, 2, 2, 3, 3, 3, 3]
+    chosen = ood.reference_i2t_candidates(t2i, seed=3)
+    assert len(chosen) == 3 and [t2i[c] for c in chosen] == [0, 1, 2]  # image 3: none
+    assert ood.reference_i2t_candidates(t2i, seed=3) == chosen  # seeded
+    drawn = {c for seed in range(40) for c in ood.reference_i2t_candidates(t2i, seed)}
+    assert drawn == set(range(6))  # every caption of images 0-2 can be drawn, none of image 3's
+    assert ood.reference_i2t_candidates([1, 0, 1, 0], seed=0)[0] in (1, 3)  # captions in any order
+
+
+def test_reference_i2t_u_is_elip_compute_entropy():
+    """heliossun/ELIP train_retrieval.py `compute_entropy`, transcribed in float64 numpy with its
+    random draw replaced by ours: α = exp(100·cos) + 1 over one caption per image for images
+    0 … N − 2, u = N / S for every image; its reported mean is over the images whose top-1 (over
+    all captions) is right. t2i: N / S over all N images, as before."""
+    img, txt, t2i = _caption_groups([5] * 7)
+    per_query: dict = {}
+    m = ood.ood_metrics(img, txt, t2i, per_query=per_query, seed=5, i2t_u="both")
+    n = img.shape[0]
+    scores = (img @ txt.T).double().numpy()
+    chosen = ood.reference_i2t_candidates(t2i, seed=5)
+    assert chosen == [5 * i + (c - 5 * i) for i, c in enumerate(chosen)] and len(chosen) == n - 1
+    u_ref = n / (np.exp(scores * 100) + 1)[:, chosen].sum(axis=1)
+    np.testing.assert_allclose(per_query["u_i2t"], u_ref, rtol=1e-12)
+    right = ~np.array(per_query["wrong_i2t"])
+    assert 0 < right.sum() < n
+    assert m["u_right_i2t"] == pytest.approx(u_ref[right].mean(), rel=1e-12)  # the reference's figure
+    u_all = 5 * n / (np.exp(scores * 100) + 1).sum(axis=1)
+    np.testing.assert_allclose(per_query["u_i2t_all"], u_all, rtol=1e-12)
+    assert not np.allclose(u_ref, u_all, rtol=0.1, atol=0)  # the two statistics differ
+    u_t2i = n / (np.exp(scores.T * 100) + 1).sum(axis=1)
+    np.testing.assert_allclose(per_query["u_t2i"], u_t2i, rtol=1e-12)
+    assert set(ood.METRIC_KEYS) | set(ood.ALL_CAPTION_KEYS) == set(m)
+    default = ood.ood_metrics(img, txt, t2i, seed=5)  # ELIP's by default, its keys only
+    assert set(default) == set(ood.METRIC_KEYS) and default["u_right_i2t"] == m["u_right_i2t"]
+    assert ood.ood_metrics(img, txt, t2i, seed=6)["mean_u_i2t"] != m["mean_u_i2t"]  # another draw
+    # one image: ELIP's statistic has no candidate (NaN), the rest is defined
+    one = ood.ood_metrics(img[:1], txt[:5], [0] * 5)
+    assert math.isnan(one["mean_u_i2t"]) and one["i2t_R@1"] == 100.0
+    with pytest.raises(ev.EvalConfigError, match="i2t_u"):
+        ood.ood_metrics(img, txt, t2i, i2t_u="one")
 
 
 # ------------------------------------------------------------------ runs
@@ -220,12 +273,21 @@ def test_cli_ood(tiny, karpathy, tmp_path, capsys):
     assert list(data) == ["clean", "jpeg_compression", "char_delete"]
     plain = json.loads((tmp_path / "r.json").read_text())["tiny.pt"]["retrieval"]
     assert data["clean"]["0"]["rsum"] == plain["rsum"]
-    assert (tmp_path / "ood" / "ood.png").is_file() and "| jpeg_compression | image |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert (tmp_path / "ood" / "ood.png").is_file() and "| jpeg_compression | image |" in out
+    assert "image→text u (reference): ELIP's" in out and "u right I2T (ELIP)" in out and "all captions" not in out
     per_query = json.loads((tmp_path / "ood" / "uncertainty_per_query.json").read_text())
     n_images = len(json.loads(open(karpathy).read()))
     assert len(per_query["u_i2t"]) == len(per_query["wrong_i2t"]) == n_images
-    assert all(0 < u <= 1 for u in per_query["u_i2t"] + per_query["u_t2i"])
+    # ELIP's i2t u divides N images by an S over N − 1 captions: up to N / (N − 1)
+    assert all(0 < u <= n_images / (n_images - 1) for u in per_query["u_i2t"])
+    assert all(0 < u <= 1 for u in per_query["u_t2i"])
     assert sum(per_query["wrong_i2t"]) / n_images == pytest.approx(1 - plain["i2t_R@1"] / 100, abs=1e-6)
     assert cli.main(argv[:6] + ["--ood"]) == 2 and "--ood needs --retrieval-json" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(argv + ["--ood-corruptions", "rain"])
+    assert cli.main(argv + ["--ood-i2t-u", "both", "--ood-out", str(tmp_path / "both")]) == 0
+    out = capsys.readouterr().out
+    assert "u right I2T (ELIP)" in out and "u right I2T (all captions)" in out
+    both = json.loads((tmp_path / "both" / "ood.json").read_text())["clean"]["0"]
+    assert {"auroc_u_i2t", "auroc_u_i2t_all"} <= set(both) and both["auroc_u_t2i"] == data["clean"]["0"]["auroc_u_t2i"]

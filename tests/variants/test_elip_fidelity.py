@@ -244,7 +244,10 @@ def test_ood_metrics_report_u_of_right_and_wrong_top1():
     txt = F.normalize(torch.tensor([[1.0, 0.1, 0], [0, 0.2, 1], [0, 0, 1], [1, 0, 0.3]]), dim=-1)
     t2i = [0, 0, 1, 2]
     per_query: dict = {}
-    m = ood.ood_metrics(img, txt, t2i, per_query=per_query)  # the default scale: ELIP's 100
+    # the default scale: ELIP's 100; every caption an i2t candidate (ELIP's own draw: tests/eval/test_ood.py)
+    m = ood.ood_metrics(img, txt, t2i, per_query=per_query, i2t_u="all")
+    per_query["u_i2t"] = per_query.pop("u_i2t_all")
+    m = {k.replace("_i2t_all", "_i2t"): v for k, v in m.items()}
     sim = img @ txt.T
     for d, rows in (("i2t", sim), ("t2i", sim.T)):
         k = rows.shape[1]

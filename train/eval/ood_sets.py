@@ -8,9 +8,16 @@ and word-level augmenters. Install them with the `ood` extra: pip install -e '.[
   MM_Robustness applies it to the COCO/Flickr originals), except pixelate, which MM_Robustness
   does on the 224-px square: down to int(224·c)² with cv2's INTER_AREA, back to the image's size.
   (MM_Robustness passes (h, w) where cv2 wants (w, h); we give the image its own size back.)
-  Where MM_Robustness's own copies of the ImageNet-C code differ from the library we keep the
-  library's: its glass blur shuffles pixels only in the top-left 224 x 224 window (the library:
-  the whole image), and its snow and frost crop the image to 224 px (the library keeps its size).
+  Where MM_Robustness's own copies of the ImageNet-C code (image_perturbation/perturb_COCO_IP.py,
+  perturb_Flickr30K_IP.py) differ from the library we keep the library's: its glass blur shuffles
+  pixels only in the top-left 224 x 224 window (the library: the whole image); its zoom blur at
+  severity 5 averages 12 zooms up to 1.33 (np.arange(1, 1.33, 0.03)), the library's 11 up to 1.30;
+  its frost overlays the frost picture's top-left h x w corner unscaled (the library scales the
+  picture 1.1x past the image and crops it at a random offset). Its snow and frost keep the image's
+  size, as the library's do: the scripts call `snow` and `frost`, not the `snow_224` / `frost_224`
+  copies beside them that crop to 224 px. And it writes every corrupted image as a JPEG
+  (cv2.imwrite, quality 95), so each set also carries that compression; here the corrupted pixels
+  go to the model as they are.
 - Text: nlpaug at MM_Robustness's rate 0.05·severity: the share of words augmented for the
   character-level augmenters (aug_word_p; nlpaug's default 30 % of a chosen word's characters),
   the share of words for the word-level ones (aug_p), the punctuation ratio for
