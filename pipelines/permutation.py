@@ -37,12 +37,22 @@ def _u64(value) -> np.ndarray:
 def mix_array(*values) -> np.ndarray:
     """`mix` element-wise over integers and integer arrays (broadcast together): uint64, equal
     to `mix` of each element."""
-    values = [_u64(v) for v in values]
+    # Leading plain integers (seed, epoch, tags) are folded in Python once, not per element; then
+    # in-place rounds over the arrays. The per-sample draws of every batch go through here.
+    prefix, k = 0x9E3779B97F4A7C15, 0
+    while k < len(values) and isinstance(values[k], (int, np.integer)):
+        prefix = (prefix ^ (int(values[k]) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        prefix = (prefix ^ (prefix >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        prefix ^= prefix >> 31
+        k += 1
+    rest = [_u64(v) for v in values[k:]]
     with np.errstate(over="ignore"):
-        h = np.full(np.broadcast_shapes(*(np.shape(v) for v in values)), _M0, dtype=np.uint64)
-        for v in values:
-            h = (h ^ v) * _M1
-            h = (h ^ (h >> _S27)) * _M2
+        h = np.full(np.broadcast_shapes(*(np.shape(v) for v in rest)), np.uint64(prefix), dtype=np.uint64)
+        for v in rest:
+            h ^= v
+            h *= _M1
+            h ^= h >> _S27
+            h *= _M2
             h ^= h >> _S31
         return h >> _ONE
 
