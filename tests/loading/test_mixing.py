@@ -276,7 +276,7 @@ def test_bad_sources_are_one_line_errors_naming_the_source(three, tmp_path):
         ([{"shards": coco, "weight": 0}], r"source 0 .*weight must be a finite number > 0, not 0"),
         ([{"shards": coco, "weight": float("nan")}], "weight must be a finite number > 0, not nan"),
         ([{"shards": coco, "weight": "two"}], "weight must be a number > 0, not 'two'"),
-        ([{"shards": coco, "format": "rec"}], "manifest.json says format 'wds', but the source sets format 'rec'"),
+        ([{"shards": coco, "format": "rec"}], r"wds/? is a wds folder \(its name\), but the source sets format 'rec'"),
         ([coco, {"shards": str(three["coco"]), "format": "wds"}], "same folder as data source 0"),
         ([coco, {"shards": str(three["sbu"] / "arrow"), "weight": 0.01}], "rounds to no sample per epoch"),
         ([{"shards": coco, "wieght": 2}], r"unknown key\(s\) wieght"),
@@ -290,6 +290,20 @@ def test_bad_sources_are_one_line_errors_naming_the_source(three, tmp_path):
         assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match=r"mixture's epoch holds 165 samples \(coco: 60, cc3m: 45, sbu: 60\)"):
         mixed(three, shards=sources(three), batch_size=32, world_size=8)
+
+
+def test_a_source_format_comes_from_its_folder_not_its_manifest(three, tmp_path, monkeypatch):
+    """Named by the folder (…/wds), its only format subfolder (the --out folder) or its index's
+    header (a format folder under another name): no manifest is read (megabytes at 100 M)."""
+    import pipelines.sources as sources_module
+
+    renamed = tmp_path / "coco-v2"
+    shutil.copytree(three["coco"] / "wds", renamed)
+    monkeypatch.setattr(sources_module, "_read_manifest", lambda folder: pytest.fail(f"read {folder}"))
+    ld = mixed(three, shards=[str(three["coco"] / "wds"), str(three["cc3m"]), str(renamed)])
+    assert [s["format"] for s in ld.describe()] == ["wds", "rec", "wds"]
+    assert [s["name"] for s in ld.describe()] == ["coco", "cc3m", "coco-v2"]
+    ld.close()
 
 
 def test_dataset_names():
