@@ -21,6 +21,7 @@ import logging
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from pipelines.faults import BadSamples
@@ -107,8 +108,8 @@ class Loader:
                              f"({', '.join('%s: %d' % (r['name'], r['per_epoch']) for r in self.describe())}), fewer "
                              f"than one batch of {cfg.batch_size} for each of {cfg.world_size} ranks; lower the "
                              "batch size or raise the weights")
-        ends = self.shardset.ends.tolist()  # samples per shard: what shuffle="block" permutes by
-        self.shard_sizes = tuple(b - a for a, b in zip([0] + ends, ends))
+        # samples per shard: what shuffle="block" permutes by
+        self.shard_sizes = tuple(np.diff(self.shardset.ends, prepend=0).tolist())
         self.epoch = 0
         self.batches_yielded = 0
         self.offset = 0  # samples of this epoch consumed under another world/batch size (elastic)

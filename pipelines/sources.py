@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -145,7 +145,10 @@ def fingerprint(source: Source, shardset: ShardSet) -> dict:
         rows[name] = table[name]
     # a shard's digest when the index has one, else its mtime (folders indexed by the loader)
     rows["mtime_ns"] = np.where(table["sha256"].any(axis=1), 0, table["mtime_ns"])
-    version = hashlib.sha256("\n".join(shardset.index.names[s] for s in shardset.numbers).encode())
+    names = shardset.index.names
+    if len(shardset.numbers) != len(names):  # shards left out (on_error="skip"): only those in use
+        names = [names[s] for s in shardset.numbers]
+    version = hashlib.sha256("\n".join(names).encode())
     version.update(rows.tobytes())
     return {"name": source.name, "shards": source.shards, "format": shardset.format, "weight": source.weight,
             "samples": len(shardset), "layout": hashlib.sha256(counts.tobytes()).hexdigest()[:16],
@@ -251,15 +254,27 @@ class Mixture:
 
 def open_sources(sources: list[Source], on_error: str, cache_dir: str, cache_limit: int,
                  max_open: int) -> list[ShardSet]:
-    """Each source opened as a ShardSet, all at once (an open is stats of local shard files or
-    requests to a store: waits that overlap); errors name the source, the first in list order.
-    Two sources that resolve to the same folder are an error (weight one of them instead)."""
+    """Each source opened as a ShardSet; errors name the source, the first in list order. Remote
+    sources open in threads (their requests wait on the network and overlap), local ones here one
+    after another meanwhile: a local open is a stat per shard, which threads slow down (the GIL
+    changes hands at every stat: 4 local sources of 100,000 shards took 1.4 s in threads, 0.8 s in
+    turn). Two sources that resolve to the same folder are an error (weight one of them instead)."""
     def open_one(source: Source) -> ShardSet:
         fmt = source_format(source.shards, source.format) or "wds"
         return ShardSet(source.shards, fmt, on_error, cache_dir, cache_limit, max_open)
 
-    with ThreadPoolExecutor(min(len(sources), 8)) as pool:
-        futures = [pool.submit(open_one, s) for s in sources]
+    def done(source: Source) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(open_one(source))
+        except BaseException as e:  # noqa: BLE001 - raised below, in list order, naming the source
+            future.set_exception(e)
+        return future
+
+    remote = [s for s in sources if is_remote(s.shards)]
+    with ThreadPoolExecutor(max(1, min(len(remote), 8))) as pool:
+        pending = {id(s): pool.submit(open_one, s) for s in remote}
+        futures = [pending[id(s)] if id(s) in pending else done(s) for s in sources]
     sets, folders, error = [], {}, None
     for i, (source, future) in enumerate(zip(sources, futures)):
         where = f"data source {i} ({source.name}: {source.shards})"
