@@ -1,4 +1,4 @@
-"""A node's bounded local cache of the shard files of one object-storage folder.
+"""A node's bounded local cache of the shard files of one version of one object-storage folder.
 
 The epoch plan is a deterministic function of (seed, epoch), so a loader knows every shard it will
 read and in which order. One process per node owns the cache folder (the first loader of the node
@@ -6,33 +6,40 @@ to open it: it holds the folder's `.owner` lock): a background thread fetches sh
 first future use, as far ahead as `limit` bytes allow. Every process of the node — that loader's
 workers, and the other ranks' loaders and workers — reads through the same folder, so a node
 fetches each shard once, whatever its number of ranks. When the owner closes, the next loader of
-the node to need a shard takes over.
+the node to need a shard takes over. The folder is one dataset version's (`cache_folder`: the
+manifest's digest, or the listing's ETags, names it), so a job reading a re-converted dataset at
+the same url owns a folder of its own and never meets the old version's files.
 
 Guarantees, and how:
-- **Bounded disk.** Fetched plus downloading bytes never exceed `limit`, and a file is deleted only
-  when no process uses it: a reader holds a shared `flock` on the shard's lock file
-  (`<name>.lock`) before it opens any of its files and until it has closed them, the owner
-  deletes them only under an exclusive one, and remote readers copy what they read before they
-  let go (`ShardSet`), so no descriptor or mapping of an evicted file outlives its lock.
+- **Bounded disk, per node.** Fetched plus downloading bytes of every cache folder under the
+  node's cache root — every url, every version — never exceed `limit` (pipelines/node_budget.py:
+  a reservation under the root's lock, evicting the least recently used shards of any folder), and
+  a file is deleted only when no process uses it: a reader holds a shared `flock` on the shard's
+  lock file (`<name>.lock`) before it opens any of its files and until it has closed them, the
+  owner deletes them only under an exclusive one, and remote readers copy what they read before
+  they let go (`ShardSet`), so no descriptor or mapping of an evicted file outlives its lock.
 - **No reader waits forever.** A reader that finds its shard missing leaves a request
-  (`<name>.want.<pid>`, holding the position in the plan of what it reads). Requests come first,
-  earliest position first, and a requested shard is never evicted until its reader has locked it
-  and withdrawn the request (then its lock protects it). A reader locks one shard at a time and
-  holds nothing while it waits, so the earliest request always gets room: reads finish whatever
-  the ratio of shard size to limit, as long as one shard fits. Requests of processes that died are
-  dropped.
+  (`<name>.want.<token>`, holding the position in the plan of what it reads) and holds it under an
+  flock while it waits. Requests come first, earliest position first, and a requested shard is
+  never evicted, by any owner of the node, until its reader has locked it and withdrawn the
+  request (then its lock protects it). A reader locks one shard at a time and holds nothing while
+  it waits, so the earliest request always gets room: reads finish whatever the ratio of shard
+  size to limit, as long as one shard fits. A request is live while its lock is held, which the
+  owner tests with a non-blocking flock (pipelines/cache_locks.py): never by pid, so readers in
+  other PID namespaces (one container per rank) are served, and the request of a reader that died
+  is dropped at once even when its pid now belongs to another process.
 - **Never stale data.** A file enters the folder only by an atomic rename after its download was
   checked against the shard's identity (the sha256 the folder index or manifest lists, else the
   store's ETag), and a marker (`<name>.ok`) records that identity with the file's inode, size and
-  mtime. A new owner adopts a file it finds only when its marker matches the identity it expects
-  (or, without a marker, once the file's sha256 does: checked once, then remembered). A re-converted
-  dataset at the same url is fetched anew.
+  mtime. Every reader, owner or not, reads a file only when its marker names the identity it
+  expects for this very file; a new owner adopts a file it finds only when its marker matches (or,
+  without a marker, once the file's sha256 does: checked once, then remembered), deletes the rest,
+  and fetches anew, once its reader has let go, a file it could not delete.
 - **Errors reach the readers.** A fetch that failed for good leaves `<name>.error`, which waiting
   readers raise (a `StorageError` naming the object), never mistaken for an undecodable image.
 """
 from __future__ import annotations
 
-import fcntl
 import os
 import threading
 import time
@@ -40,8 +47,10 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable
 
-from pipelines.cached_files import is_verified, mark_verified, marker
+from pipelines.cache_locks import WANT, Held, Record, forget_in_child, live_text, try_lock, want_token
+from pipelines.cached_files import is_marked, is_verified, mark_verified
 from pipelines.formats.base import write_atomic
+from pipelines.node_budget import LOADING, NodeBudget, evict, evictions, write_catalog
 from pipelines.storage import StorageError, download_file, human, join
 
 WAIT_TIMEOUT_S = 900.0  # a reader waiting longer for a shard gives up (no owner can fetch it)
@@ -49,62 +58,14 @@ TAKEOVER_S = 0.5  # how often a waiting loader tries to become the owner of an o
 ASK_AFTER_S = 0.05  # a reader asks for a shard it has waited this long for (the schedule usually has it)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-# Lock descriptors a forked child must not keep: an flock belongs to the open file, which fork
-# shares, so a loader worker forked from the owner would hold the folder (no other rank could take
-# it over after the owner closed) and a worker forked during a read would pin that shard.
-_LOCKS_OF_PARENT: "weakref.WeakSet" = weakref.WeakSet()
-
-
-def _drop_parent_locks() -> None:
-    for obj in list(_LOCKS_OF_PARENT):
-        obj._drop_locks()
-
-
-os.register_at_fork(after_in_child=_drop_parent_locks)
-
-
-class Held:
-    """One shard's files, held (its lock file locked shared: no owner can evict them) until `close()`."""
-
-    def __init__(self, paths: list[str], fds: list[int]):
-        self.paths, self.fds = paths, fds
-        _LOCKS_OF_PARENT.add(self)
-
-    def _drop_locks(self) -> None:  # in a forked child: close our copies, the parent's lock stays
-        self.close()
-
-    @property
-    def path(self) -> str:
-        return self.paths[0]
-
-    def close(self) -> None:
-        fds, self.fds = self.fds, []
-        for fd in fds:
-            os.close(fd)  # releases the flock
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
 class ShardCache:
-    """The cache of `url`'s shards in `folder`. `files[n]` lists shard n's files as (name, bytes,
-    identity), the data file first (RecordIO adds its text sidecar). See the module docstring."""
+    """The cache of `url`'s shards in `folder` (one dataset version's), sharing `limit` with every
+    cache folder under `root` (default: two levels up, `<root>/<url folder>/<version>`). `files[n]`
+    lists shard n's files as (name, bytes, identity), the data file first (RecordIO adds its text
+    sidecar). See the module docstring."""
 
     def __init__(self, url: str, files: list[list[tuple[str, int, str | None]]], folder: str, limit: int,
-                 threads: int = 8):
+                 threads: int = 8, root: str | None = None):
         self.url, self.files, self.folder, self.limit, self.threads = url, files, folder, limit, threads
         self.names = [f[0][0] for f in files]
         self.sizes = [sum(b for _, b, _ in f) for f in files]
@@ -116,12 +77,16 @@ class ShardCache:
             raise ValueError(f"{join(url, self.names[big])} is {human(self.sizes[big])}, larger than cache_limit "
                              f"{human(limit)}; raise cache_limit")
         os.makedirs(folder, exist_ok=True)
+        write_catalog(folder, files)
+        self.budget = NodeBudget(root or os.path.dirname(os.path.dirname(os.path.abspath(folder))))
         self.creator = os.getpid()
         self._parent: int | None = None  # set in a pickled copy: the process that sent it
         self._owner_fd: int | None = None
         self._cond = threading.Condition()
-        self._present: dict[int, float] = {}  # shard -> when fetched (eviction order: oldest first)
-        self._loading: set[int] = set()
+        self._present: dict[int, float] = {}  # shard -> when fetched
+        self._loading: dict[int, Record] = {}  # shard -> its reservation in the node budget
+        self._suspect: set[int] = set()  # unverified files a reader held at takeover: never read, fetched anew
+        self._evictions = evictions(folder)
         self._used = self.peak = 0
         self._counts = {"fetched": 0, "evicted": 0, "reused": 0, "bytes": 0}
         self._future: Callable[[], Iterable] | None = None
@@ -137,7 +102,7 @@ class ShardCache:
 
     def __getstate__(self):  # what a spawned worker needs to read: never the owner's state
         return {**self.__dict__, "_cond": None, "_thread": None, "_owner_fd": None, "_future": None,
-                "_window": None, "creator": None, "_parent": os.getpid()}
+                "_window": None, "_loading": {}, "creator": None, "_parent": os.getpid()}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -177,9 +142,8 @@ class ShardCache:
                     with open(error) as f:
                         raise StorageError(f.read())
                 if want is None and (waited >= ASK_AFTER_S or self._future is None):
-                    want = f"{self.path(n)}.want.{os.getpid()}"
-                    with open(want, "w") as f:  # ephemeral: no need to survive a crash (empty reads as 0)
-                        f.write(str(int(position)))
+                    # held under our flock while we wait: live to the owner in any PID namespace
+                    want = Record(f"{self.path(n)}{WANT}{want_token()}", str(int(position)))
                     if self.owner:
                         with self._cond:
                             self._cond.notify_all()
@@ -194,28 +158,24 @@ class ShardCache:
                 delay = min(2 * delay, 0.02)
         finally:
             if want is not None:
-                try:
-                    os.remove(want)
-                except FileNotFoundError:
-                    pass
+                want.close()
 
     def _lock_path(self, n: int) -> str:
         return self.path(n) + ".lock"
 
     def _try_lock(self, n: int) -> Held | None:
-        """Shard n held against eviction if all its files are present, else None. The lock is on a
-        lock file of its own, taken before any data file is opened: a reader never holds a file
-        the owner has deleted, not even for the moment between an open and a lock."""
-        fd = os.open(self._lock_path(n), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:  # the owner is evicting it
-            os.close(fd)
+        """Shard n held against eviction if all its files are present and marked as the identity
+        this version expects, else None. The lock is on a lock file of its own, taken before any
+        data file is opened: a reader never holds a file the owner has deleted, not even for the
+        moment between an open and a lock."""
+        fd = try_lock(self._lock_path(n), exclusive=False)
+        if fd is None:  # the owner is evicting it
             return None
         paths = [os.path.join(self.folder, name) for name, _, _ in self.files[n]]
-        if not all(os.path.exists(p) for p in paths):
+        if not all(is_marked(p, ident) for p, (_, _, ident) in zip(paths, self.files[n])):
             os.close(fd)
             return None
+        os.utime(fd)  # the shard's last use: the node budget evicts the least recently used first
         return Held(paths, [fd])
 
     # --- the owner ---
@@ -225,44 +185,42 @@ class ShardCache:
         goes with it). A new owner adopts the verified files it finds."""
         if self._owner_fd is not None:
             return True
-        fd = os.open(os.path.join(self.folder, ".owner"), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        fd = try_lock(os.path.join(self.folder, ".owner"), exclusive=True)
+        if fd is None:
             return False
         self._owner_fd = fd
-        _LOCKS_OF_PARENT.add(self)
+        forget_in_child(self)
         self._scan()
         return True
 
-    def _drop_locks(self) -> None:  # in a forked child (see _LOCKS_OF_PARENT)
+    def _drop_locks(self) -> None:  # in a forked child (see cache_locks.forget_in_child)
         if self._owner_fd is not None:
             os.close(self._owner_fd)
             self._owner_fd = None
 
     def _scan(self) -> None:
         """Adopt the complete, verified shards found in the folder; drop the rest (what a dead
-        owner was downloading, files of another version of the data, errors of an earlier run)."""
+        owner was downloading, unverifiable files, errors of an earlier run). A file that fails its
+        check but is held by a reader is suspect: never read, fetched anew once it can go."""
         with self._cond:
-            self._present, self._used = {}, 0
+            self._present, self._suspect, self._used = {}, set(), 0
             entries = set(os.listdir(self.folder))
             for entry in entries:  # only the cache's own: index files beside them belong to others
-                stem = entry.split(".tmp-")[0] if ".tmp-" in entry else entry[:-6] if entry.endswith(".error") else None
+                stem = entry.split(".tmp-")[0] if ".tmp-" in entry else entry[:-6] if entry.endswith(".error") \
+                    else entry[:-len(LOADING)] if entry.endswith(LOADING) else None
                 if stem in self.numbers:
                     _remove(os.path.join(self.folder, entry))
             for n, files in enumerate(self.files):
                 paths = [os.path.join(self.folder, name) for name, _, _ in files]
                 if not any(name in entries for name, _, _ in files):
                     continue
-                ok = all(is_verified(p, ident) for p, (_, _, ident) in zip(paths, files))
-                if ok and self._used + self.sizes[n] <= self.limit:
+                if all(is_verified(p, ident) for p, (_, _, ident) in zip(paths, files)):
                     self._present[n] = max(os.path.getmtime(p) for p in paths)
                     self._used += self.sizes[n]
                     self._counts["reused"] += 1
-                elif not self._evict_files(n):  # in use by a reader: counted until it can go
-                    self._present[n] = 0.0
-                    self._used += self.sizes[n]
+                elif not self._evict_files(n):
+                    self._suspect.add(n)
+            self._reserve(None, set())  # a lower limit than the last run's: back within it
             self.peak = max(self.peak, self._used)
 
     def _claim(self) -> bool:
@@ -288,9 +246,11 @@ class ShardCache:
             raise StorageError(self._error)
 
     def stats(self) -> dict:
+        """This cache's counts; `peak_bytes`: the most bytes of the node's cache root in use right
+        after one of its reservations (or its own, if more), `used_bytes`: its own."""
         with self._cond:
-            return {"peak_bytes": self.peak, "used_bytes": self._used, "limit": self.limit, "owner": self.owner,
-                    **self._counts}
+            return {"peak_bytes": max(self.peak, self.budget.peak), "used_bytes": self._used, "limit": self.limit,
+                    "owner": self.owner, **self._counts}
 
     def close(self) -> None:
         """Stop fetching and give up the folder (another loader of the node may take it over)."""
@@ -319,20 +279,18 @@ class ShardCache:
             self._thread.start()
 
     def _requests(self) -> list[int]:
-        """Shards readers wait for, earliest position first; requests of dead processes dropped."""
+        """Shards readers wait for, earliest position first; requests no process holds dropped."""
         asked = []
         for entry in os.listdir(self.folder):
-            name, _, pid = entry.rpartition(".want.")
-            if not name or name not in self.numbers or not pid.isdigit():
+            name, _, token = entry.rpartition(WANT)
+            if not name or name not in self.numbers:
                 continue
-            path = os.path.join(self.folder, entry)
-            if not _alive(int(pid)):
-                _remove(path)
+            text = live_text(os.path.join(self.folder, entry))
+            if text is None:
                 continue
             try:
-                with open(path) as f:
-                    asked.append((int(f.read() or 0), self.numbers[name]))
-            except (OSError, ValueError):
+                asked.append((int(text or 0), self.numbers[name]))
+            except ValueError:
                 continue
         return [n for _, n in sorted(asked)]
 
@@ -380,45 +338,51 @@ class ShardCache:
 
     def _step(self, pool: ThreadPoolExecutor) -> None:
         """Start the fetches the requests and the window call for and room allows (under the lock)."""
+        self._reconcile()
+        self._suspect = {n for n in self._suspect if not self._evict_files(n)}
         wanted = self._wanted()
         keep = set(wanted)
         for n in wanted:
-            if n in self._present or n in self._loading:
+            if n in self._present or n in self._loading or n in self._suspect:
                 continue
-            if len(self._loading) >= self.threads or not self._make_room(self.sizes[n], keep):
+            if len(self._loading) >= self.threads:
                 break
-            self._loading.add(n)
+            record = self._reserve(n, keep)
+            if record is None:
+                break
+            self._loading[n] = record
             self._used += self.sizes[n]
             self.peak = max(self.peak, self._used)
             pool.submit(self._fetch, n)
 
-    def _make_room(self, need: int, keep: set[int]) -> bool:
-        """Evict shards outside `keep` that no reader holds (oldest first) until `need` more bytes fit."""
-        for _, n in sorted((t, n) for n, t in self._present.items() if n not in keep):
-            if self._used + need <= self.limit:
-                break
-            if self._evict_files(n):
+    def _reserve(self, n: int | None, keep: set[int]) -> Record | None:
+        """Room for shard n in the node's budget (evicting the least recently used shards of any
+        folder under the root, none of `keep`), or None if it does not fit yet. n=None: evict
+        until the root is within the limit."""
+        files = None if n is None else [(name, size) for name, size, _ in self.files[n]]
+        record, evicted = self.budget.reserve(self.folder, files, self.limit,
+                                              {self.folder: {self.names[k] for k in keep}})
+        for folder, name in evicted:
+            if folder == self.folder and self.numbers[name] in self._present:
+                del self._present[self.numbers[name]]
+                self._used -= self.sizes[self.numbers[name]]
+            self._counts["evicted"] += 1
+        return record
+
+    def _reconcile(self) -> None:
+        """Forget the shards another folder's owner evicted (it notes each eviction here)."""
+        seen = evictions(self.folder)
+        if seen == self._evictions:
+            return
+        self._evictions = seen
+        for n in list(self._present):
+            if not all(os.path.exists(os.path.join(self.folder, name)) for name, _, _ in self.files[n]):
                 del self._present[n]
                 self._used -= self.sizes[n]
-                self._counts["evicted"] += 1
-        return self._used + need <= self.limit
 
     def _evict_files(self, n: int) -> bool:
         """Delete shard n's files unless a reader holds the shard (then nothing is deleted)."""
-        fd = os.open(self._lock_path(n), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        try:
-            for name, _, _ in self.files[n]:
-                path = os.path.join(self.folder, name)
-                _remove(path)
-                _remove(marker(path))
-        finally:
-            os.close(fd)
-        return True
+        return evict(self.folder, [name for name, _, _ in self.files[n]])
 
     def _fetch(self, n: int) -> None:
         try:
@@ -427,22 +391,31 @@ class ShardCache:
                 sha = identity[len("sha256:"):] if identity and identity.startswith("sha256:") else None
                 download_file(join(self.url, name), path, size, sha)
                 mark_verified(path, identity)
+            _touch(self._lock_path(n))  # just used (never the data file: its marker records its mtime)
         except Exception as e:  # noqa: BLE001 - every failure must reach the readers
             url = join(self.url, self.names[n])
             message = str(e) if isinstance(e, StorageError) else f"fetching {url}: {type(e).__name__}: {e}"
             write_atomic(self.path(n) + ".error", message)
             with self._cond:
                 self._error = message
-                self._loading.discard(n)
+                self._loading.pop(n).close()
                 self._used -= self.sizes[n]
                 self._cond.notify_all()
             return
         with self._cond:
-            self._loading.discard(n)
+            self._loading.pop(n).close()  # the files are in place: they count instead of the reservation
             self._present[n] = time.time()
             self._counts["fetched"] += 1
             self._counts["bytes"] += self.sizes[n]
             self._cond.notify_all()
+
+
+def _touch(path: str) -> None:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.utime(fd)
+    finally:
+        os.close(fd)
 
 
 def _remove(path: str) -> None:

@@ -31,7 +31,7 @@ from pipelines.formats import arrow, recordio, wds
 from pipelines.formats.base import DEFAULT_OPEN_SHARDS, MappedFile, OpenShards
 from pipelines.formats.index import INDEX_NAME, FolderIndex, Piece, write_index
 from pipelines.schema import CONTEXT_LENGTH, Sample
-from pipelines.cached_files import cache_folder, fetch_once, identity_of
+from pipelines.cached_files import cache_folder, content_version, fetch_once, identity_of
 from pipelines.shard_cache import ShardCache
 from pipelines.storage import DEFAULT_CACHE_DIR, DEFAULT_CACHE_LIMIT, StorageError, is_remote, join, list_files, read_json
 from pipelines.text import choose_caption, sample_tokens
@@ -136,12 +136,13 @@ class ShardSet:
         url, manifest = _remote_manifest(url, fmt)
         node = cache_folder(cache_dir, url)
         if manifest is not None and manifest.get("index"):
+            node = cache_folder(cache_dir, url, content_version(manifest))  # its files, this version's only
             info = manifest["index"]
             index = FolderIndex(fetch_once(join(url, info["name"]), os.path.join(node, INDEX_NAME), info["bytes"],
                                            identity_of(info["sha256"]), info["sha256"]))
             etags = {}
         else:
-            index, etags = _index_remote_folder(url, fmt, manifest, node)
+            index, etags, node = _index_remote_folder(url, fmt, manifest, node)
         files = []
         for s, name in enumerate(index.names):
             info = index.shard_info(s)
@@ -384,14 +385,16 @@ def _remote_manifest(url: str, fmt: str) -> tuple[str, dict | None]:
 
 def _index_remote_folder(url: str, fmt: str, manifest: dict | None, node: str) -> tuple[FolderIndex, dict]:
     """A remote folder without a folder index (converted before it existed, or foreign tars):
-    fetch its per-shard index files once per node and index it there. Returns the index and the
-    objects' ETags (how its files are recognised without digests)."""
+    fetch its per-shard index files once per node and index it there. Returns the index, the
+    objects' ETags (how its files are recognised without digests) and the cache folder of this
+    version of the folder (named by the listing's sizes and ETags)."""
     suffix = SUFFIX[fmt]
     etags: dict[str, str] = {}
     listing = list_files(url, etags)
     if not any(n.endswith(suffix) for n in listing) and f"{fmt}/" in listing:
         url = join(url, fmt)
         listing = list_files(url, etags)
+    node = os.path.join(node, content_version(manifest, listing, etags))
     if manifest is not None:
         files = {e["name"]: e for e in manifest["files"]}
     elif fmt == "arrow":
@@ -426,7 +429,7 @@ def _index_remote_folder(url: str, fmt: str, manifest: dict | None, node: str) -
             yield p
     with IndexLock(target):
         write_index(target, fmt, with_digests())
-        return FolderIndex(target), etags
+        return FolderIndex(target), etags, node
 
 
 __all__ = ["ShardSet", "ShardError", "SampleReadError", "TEXT_WIDTH", "position_of"]

@@ -141,7 +141,7 @@ def test_a_reconverted_dataset_at_the_same_url_is_fetched_anew(s3, tmp_path):  #
     ld = loader(url, "wds", cache_dir=cache)
     assert {ld.shardset.get(g).txt.split()[0] for g in range(24)} == {"other"}
     ld.close()
-    stray = Path(cache_folder(cache, url)) / "000001.tar"
+    stray = Path(ld.shardset.cache.folder) / "000001.tar"
     stray.write_bytes(b"\0" * stray.stat().st_size)  # same size, other bytes, marker left as it was
     ld = loader(url, "wds", cache_dir=cache)
     assert {ld.shardset.get(g).txt.split()[0] for g in range(24)} == {"other"}
