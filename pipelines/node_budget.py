@@ -9,7 +9,10 @@ counts what lies in every cache folder — the shard files present, plus the ful
 download in flight (`<shard>.loading`, a record its owner holds: pipelines/cache_locks.py) —
 evicts the least recently used shards (a reader touches `<shard>.lock` at each read) that no
 reader holds, no live request names and the caller does not keep, until the download fits, and
-records its reservation before it lets go. Bytes are added only there; a finished download
+records its reservation before it lets go. Only a reader's request may evict another live owner's
+shards (its folder's `.owned` record is held): read-ahead takes free room, its own folder's and
+ownerless folders' shards, so two datasets read together never evict each other's read-ahead
+in turns, and a waiting reader still always gets room. Bytes are added only there; a finished download
 replaces its reservation, so the total stays within the limit. A dead owner's reservations and
 partial downloads are cleared by the next scan, its files are evicted like any other.
 """
@@ -26,6 +29,7 @@ from pipelines.formats.base import write_atomic
 
 CATALOG = ".shards"
 LOADING = ".loading"
+OWNED = ".owned"  # a record its folder's owner holds: its read-ahead is not for others to evict
 EVICTED = ".evicted"  # rewritten in a folder whose shards another folder's owner evicted
 BUDGET_LOCK = ".budget.lock"
 
@@ -93,11 +97,13 @@ class NodeBudget:
             self._catalogs[folder] = cached
         return cached[1], cached[2]
 
-    def _scan(self, keep: dict[str, set[str]]) -> tuple[int, list[tuple[str, list, int]]]:
-        """(bytes in use under the root, evictable shards as (folder, files, bytes present)).
+    def _scan(self, keep: dict[str, set[str]], own: str, others: bool) -> tuple[int, list[tuple[str, list, int]]]:
+        """(bytes in use under the root, evictable shards as (folder, files, bytes present)): of
+        folder `own`, of folders without a live owner, and with `others` of every folder.
         Clears what dead processes left on the way: reservations, partial downloads, requests."""
         used, free = 0, []
         for folder in self.folders():
+            evictable = others or folder == own or live_text(os.path.join(folder, OWNED)) is None
             try:
                 files, shards = self._catalog(folder)
                 entries = os.listdir(folder)
@@ -124,20 +130,21 @@ class NodeBudget:
                 if key in loading:
                     continue
                 used += size
-                if key not in wanted and key not in keep.get(folder, ()):
+                if evictable and key not in wanted and key not in keep.get(folder, ()):
                     free.append((folder, shards[key], size))
         return used, free
 
-    def reserve(self, folder: str, files: list | None, limit: int, keep: dict[str, set[str]]
+    def reserve(self, folder: str, files: list | None, limit: int, keep: dict[str, set[str]], others: bool = False
                 ) -> tuple[Record | None, list[tuple[str, str]]]:
         """Room for shard `files` [(name, bytes, ...)] in `folder` within `limit`, evicting least
-        recently used shards outside `keep` ({folder: shard keys}); (its reservation, or None if
-        it does not fit now, and the (folder, shard key) evicted). `files=None`: evict until the
-        root is within `limit`, reserve nothing."""
+        recently used shards outside `keep` ({folder: shard keys}), of live owners' folders too
+        if `others` (a reader waits for it); (its reservation, or None if it does not fit now,
+        and the (folder, shard key) evicted). `files=None`: evict until the root is within
+        `limit`, reserve nothing."""
         need = sum(int(f[1]) for f in files) if files else 0
         evicted = []
         with _RootLock(os.path.join(self.root, BUDGET_LOCK)):
-            used, free = self._scan(keep)
+            used, free = self._scan(keep, folder, others)
             if used + need > limit:
                 for _, where, shard, size in sorted((_last_use(f, s), f, s, b) for f, s, b in free):
                     if evict(where, [name for name, _ in shard]):
@@ -208,4 +215,4 @@ def _remove(path: str) -> None:
         pass
 
 
-__all__ = ["NodeBudget", "write_catalog", "evict", "evictions", "CATALOG", "LOADING"]
+__all__ = ["NodeBudget", "write_catalog", "evict", "evictions", "CATALOG", "LOADING", "OWNED"]

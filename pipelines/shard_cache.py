@@ -50,7 +50,7 @@ from typing import Callable, Iterable
 from pipelines.cache_locks import WANT, Held, Record, forget_in_child, live_text, try_lock, want_token
 from pipelines.cached_files import is_marked, is_verified, mark_verified
 from pipelines.formats.base import write_atomic
-from pipelines.node_budget import LOADING, NodeBudget, evict, evictions, write_catalog
+from pipelines.node_budget import LOADING, OWNED, NodeBudget, evict, evictions, write_catalog
 from pipelines.storage import StorageError, download_file, human, join
 
 WAIT_TIMEOUT_S = 900.0  # a reader waiting longer for a shard gives up (no owner can fetch it)
@@ -82,6 +82,7 @@ class ShardCache:
         self.creator = os.getpid()
         self._parent: int | None = None  # set in a pickled copy: the process that sent it
         self._owner_fd: int | None = None
+        self._owned: Record | None = None  # tells other folders' owners this one is live
         self._cond = threading.Condition()
         self._present: dict[int, float] = {}  # shard -> when fetched
         self._loading: dict[int, Record] = {}  # shard -> its reservation in the node budget
@@ -91,6 +92,7 @@ class ShardCache:
         self._counts = {"fetched": 0, "evicted": 0, "reused": 0, "bytes": 0}
         self._future: Callable[[], Iterable] | None = None
         self._window: list[int] | None = None
+        self._asked: list[int] = []  # the requests the last _wanted() found
         self._error: str | None = None
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -101,7 +103,7 @@ class ShardCache:
         return os.path.join(self.folder, self.names[n])
 
     def __getstate__(self):  # what a spawned worker needs to read: never the owner's state
-        return {**self.__dict__, "_cond": None, "_thread": None, "_owner_fd": None, "_future": None,
+        return {**self.__dict__, "_cond": None, "_thread": None, "_owner_fd": None, "_owned": None, "_future": None,
                 "_window": None, "_loading": {}, "creator": None, "_parent": os.getpid()}
 
     def __setstate__(self, state):
@@ -190,6 +192,7 @@ class ShardCache:
             return False
         self._owner_fd = fd
         forget_in_child(self)
+        self._owned = Record(os.path.join(self.folder, OWNED))
         self._scan()
         return True
 
@@ -262,6 +265,9 @@ class ShardCache:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        if self._owned is not None:
+            self._owned.close()
+            self._owned = None
         if self._owner_fd is not None:
             os.close(self._owner_fd)
             self._owner_fd = None
@@ -314,7 +320,8 @@ class ShardCache:
                 if full or len(seen) == len(self.files):
                     break
         out, total = [], 0
-        for n in self._requests() + self._window:
+        self._asked = self._requests()
+        for n in self._asked + self._window:
             if n not in out and total + self.sizes[n] <= self.limit:
                 out.append(n)
                 total += self.sizes[n]
@@ -342,12 +349,14 @@ class ShardCache:
         self._suspect = {n for n in self._suspect if not self._evict_files(n)}
         wanted = self._wanted()
         keep = set(wanted)
+        asked = set(self._asked)
         for n in wanted:
             if n in self._present or n in self._loading or n in self._suspect:
                 continue
             if len(self._loading) >= self.threads:
                 break
-            record = self._reserve(n, keep)
+            # a reader waits for it: room from any folder's shards, this one's read-ahead included
+            record = self._reserve(n, asked, others=True) if n in asked else self._reserve(n, keep)
             if record is None:
                 break
             self._loading[n] = record
@@ -355,13 +364,13 @@ class ShardCache:
             self.peak = max(self.peak, self._used)
             pool.submit(self._fetch, n)
 
-    def _reserve(self, n: int | None, keep: set[int]) -> Record | None:
-        """Room for shard n in the node's budget (evicting the least recently used shards of any
-        folder under the root, none of `keep`), or None if it does not fit yet. n=None: evict
-        until the root is within the limit."""
+    def _reserve(self, n: int | None, keep: set[int], others: bool = False) -> Record | None:
+        """Room for shard n in the node's budget (evicting the least recently used shards of this
+        folder, of ownerless ones and with `others` of every folder under the root; none of
+        `keep`), or None if it does not fit yet. n=None: evict until the root is within the limit."""
         files = None if n is None else [(name, size) for name, size, _ in self.files[n]]
         record, evicted = self.budget.reserve(self.folder, files, self.limit,
-                                              {self.folder: {self.names[k] for k in keep}})
+                                              {self.folder: {self.names[k] for k in keep}}, others)
         for folder, name in evicted:
             if folder == self.folder and self.numbers[name] in self._present:
                 del self._present[self.numbers[name]]
