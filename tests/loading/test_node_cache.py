@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import itertools
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -178,12 +179,16 @@ def _free_pid() -> int:
 def _request(folder: str, name: str, pid: int, position: int, hold: bool) -> tuple[str, int | None]:
     """A request as another process leaves it: named by `pid`, held under its flock if `hold`."""
     path = os.path.join(folder, f"{name}.want.{pid}")
-    with open(path, "w") as f:
+    tmp = os.path.join(folder, "building")  # named only once locked, as a reader does
+    with open(tmp, "w") as f:
         f.write(str(position))
+    fd = os.open(tmp, os.O_RDWR)
+    if hold:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    os.replace(tmp, path)
     if not hold:
-        return path, None
-    fd = os.open(path, os.O_RDWR)
-    fcntl.flock(fd, fcntl.LOCK_EX)
+        os.close(fd)
+        fd = None
     return path, fd
 
 
@@ -286,7 +291,7 @@ def test_a_cache_dir_on_a_network_filesystem_keeps_a_cache_per_host(sixteen, tmp
     sets = []
     try:
         for host in ("node-a", "node-b"):
-            monkeypatch.setattr(cached_files.socket, "gethostname", lambda host=host: host, raising=False)
+            monkeypatch.setattr(socket, "gethostname", lambda host=host: host)
             sets.append(ShardSet(url, "wds", cache_dir=str(tmp_path)))
         assert all(s.cache.owner for s in sets)
         assert [Path(s.cache.folder).relative_to(tmp_path).parts[0] for s in sets] == ["host-node-a", "host-node-b"]
@@ -295,7 +300,7 @@ def test_a_cache_dir_on_a_network_filesystem_keeps_a_cache_per_host(sixteen, tmp
             s.close()
 
 
-def test_the_filesystem_type_comes_from_the_longest_mount_point(tmp_path):
+def test_the_filesystem_type_comes_from_the_longest_mount_point(tmp_path, monkeypatch):
     from pipelines.cached_files import NETWORK_FS, fs_type, node_root
 
     mounts = tmp_path / "mounts"
@@ -304,4 +309,5 @@ def test_the_filesystem_type_comes_from_the_longest_mount_point(tmp_path):
     assert fs_type(str(tmp_path / "home" / "u" / ".cache"), str(mounts)) == "nfs4" and "nfs4" in NETWORK_FS
     assert fs_type(str(tmp_path / "home" / "my scratch" / "c"), str(mounts)) == "xfs"
     assert fs_type("/var/tmp", str(mounts)) == "ext4"
-    assert node_root(str(tmp_path)) == str(tmp_path)  # this machine's /tmp is local
+    monkeypatch.setattr(cached_files, "fs_type", lambda path, mounts="/proc/mounts": "ext4")
+    assert node_root(str(tmp_path)) == str(tmp_path)  # a local disk: one cache for the node's containers
