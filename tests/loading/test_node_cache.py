@@ -311,3 +311,28 @@ def test_the_filesystem_type_comes_from_the_longest_mount_point(tmp_path, monkey
     assert fs_type("/var/tmp", str(mounts)) == "ext4"
     monkeypatch.setattr(cached_files, "fs_type", lambda path, mounts="/proc/mounts": "ext4")
     assert node_root(str(tmp_path)) == str(tmp_path)  # a local disk: one cache for the node's containers
+
+
+# --- what a dead owner leaves: its reservations and partial downloads count for nothing ---------------
+
+def test_a_dead_owners_reservation_and_partial_download_are_cleared_and_a_live_one_counts(tmp_path):
+    from pipelines.cache_locks import Record
+    from pipelines.node_budget import NodeBudget, write_catalog
+
+    one, two = tmp_path / "url-a" / "v-1", tmp_path / "url-b" / "v-1"
+    for folder in (one, two):
+        folder.mkdir(parents=True)
+        write_catalog(str(folder), [[("a.tar", 100, None)], [("b.tar", 100, None)]])
+    (one / "b.tar").write_bytes(b"x" * 100)
+    (one / "a.tar.loading").write_text("100")  # its owner died mid-download: nobody holds it
+    (one / "a.tar.tmp-1-2").write_bytes(b"x" * 50)
+    budget = NodeBudget(str(tmp_path))
+    record, evicted = budget.reserve(str(two), [("a.tar", 100)], 200, {})
+    assert record is not None and evicted == []  # 100 (b.tar) + 100: fits, nothing evicted
+    assert sorted(p.name for p in one.iterdir() if not p.name.startswith(".")) == ["b.tar"]
+    # Now that reservation is live (100) beside b.tar (100): another 100 must evict b.tar.
+    again, evicted = budget.reserve(str(two), [("b.tar", 100)], 200, {}, others=True)
+    assert again is not None and evicted == [(str(one), "b.tar")]
+    record.close()
+    again.close()
+    assert isinstance(record, Record) and not (two / "a.tar.loading").exists()
