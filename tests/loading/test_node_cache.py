@@ -28,10 +28,9 @@ import pytest
 
 from pipelines import cached_files, shard_cache, storage
 from pipelines.shardset import ShardSet
-from pipelines.storage import StorageError
 from s3_server import s3  # noqa: F401 - the module-scoped server fixture
 from test_shard_cache import _held, convert, shard_bytes, sixteen  # noqa: F401 - sixteen: a fixture
-from test_storage import epoch, loader, upload_folder
+from test_storage import loader, upload_folder
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -52,13 +51,14 @@ def versions(tmp_path_factory):
     """Two conversions of 12 samples (3 shards) with the same shard sizes and other captions."""
     root = tmp_path_factory.mktemp("versions")
     old, new = convert(root / "v1", 12, 4, caption="first"), convert(root / "v2", 12, 4, caption="other")
-    assert {p.name: p.stat().st_size for p in old.glob("*.tar")} == {p.name: p.stat().st_size for p in new.glob("*.tar")}
+    sizes = [{p.name: p.stat().st_size for p in folder.glob("*.tar")} for folder in (old, new)]
+    assert sizes[0] == sizes[1]
     return old, new
 
 
 # --- fault 1: a non-owner never reads another version's files -------------------------------------
 
-def test_a_job_opening_a_reconverted_dataset_while_another_owns_the_cache_reads_the_new_one(s3, versions, tmp_path):  # noqa: F811
+def test_a_second_job_on_a_reconverted_dataset_reads_the_new_version(s3, versions, tmp_path):  # noqa: F811
     """Job 1 owns the node's cache for the url and holds version 1; the dataset is re-converted
     at the same url; job 2 opens it with the same cache_dir while job 1 runs. Job 2 reads
     version 2 only, job 1 still version 1 (before: job 2 got 12 of 12 samples of version 1)."""
