@@ -13,6 +13,7 @@ import os
 import re
 import socket
 
+from pipelines.cache_locks import LockFile
 from pipelines.formats.base import file_digest, write_atomic
 from pipelines.storage import download_file
 
@@ -133,12 +134,12 @@ def fetch_once(url: str, local: str, size: int | None, identity: str | None, sha
     time wait for the first one (a lock file), and a copy whose marker shows the expected
     `identity` (`identity_of`) is used as it is. `sha256` is checked on download. Returns `local`."""
     os.makedirs(os.path.dirname(local), exist_ok=True)
-    fd = os.open(local + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    lock = LockFile(local + ".lock")  # a child forked meanwhile must not keep the other ranks waiting
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(lock.fd, fcntl.LOCK_EX)
         if not is_verified(local, identity):
             download_file(url, local, size, sha256)
             mark_verified(local, identity)
     finally:
-        os.close(fd)
+        lock.close()
     return local

@@ -4,7 +4,7 @@ share it, whichever processes own them.
 
 Each cache folder lists its shards' files in a catalog (`.shards`, written once), so that any
 owner can account for and evict any folder's shards. An owner reserves room for a download under
-the root's `.budget.lock` (an flock held for a scan of the root, never during a transfer): it
+the root's `.budget.lock` (a lock held for a scan of the root, never during a transfer): it
 counts what lies in every cache folder — the shard files present, plus the full size of each
 download in flight (`<shard>.loading`, a record its owner holds: pipelines/cache_locks.py) —
 evicts the least recently used shards (a reader touches `<shard>.lock` at each read) that no
@@ -21,9 +21,10 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import threading
 from typing import Iterable
 
-from pipelines.cache_locks import WANT, Record, forget_in_child, live_text, try_lock
+from pipelines.cache_locks import WANT, LockFile, Record, live_text, try_lock
 from pipelines.cached_files import marker
 from pipelines.formats.base import write_atomic
 
@@ -42,27 +43,41 @@ def write_catalog(folder: str, files: list[list[tuple[str, int, str | None]]]) -
 
 
 class _RootLock:
-    """The root's budget lock, held for one scan. Dropped in a forked child: a child's copy would
-    hold every owner of the node off until it exits."""
+    """The root's budget lock, held for one scan: a POSIX record lock (lockf), which a forked
+    child never inherits — a child's copy of an flock would hold every owner of the node off for
+    as long as the child lives — plus a lock per root within the process, since record locks do
+    not exclude the threads of one process (two caches under one root: dataset mixing)."""
 
     def __init__(self, path: str):
-        self.fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        forget_in_child(self)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-
-    def _drop_locks(self) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        with _MUTEXES_GUARD:
+            self.mutex = _MUTEXES.setdefault(path, threading.Lock())
+        self.mutex.acquire()
+        try:
+            self.lock = LockFile(path)
+            fcntl.lockf(self.lock.fd, fcntl.LOCK_EX)
+        except BaseException:
+            self.mutex.release()
+            raise
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self.close()
+        self.lock.close()  # closing the process's only descriptor of the file lets the record lock go
+        self.mutex.release()
+
+
+_MUTEXES: dict[str, threading.Lock] = {}
+_MUTEXES_GUARD = threading.Lock()
+
+
+def _new_mutexes() -> None:  # a forked child: the parent's may be held by threads it does not have
+    global _MUTEXES_GUARD
+    _MUTEXES.clear()
+    _MUTEXES_GUARD = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_mutexes)
 
 
 class NodeBudget:
@@ -117,7 +132,14 @@ class NodeBudget:
                 elif WANT in e:
                     if live_text(os.path.join(folder, e)) is not None:
                         wanted.add(e.rpartition(WANT)[0])
-                elif e in files:
+            # Files listed after the reservations were checked: a download that finished since
+            # (its file renamed into place before its reservation went) is seen one way or the other.
+            try:
+                entries = os.listdir(folder)
+            except OSError:
+                continue
+            for e in entries:
+                if e in files:
                     key, size = files[e]
                     present[key] = present.get(key, 0) + size
             for e in entries:  # a partial download whose owner died (no live reservation)
@@ -164,8 +186,8 @@ class NodeBudget:
 def evict(folder: str, names: Iterable[str]) -> bool:
     """Delete one shard's files (data file first in `names`) unless a reader holds the shard."""
     names = list(names)
-    fd = try_lock(os.path.join(folder, names[0] + ".lock"), exclusive=True)
-    if fd is None:
+    lock = try_lock(os.path.join(folder, names[0] + ".lock"), exclusive=True)
+    if lock is None:
         return False
     try:
         for name in names:
@@ -173,7 +195,7 @@ def evict(folder: str, names: Iterable[str]) -> bool:
             _remove(path)
             _remove(marker(path))
     finally:
-        os.close(fd)
+        lock.close()
     return True
 
 

@@ -47,7 +47,7 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable
 
-from pipelines.cache_locks import WANT, Held, Record, forget_in_child, live_text, try_lock, want_token
+from pipelines.cache_locks import WANT, Held, LockFile, Record, live_text, try_lock, want_token
 from pipelines.cached_files import is_marked, is_verified, mark_verified
 from pipelines.formats.base import write_atomic
 from pipelines.node_budget import LOADING, OWNED, NodeBudget, evict, evictions, write_catalog
@@ -81,7 +81,7 @@ class ShardCache:
         self.budget = NodeBudget(root or os.path.dirname(os.path.dirname(os.path.abspath(folder))))
         self.creator = os.getpid()
         self._parent: int | None = None  # set in a pickled copy: the process that sent it
-        self._owner_fd: int | None = None
+        self._owner_fd: LockFile | None = None
         self._owned: Record | None = None  # tells other folders' owners this one is live
         self._cond = threading.Condition()
         self._present: dict[int, float] = {}  # shard -> when fetched
@@ -170,15 +170,15 @@ class ShardCache:
         this version expects, else None. The lock is on a lock file of its own, taken before any
         data file is opened: a reader never holds a file the owner has deleted, not even for the
         moment between an open and a lock."""
-        fd = try_lock(self._lock_path(n), exclusive=False)
-        if fd is None:  # the owner is evicting it
+        lock = try_lock(self._lock_path(n), exclusive=False)
+        if lock is None:  # the owner is evicting it
             return None
         paths = [os.path.join(self.folder, name) for name, _, _ in self.files[n]]
         if not all(is_marked(p, ident) for p, (_, _, ident) in zip(paths, self.files[n])):
-            os.close(fd)
+            lock.close()
             return None
-        os.utime(fd)  # the shard's last use: the node budget evicts the least recently used first
-        return Held(paths, [fd])
+        os.utime(lock.fd)  # the shard's last use: the node budget evicts the least recently used first
+        return Held(paths, [lock])
 
     # --- the owner ---
 
@@ -187,19 +187,13 @@ class ShardCache:
         goes with it). A new owner adopts the verified files it finds."""
         if self._owner_fd is not None:
             return True
-        fd = try_lock(os.path.join(self.folder, ".owner"), exclusive=True)
-        if fd is None:
+        lock = try_lock(os.path.join(self.folder, ".owner"), exclusive=True)
+        if lock is None:
             return False
-        self._owner_fd = fd
-        forget_in_child(self)
+        self._owner_fd = lock  # a LockFile: a forked child never keeps the folder
         self._owned = Record(os.path.join(self.folder, OWNED))
         self._scan()
         return True
-
-    def _drop_locks(self) -> None:  # in a forked child (see cache_locks.forget_in_child)
-        if self._owner_fd is not None:
-            os.close(self._owner_fd)
-            self._owner_fd = None
 
     def _scan(self) -> None:
         """Adopt the complete, verified shards found in the folder; drop the rest (what a dead
@@ -269,12 +263,8 @@ class ShardCache:
             self._owned.close()
             self._owned = None
         if self._owner_fd is not None:
-            os.close(self._owner_fd)
+            self._owner_fd.close()
             self._owner_fd = None
-
-    def __del__(self):
-        if getattr(self, "_owner_fd", None) is not None and os.getpid() == self.creator:
-            os.close(self._owner_fd)
 
     def _start(self) -> None:
         if self._thread is None and os.getpid() == self.creator:
@@ -420,11 +410,11 @@ class ShardCache:
 
 
 def _touch(path: str) -> None:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    lock = LockFile(path)  # no flock taken, but a descriptor of a lock file is never left to a child
     try:
-        os.utime(fd)
+        os.utime(lock.fd)
     finally:
-        os.close(fd)
+        lock.close()
 
 
 def _remove(path: str) -> None:
