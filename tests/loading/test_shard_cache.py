@@ -26,7 +26,6 @@ import pytest
 from conftest import synthetic_input
 from pipelines import storage
 from pipelines.loader import LoaderConfig, build_loader
-from pipelines.cached_files import cache_folder
 from pipelines.shardset import ShardSet
 from pipelines.storage import StorageError
 from s3_server import s3  # noqa: F401 - the module-scoped server fixture
