@@ -43,7 +43,7 @@ class LoaderConfig:
     # a format folder (shards/<dataset>/<format>), an s3:// url, or a list of sources, each a folder/url
     # or {shards, weight, format, name} (pipelines/sources.py)
     shards: str | list
-    format: str = "wds"  # wds | arrow | rec: a single folder's format (a source's default: its manifest's)
+    format: str = "wds"  # wds | arrow | rec: a single folder's format (a listed source's: what its folder says)
     backend: str = "dali"  # dali | torch
     device: str = "cpu"  # gpu | cpu
     split: str = "train"  # train | eval
@@ -199,10 +199,10 @@ class Loader:
         self.epoch, self.offset = state["epoch"], state.get("offset", 0)
         self.batches_yielded = state["batches_yielded"]
         self.bad.load_state_dict(state.get("bad_samples", {}))
-        before = EpochPlan(total=len(self.shardset), batch_size=state["batch_size"], seed=state["seed"],
+        before = EpochPlan(total=self.length, batch_size=state["batch_size"], seed=state["seed"],
                            epoch=self.epoch, world_size=state["world_size"], shuffle=self.cfg.shuffle,
                            drop_last=self.cfg.drop_last, offset=self.offset,
-                           block_shards=self.cfg.shuffle_block_shards, shard_sizes=self.shard_sizes)
+                           block_shards=self.cfg.shuffle_block_shards, shard_sizes=self.shard_sizes, mix=self.mix)
         version = state.get("plan", 1)  # states without it predate the versions: numpy's permutations
         if version != PLAN_VERSION:
             # Nothing of the epoch yielded, or all of it: its order does not matter. Between, it does.

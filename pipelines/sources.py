@@ -1,9 +1,10 @@
 """A loader's data as a list of sources, and several sources opened as one shard set.
 
 `LoaderConfig.shards` is one folder or url (one source, as before) or a list of sources, each a
-folder/url or a mapping `{shards, weight (default 1), format (default: the folder's manifest),
-name (default: the folder's dataset name)}`. A weight is a repeat factor (pipelines/mixing.py:
-round(weight × N) samples of the source in every epoch). Sources may differ in format and storage.
+folder/url or a mapping `{shards, weight (default 1), format (default: what the folder says,
+`source_format`), name (default: the folder's dataset name)}`. A weight is a repeat factor
+(pipelines/mixing.py: round(weight × N) samples of the source in every epoch). Sources may differ
+in format and storage.
 
 `Mixture` opens each source as a `ShardSet` and lays their samples end to end: source s's sample j
 has the global id offsets[s] + j, so ids stay unique over the mixture (per-sample records never

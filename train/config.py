@@ -38,7 +38,7 @@ class DataConfig:
     # a make-shards format folder (shards/demo/train/wds) or s3://bucket/prefix; or a list of sources to mix,
     # each a folder/url or {shards, weight (repeat factor, default 1), format, name} (docs/loading.md, Mixing datasets)
     train_shards: str | list = ""
-    format: str = "wds"  # a single folder's format: wds | arrow | rec (a listed source's default: its manifest's)
+    format: str = "wds"  # a single folder's format: wds | arrow | rec (a listed source's: what its folder says)
     # a resume onto changed sources (added, removed, re-weighted, re-converted) starts the next epoch with them;
     # without it such a resume is an error naming the change
     remix_at_epoch: bool = False
