@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -264,32 +264,22 @@ def open_sources(sources: list[Source], on_error: str, cache_dir: str, cache_lim
         fmt = source_format(source.shards, source.format) or "wds"
         return ShardSet(source.shards, fmt, on_error, cache_dir, cache_limit, max_open)
 
-    def done(source: Source) -> Future:
-        future: Future = Future()
-        try:
-            future.set_result(open_one(source))
-        except BaseException as e:  # noqa: BLE001 - raised below, in list order, naming the source
-            future.set_exception(e)
-        return future
-
-    remote = [s for s in sources if is_remote(s.shards)]
-    with ThreadPoolExecutor(max(1, min(len(remote), 8))) as pool:
-        pending = {id(s): pool.submit(open_one, s) for s in remote}
-        futures = [pending[id(s)] if id(s) in pending else done(s) for s in sources]
     sets, folders, error = [], {}, None
-    for i, (source, future) in enumerate(zip(sources, futures)):
-        where = f"data source {i} ({source.name}: {source.shards})"
-        try:
-            shardset = future.result()
-        except (ShardError, StorageError, ValueError) as e:
-            error = error or type(e)(f"{where}: {e}")
-            continue
-        sets.append(shardset)
-        folder = shardset.folder if is_remote(shardset.folder) else os.path.realpath(shardset.folder)
-        if folder in folders:
-            error = error or ValueError(f"{where} is the same folder as data source {folders[folder]}: list it "
-                                        "once and give it a weight instead")
-        folders.setdefault(folder, i)
+    with ThreadPoolExecutor(max(1, min(8, sum(is_remote(s.shards) for s in sources)))) as pool:
+        remote = {i: pool.submit(open_one, s) for i, s in enumerate(sources) if is_remote(s.shards)}
+        for i, source in enumerate(sources):  # local ones here, while the remote ones wait
+            where = f"data source {i} ({source.name}: {source.shards})"
+            try:
+                shardset = remote[i].result() if i in remote else open_one(source)
+            except (ShardError, StorageError, ValueError) as e:
+                error = error or type(e)(f"{where}: {e}")
+                continue
+            sets.append(shardset)
+            folder = shardset.folder if is_remote(shardset.folder) else os.path.realpath(shardset.folder)
+            if folder in folders:
+                error = error or ValueError(f"{where} is the same folder as data source {folders[folder]}: list "
+                                            "it once and give it a weight instead")
+            folders.setdefault(folder, i)
     if error is not None:
         for s in sets:
             s.close()

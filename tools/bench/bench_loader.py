@@ -41,6 +41,7 @@ from pipelines.loader import LoaderConfig, build_loader
 from pipelines.schema import CONTEXT_LENGTH
 from pipelines.shardset import ShardSet
 from pipelines.transforms import AugmentSpec
+from tools.bench.bench_stages import mix_folders
 
 BACKENDS = ("dali-gpu", "dali-cpu", "torch", "openclip", "dali-native", "mosaic", "litdata")
 PEERS = ("mosaic", "litdata")
@@ -312,12 +313,6 @@ def plan(args: Namespace, fmt: str, folder: str) -> list[tuple[Result, Callable,
     return runs
 
 
-def mix_folders(args: Namespace, fmt: str) -> list[str]:
-    """`--mix`'s folders of this format (each DIR/fmt), or [] when one of them has none."""
-    found = [os.path.join(d, fmt) for d in args.mix or []]
-    return found if found and all(os.path.isdir(f) for f in found) else []
-
-
 def skip_reason(backend: str, fmt: str, gpu: bool, s3: bool = False) -> str | None:
     if gpu and not torch.cuda.is_available():
         return "no CUDA device on this machine"
@@ -352,30 +347,6 @@ def resume_table(rows: list[dict]) -> str:
                      f"{'yes' if r['exact'] else 'no'} | {r.get('repeated', '–')} | {r.get('missing', '–')} | "
                      f"{r.get('error', '')} |")
     return "\n".join(lines)
-
-
-def host_only(args: Namespace, formats: list[str], folders: dict[str, str]) -> int:
-    """`--host`: the host side's samples per CPU-second, per format and over `--mix`, median of repeats."""
-    from tools.bench.bench_stages import host_rate
-
-    rows = []
-    for fmt in formats:
-        cases = [(folders[fmt], "one folder")]
-        if mix_folders(args, fmt):
-            cases.append((mix_folders(args, fmt), f"mix of {len(args.mix)}"))
-        for shards, label in cases:
-            runs = [host_rate(args, shards, fmt, args.seconds) for _ in range(args.repeats)]
-            rows.append({"format": fmt, "data": label, "per_cpu_s": statistics.median(r["host_per_cpu_s"] for r in runs),
-                         "per_s": statistics.median(r["host_per_s"] for r in runs)})
-            log(f"host {fmt} {label}: {rows[-1]['per_cpu_s']:,.0f} samples per CPU-second")
-    print("\n| format | data | host side: samples per CPU-second (one core) | samples per second |\n|---|---|---:|---:|")
-    for r in rows:
-        print(f"| {r['format']} | {r['data']} | {r['per_cpu_s']:,.0f} | {r['per_s']:,.0f} |")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"machine": machine(), "args": {k: v for k, v in vars(args).items() if k != "peer_locations"},
-                       "host": rows}, f, indent=2, default=str)
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -461,7 +432,9 @@ def run(args: Namespace, formats: list[str], stack) -> int:
     stage_rows: list[dict] = []
     resume_rows: list[dict] = []
     if args.host:
-        return host_only(args, formats, folders)
+        from tools.bench.bench_stages import host_only
+
+        return host_only(args, formats, folders, machine())
     for fmt in formats:
         folder = folders[fmt]
         if args.resume_check and fmt == "wds":

@@ -18,6 +18,8 @@ for our loader (second epoch on) and for DALI's reader.
 """
 from __future__ import annotations
 
+import json
+import os
 import resource
 import statistics
 import time
@@ -107,6 +109,34 @@ def host_rate(args: Namespace, shards, fmt: str, seconds: float = 3.0) -> dict:
     del p
     loader.close()
     return {"host_per_cpu_s": n / cpu, "host_per_s": n / wall}
+
+
+def mix_folders(args: Namespace, fmt: str) -> list[str]:
+    """`--mix`'s folders of this format (each DIR/fmt), or [] when one of them has none."""
+    found = [os.path.join(d, fmt) for d in args.mix or []]
+    return found if found and all(os.path.isdir(f) for f in found) else []
+
+
+def host_only(args: Namespace, formats: list[str], folders: dict[str, str], machine: dict) -> int:
+    """`--host`: the host side's samples per CPU-second, per format and over `--mix`, median of repeats."""
+    rows = []
+    for fmt in formats:
+        cases = [(folders[fmt], "one folder")]
+        if mix_folders(args, fmt):
+            cases.append((mix_folders(args, fmt), f"mix of {len(args.mix)}"))
+        for shards, label in cases:
+            runs = [host_rate(args, shards, fmt, args.seconds) for _ in range(args.repeats)]
+            rows.append({"format": fmt, "data": label, "per_cpu_s": statistics.median(r["host_per_cpu_s"] for r in runs),
+                         "per_s": statistics.median(r["host_per_s"] for r in runs)})
+            print(f"[bench-loader] host {fmt} {label}: {rows[-1]['per_cpu_s']:,.0f} samples per CPU-second")
+    print("\n| format | data | host side: samples per CPU-second (one core) | samples per second |\n|---|---|---:|---:|")
+    for r in rows:
+        print(f"| {r['format']} | {r['data']} | {r['per_cpu_s']:,.0f} | {r['per_s']:,.0f} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"machine": machine, "args": {k: v for k, v in vars(args).items() if k != "peer_locations"},
+                       "host": rows}, f, indent=2, default=str)
+    return 0
 
 
 def timed_epochs(epochs, count: int) -> tuple[list[float], list[int]]:

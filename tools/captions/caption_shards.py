@@ -252,16 +252,10 @@ def prepare_output(out: str, cfg: CaptionConfig, resume: bool, overwrite: bool, 
                              "pass --overwrite to redo them or choose another --out")
         if not resume:
             raise UsageError(f"{parts} holds this run's records; pass --resume to finish it or --overwrite to redo it")
-        if recorded is None:
-            print(f"caption-shards: warning: {plan_path} was written before caption-shards recorded its inputs' "
-                  "identity: resuming without checking that the shards and the model are unchanged since (if "
-                  "they changed, pass --overwrite instead)", file=sys.stderr)
-        else:
-            changed, inputs = input_identity.compare(recorded, paths)
-            if changed:
-                raise UsageError(f"{parts}: {'; '.join(changed)} since these captions were begun, so the finished "
-                                 "shards' captions are of the old input; --resume cannot finish them: pass "
-                                 "--overwrite instead of --resume, or choose another --out")
+        inputs = input_identity.check_resume(
+            "caption-shards", plan_path, recorded, paths, unchecked="the shards and the model",
+            where=parts, since="since these captions were begun, so the finished shards' captions are of the old "
+            "input; --resume cannot finish them", error=UsageError)
     elif os.path.exists(out) or (os.path.exists(parts) and not holds_only_partial_writes(parts)):
         raise UsageError(f"{out} already exists; choose another --out or pass --overwrite")
     os.makedirs(parts, exist_ok=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 
 from pipelines.formats.base import file_digest
 
@@ -85,3 +86,21 @@ def compare(recorded: dict[str, dict | None], inputs: dict[str, str | None]) -> 
             changed.append(f"{name} {path} changed ({was['files']:,} files, {was['bytes']:,} bytes → "
                            f"{is_['files']:,} files, {is_['bytes']:,} bytes, or files rewritten)")
     return changed, now
+
+
+def check_resume(tool: str, plan_path: str, recorded: dict | None, inputs: dict[str, str | None], *,
+                 unchecked: str, where: str, since: str, error: type[Exception]) -> dict | None:
+    """A resumable tool's --resume onto a plan: the inputs' identities now, checked against the
+    ones the plan recorded. A plan from before they were recorded warns (`unchecked` names the
+    inputs) and resumes; a changed input raises `error` naming `where`, what changed, `since` (since
+    when, and what the finished parts hold) and the way out. None when nothing was checked."""
+    if recorded is None:
+        print(f"{tool}: warning: {plan_path} was written before {tool} recorded its inputs' identity: resuming "
+              f"without checking that {unchecked} are unchanged since (if they changed, pass --overwrite instead)",
+              file=sys.stderr)
+        return None
+    differ, now = compare(recorded, inputs)
+    if differ:
+        raise error(f"{where}: {'; '.join(differ)} {since}: pass --overwrite instead of --resume, or choose another "
+                    "--out")
+    return now

@@ -131,17 +131,11 @@ def prepare_output(out: str, cfg: ConvertConfig, resume: bool, overwrite: bool) 
                 if not resume:
                     raise UsageError(f"{folder} already holds this conversion; pass --resume to finish "
                                      "it or --overwrite to redo it")
-                if recorded is None:
-                    print(f"make-shards: warning: {plan_path} was written before make-shards recorded its "
-                          "inputs' identity: resuming without checking that --input and --synthetic-captions "
-                          "are unchanged since (if they changed, pass --overwrite instead)", file=sys.stderr)
-                else:
-                    changed, now = input_identity.compare(recorded, paths)
-                    if changed:
-                        raise UsageError(f"{folder}: {'; '.join(changed)} since this conversion began, so its "
-                                         "finished shards hold the old input; --resume cannot finish it: pass "
-                                         "--overwrite instead of --resume, or choose another --out")
-                    inputs = inputs or now
+                now = input_identity.check_resume(
+                    "make-shards", plan_path, recorded, paths, unchecked="--input and --synthetic-captions",
+                    where=folder, since="since this conversion began, so its finished shards hold the old input; "
+                    "--resume cannot finish it", error=UsageError)
+                inputs = inputs or now
         os.makedirs(os.path.join(folder, PARTS_DIR), exist_ok=True)
         for sub in (folder, os.path.join(folder, PARTS_DIR)):  # what a killed run was writing
             remove_partial_writes(sub)
