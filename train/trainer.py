@@ -7,7 +7,6 @@ the very batches the killed run had not consumed yet.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
 import random
@@ -18,10 +17,10 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from pipelines.loader import LoaderConfig, build_loader
 from train import checkpoint
-from train.config import ConfigError, TrainConfig, backend_line, evidential_scale, to_dict
+from train.config import ConfigError, TrainConfig, evidential_scale, to_dict
 from train.variants.evidential import EvidentialLoss
+from train.data import train_loader
 from train.distributed import DistEnv, init_distributed
 from train.losses import AlipLoss, ClipLoss
 from train.model import build_model, export_open_clip
@@ -128,20 +127,7 @@ def train(cfg: TrainConfig, loader=None) -> dict:
     trainable = trainable_summary(model)
     if env.is_main and cfg.model.tuning != "none":  # full training: 100 %, logged in metrics only
         print(f"{cfg.run.name}: model.tuning={cfg.model.tuning}, {trainable['line']}", file=sys.stderr)
-    backend_note = None
-    if loader is None and cfg.data.backend == "auto":  # the run records what it chose: config.yaml names it
-        backend, backend_note = backend_line(cfg.data.backend, cfg.data.device)
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, backend=backend))
-        if env.is_main:
-            print(f"{cfg.run.name}: {backend_note}", file=sys.stderr)
-    loader = loader or build_loader(LoaderConfig(
-        shards=cfg.data.train_shards, format=cfg.data.format, backend=cfg.data.backend,
-        device="gpu" if env.device.type == "cuda" else "cpu", split="train",
-        batch_size=cfg.data.batch_size, image_size=cfg.data.image_size, seed=cfg.run.seed,
-        rank=env.rank, world_size=env.world_size, workers=cfg.data.workers, flip=cfg.data.flip,
-        hw_decoder_load=cfg.data.hw_decoder_load, cache_dir=cfg.data.cache_dir, cache_limit=cfg.data.cache_limit,
-        max_open_shards=cfg.data.max_open_shards, remix_at_epoch=cfg.data.remix_at_epoch,
-        shuffle=cfg.data.shuffle, shuffle_block_shards=cfg.data.shuffle_block_shards))
+    cfg, loader, backend_note = train_loader(cfg, env, loader)
     seen = SourceCounts(loader, env)
     accum = cfg.optim.accum_steps
     steps_per_epoch = loader.batches_per_epoch // accum
