@@ -100,3 +100,10 @@ def test_paths_the_moved_modules_compute_exist():
     found = [p for p in REPO.glob("*/**/*.py") if p.parts[len(REPO.parts)] in ROOMS and "__file__" in p.read_text()]
     assert sorted(str(p.relative_to(REPO)) for p in found) == [
         "tools/bench/bench_convert.py", "tools/demo/demo.py", "train/model.py"], "a new __file__ path: test it here"
+
+
+def test_the_core_model_imports_no_variant():
+    """Variants hook into the built model (token pruning sets `DualPathCLIP.image_guide`); the model
+    itself depends on none of them."""
+    deps = graph()["train.model"]
+    assert not [d for d in deps if d.startswith("train.variants")], sorted(deps)

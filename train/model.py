@@ -6,14 +6,13 @@ checkpoint file. Nothing is downloaded: the open_clip configs and BPE vocabulary
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from train.variants.pruning import pruning_guidance
 
 MODEL_CONFIGS = os.path.join(os.path.dirname(__file__), "model_configs")
 open_clip.add_model_config(MODEL_CONFIGS)
@@ -50,6 +49,10 @@ class DualPathCLIP(nn.Module):
         super().__init__()
         self.clip = clip
         self.context_length = clip.context_length
+        # A variant that reads the forward's raw-text features while the image is encoded sets this
+        # to `guide(raw_features) → context manager` (token pruning, train/variants/pruning.py):
+        # the variant hooks into the model, the model knows no variant.
+        self.image_guide = None
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """open_clip's call, for [B, 77] tokens whatever the model's context length."""
@@ -63,12 +66,12 @@ class DualPathCLIP(nn.Module):
         return self.clip.logit_scale
 
     def forward(self, images, raw_tokens, syn_tokens=None):
-        # Texts first: token pruning (train/variants/pruning.py) lets the raw text guide which patches stay.
+        # Texts first: an image guide (token pruning) lets the raw text steer the image encode.
         if syn_tokens is None:
             raw, syn = F.normalize(self.encode_text(raw_tokens), dim=-1), None
         else:
             raw, syn = F.normalize(self.encode_text(torch.cat([raw_tokens, syn_tokens])), dim=-1).chunk(2)
-        with pruning_guidance(self, raw):
+        with self.image_guide(raw) if self.image_guide is not None else contextlib.nullcontext():
             image = F.normalize(self.clip.encode_image(images), dim=-1)
         return image, raw, syn, self.clip.logit_scale.exp()
 

@@ -189,6 +189,16 @@ class _Pruner:
         alive = [entry for entry in self._selections.get(layer, ()) if entry[0]() is not None]
         self._selections[layer] = alive[-7:] + [(weakref.ref(x), x._version, selection)]
 
+    @contextlib.contextmanager
+    def guide(self, text_features: torch.Tensor | None):
+        """Guide the pruning of image encodes inside the block with `text_features` [B, embed_dim]
+        (detached: no gradient flows through the scores)."""
+        previous, self.text = self.text, None if text_features is None else text_features.detach()
+        try:
+            yield
+        finally:
+            self.text = previous
+
     @torch.no_grad()
     def guided_cls(self, cls: torch.Tensor) -> torch.Tensor:
         """[B, width] → the text-guided CLS `0.8·cls + 0.2·(text @ proj.T)` (the CLS alone
@@ -263,6 +273,8 @@ def apply_token_pruning(model: nn.Module, layers: Sequence[int] = DEFAULT_LAYERS
     if hasattr(visual, "token_pruning"):
         raise ValueError("token pruning is already installed on this model")
     visual.token_pruning = _Pruner(visual, layers, keep, act_layers, text_rescale)
+    if hasattr(model, "image_guide"):  # DualPathCLIP's forward guides its image encode with its raw text
+        model.image_guide = visual.token_pruning.guide
 
 
 @contextlib.contextmanager
@@ -273,11 +285,8 @@ def pruning_guidance(model: nn.Module, text_features: torch.Tensor | None):
     if pruner is None:  # nothing installed: nothing to guide
         yield
         return
-    previous, pruner.text = pruner.text, None if text_features is None else text_features.detach()
-    try:
+    with pruner.guide(text_features):
         yield
-    finally:
-        pruner.text = previous
 
 
 def encode_image_pruned(model: nn.Module, images: torch.Tensor, text_features: torch.Tensor | None):
