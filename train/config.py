@@ -19,6 +19,7 @@ import yaml
 from pipelines.sampling import DEFAULT_BLOCK_SHARDS
 from pipelines.sources import parse_sources
 from pipelines.storage import parse_size
+from train import objectives
 
 
 class ConfigError(ValueError):
@@ -160,7 +161,7 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> "TrainConfig":
-        checks = [("loss.mode", self.loss.mode, ("clip-raw", "clip-both", "alip", "evidential")),
+        checks = [("loss.mode", self.loss.mode, objectives.names()),
                   ("loss.text", self.loss.text, ("raw", "syn", "both")),
                   ("model.tuning", self.model.tuning, ("none", "lit", "lilt", "elip")),
                   ("model.adapter_init", self.model.adapter_init, ("reference", "zero")),

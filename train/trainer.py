@@ -12,25 +12,27 @@ import os
 import random
 import sys
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from train import checkpoint
-from train.config import ConfigError, TrainConfig, evidential_scale, to_dict
-from train.variants.evidential import EvidentialLoss
+from train.config import ConfigError, TrainConfig, to_dict
 from train.data import train_loader
 from train.distributed import DistEnv, init_distributed
-from train.losses import AlipLoss, ClipLoss
-from train.model import build_model, export_open_clip
+from train.model import DualPathCLIP, build_model, export_open_clip
+from train.objectives import build_objective
+from train.objectives.base import Objective
 from train.optim import build_scheduler, param_groups
-from train.variants.pruning import apply_token_pruning
 from train.records import RunRecorder
-from train.variants.tuning import apply_tuning, trainable_summary
-from train.sample_weights import SampleWeights
 from train.source_counts import SourceCounts
 from train.validation import Validation, retrieval_evals
+from train.variants.pruning import apply_token_pruning
+from train.variants.tuning import apply_tuning, trainable_summary
 
 MAX_LOGIT_SCALE = math.log(100)
 
@@ -39,51 +41,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def build_losses(cfg: TrainConfig, env: DistEnv):
-    common = dict(local_loss=cfg.loss.local_loss, gather_with_grad=cfg.loss.gather_with_grad,
-                  cache_labels=True, rank=env.rank, world_size=env.world_size)
-    if cfg.loss.mode == "alip":
-        return AlipLoss(cfg.loss.momentum, cfg.loss.gamma_sample, cfg.loss.gamma_pair,
-                        cfg.loss.normalize, cfg.loss.h_init, **common).to(env.device)
-    if cfg.loss.mode == "evidential":
-        return EvidentialLoss(cfg.loss.evidential_clamp, cfg.loss.kl_anneal_epochs,
-                              evidential_scale(cfg.loss.evidential_scale), **common).to(env.device)
-    return ClipLoss(**common).to(env.device)
-
-
-def texts_used(mode: str, text: str) -> tuple[bool, bool]:
-    """(raw, syn): which texts a loss pairs with the images."""
-    if mode == "evidential":
-        return text in ("raw", "both"), text in ("syn", "both")
-    return True, mode != "clip-raw"
-
-
-def compute_loss(mode: str, loss_fn, image, raw, syn, scale, has_syn, text: str = "raw") -> tuple[torch.Tensor, dict]:
-    """Features in float32 whatever the autocast dtype: the softmax over the global batch and the
-    gates' exponentials need the range. Two-text modes without ALIP's gates sum one term per text."""
-    if mode == "alip":
-        return loss_fn(image.float(), raw.float(), syn.float(), scale.float(), has_syn)
-    use_raw, use_syn = texts_used(mode, text)
-    terms = {}
-    if use_raw:
-        terms["loss_raw"] = loss_fn(image.float(), raw.float(), scale.float())
-    if use_syn:
-        terms["loss_syn"] = loss_fn(image.float(), syn.float(), scale.float())
-    return sum(terms.values()), {k: v.detach() for k, v in terms.items()}
-
-
-def gate_metrics(info: dict) -> dict:
-    out = {f"gate/{k}": float(info[k]) for k in ("h_tc", "h_xt", "h_xc")}
-    for k in ("w_sample", "w_raw", "w_syn"):
-        w = info[k].float()
-        if k == "w_syn":
-            w = w[info["syn_mask"]] if info["syn_mask"].any() else w
-        q = torch.quantile(w, torch.tensor([0.1, 0.5, 0.9], device=w.device))
-        out.update({f"gate/{k}_mean": float(w.mean()), f"gate/{k}_q10": float(q[0]),
-                    f"gate/{k}_q50": float(q[1]), f"gate/{k}_q90": float(q[2])})
-    return out
 
 
 def autocast_for(precision: str, device: torch.device):
@@ -106,18 +63,12 @@ def evaluate_run(cfg: TrainConfig, model, device, run_dir: str, evals: dict | No
     return evals
 
 
-def train(cfg: TrainConfig, loader=None) -> dict:
-    """Run the configured training. `loader` replaces the shard loader (benchmarks feed batches
-    from memory); it needs the `pipelines.loader.Loader` interface."""
-    env = init_distributed(cfg.data.device)
-    seed_everything(cfg.run.seed)  # identical init on every rank (DDP also broadcasts it)
-    run_dir = os.path.join(cfg.run.out_dir, cfg.run.name)
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
-
+def build_run_model(cfg: TrainConfig, env: DistEnv, objective: Objective) -> tuple[DualPathCLIP, dict]:
+    """(the model as this run trains it, its trainable summary): built, tuned, changed by the
+    objective and the variants, all before DDP and the optimizer (they take what trains)."""
     model = build_model(cfg.model.name, cfg.model.pretrained, cfg.model.grad_checkpointing).to(env.device)
-    apply_tuning(model, cfg.model.tuning, cfg.model.adapter_init)  # before DDP and the optimizer: they take what trains
-    if cfg.loss.mode == "evidential" and evidential_scale(cfg.loss.evidential_scale) is not None:
-        model.clip.logit_scale.requires_grad_(False)  # no loss term reads it: DDP wants no unused trainables
+    apply_tuning(model, cfg.model.tuning, cfg.model.adapter_init)
+    objective.prepare(model)
     if cfg.model.token_pruning.enabled:
         try:  # the layers and ratios are checked against the built tower
             tp = cfg.model.token_pruning
@@ -127,74 +78,152 @@ def train(cfg: TrainConfig, loader=None) -> dict:
     trainable = trainable_summary(model)
     if env.is_main and cfg.model.tuning != "none":  # full training: 100 %, logged in metrics only
         print(f"{cfg.run.name}: model.tuning={cfg.model.tuning}, {trainable['line']}", file=sys.stderr)
-    cfg, loader, backend_note = train_loader(cfg, env, loader)
-    seen = SourceCounts(loader, env)
+    return model, trainable
+
+
+def plan_steps(cfg: TrainConfig, loader) -> tuple[int, int]:
+    """(optimizer steps per epoch, steps the run takes)."""
     accum = cfg.optim.accum_steps
     steps_per_epoch = loader.batches_per_epoch // accum
     if steps_per_epoch == 0:
         raise ValueError(f"one epoch holds {loader.batches_per_epoch} batches, fewer than "
                          f"optim.accum_steps={accum}")
     total_steps = cfg.optim.epochs * steps_per_epoch
-    if cfg.optim.max_steps:
-        total_steps = min(total_steps, cfg.optim.max_steps)
+    return steps_per_epoch, min(total_steps, cfg.optim.max_steps) if cfg.optim.max_steps else total_steps
 
-    loss_fn = build_losses(cfg, env)
+
+@dataclass
+class Run:
+    """What a run trains with, around the built model; a checkpoint holds its state (`save`,
+    `resume`)."""
+    cfg: TrainConfig
+    env: DistEnv
+    dir: str
+    model: DualPathCLIP
+    trainable: dict
+    objective: Objective
+    loader: Any
+    seen: SourceCounts
+    validation: Validation
+    ddp: nn.Module  # `model`, DDP-wrapped when distributed: its no_sync() skips an all-reduce
+    forward: Any  # what the step calls: `ddp`, compiled when model.compile
+    opt: torch.optim.Optimizer
+    sched: Any
+    scaler: torch.amp.GradScaler
+    autocast: Any  # () → the precision's autocast context
+    total_steps: int
+
+    @property
+    def ckpt_dir(self) -> str:
+        return os.path.join(self.dir, "checkpoints")
+
+    def optimizer_step(self) -> tuple[torch.Tensor, float]:
+        """Clip, step, schedule → (the gradient norm, the rate this step used)."""
+        self.scaler.unscale_(self.opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad or float("inf"))
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+        lr = self.sched.get_last_lr()[0]  # the rate this step used; sched.step() sets the next one
+        self.sched.step()
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        return grad_norm, lr
+
+    def save(self, step: int) -> str:
+        """Collective under DDP (source counts, the objective's records): every rank calls it."""
+        state = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                 "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
+                 "loader": self.loader.state_dict(), "rng": checkpoint.rng_state(), "step": step,
+                 "epoch": self.loader.epoch, "config": to_dict(self.cfg), "sources_seen": self.seen.state_dict(),
+                 "validation": self.validation.state_dict(), **self.objective.checkpoint_state(self.env.world_size)}
+        return checkpoint.save(self.ckpt_dir, step, state, self.cfg.run.keep_checkpoints) if self.env.is_main else ""
+
+    def resume(self) -> int:
+        """Load `run.resume`'s checkpoint, if any → the step to go on from."""
+        resume_from = checkpoint.resolve(self.cfg.run.resume, self.ckpt_dir)
+        if not resume_from:
+            return 0
+        state = checkpoint.load(resume_from)
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.objective.load_checkpoint_state(state)
+        self.loader.load_state_dict(state["loader"], accum_steps=self.cfg.optim.accum_steps)  # an epoch with < accum left is over
+        self.seen.load_state_dict(state.get("sources_seen"))
+        self.validation.load_state_dict(state.get("validation"))  # the best so far stays the one to beat
+        checkpoint.set_rng_state(state["rng"])
+        return state["step"]
+
+
+def start_run(cfg: TrainConfig, env: DistEnv, run_dir: str, model: DualPathCLIP, trainable: dict,
+              objective: Objective, loader) -> Run:
+    """DDP, compilation, optimizer, schedule, precision, validation and records around the model."""
+    seen = SourceCounts(loader, env)
+    steps_per_epoch, total_steps = plan_steps(cfg, loader)
+    objective.begin_run(loader, steps_per_epoch)
     validation = Validation(cfg, env, run_dir)  # eval.every_epochs / every_steps, run.keep_best
-    # The gates' last weight per sample id (alip only): the training-time AUC reads it.
-    weights = SampleWeights.for_loader(loader, env.device, steps_per_epoch, cfg.run.sample_record_max) \
-        if cfg.loss.mode == "alip" else None
     ddp = DDP(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None) \
         if env.world_size > 1 else model
-    forward = torch.compile(ddp) if cfg.model.compile else ddp
     opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay, cfg.optim.decay_all),
                             lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
                             fused=env.device.type in ("cpu", "cuda") if cfg.optim.fused is None else cfg.optim.fused)
     sched = build_scheduler(opt, cfg.optim.schedule, cfg.optim.lr, total_steps, cfg.optim.warmup_steps)
     precision, autocast = autocast_for(cfg.optim.precision, env.device)
     scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
+    return Run(cfg, env, run_dir, model, trainable, objective, loader, seen, validation, ddp,
+               torch.compile(ddp) if cfg.model.compile else ddp, opt, sched, scaler, autocast, total_steps)
 
-    step = 0
-    resume_from = checkpoint.resolve(cfg.run.resume, ckpt_dir)
-    if resume_from:
-        state = checkpoint.load(resume_from)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        loss_fn.load_state_dict(state["loss"])
-        if weights is not None and "sample_weights" in state:
-            weights.load_state_dict(state["sample_weights"])
-        loader.load_state_dict(state["loader"], accum_steps=accum)  # an epoch with < accum left is over
-        seen.load_state_dict(state.get("sources_seen"))
-        validation.load_state_dict(state.get("validation"))  # the best so far stays the one to beat
-        checkpoint.set_rng_state(state["rng"])
-        step = state["step"]
 
-    def save() -> str:
-        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "scaler": scaler.state_dict(), "loss": loss_fn.state_dict(), "loader": loader.state_dict(),
-                 "rng": checkpoint.rng_state(), "step": step, "epoch": loader.epoch, "config": to_dict(cfg),
-                 "sources_seen": seen.state_dict()}  # collective under DDP: every rank calls save()
-        state["validation"] = validation.state_dict()
-        if weights is not None:  # merging is collective: every rank calls save()
-            state["sample_weights"] = weights.merged(env.world_size)
-        return checkpoint.save(ckpt_dir, step, state, cfg.run.keep_checkpoints) if env.is_main else ""
+def note_sources(run: Run, backend_note: str | None) -> None:
+    """Why data.backend holds what it does, the sources as resolved (comments: config.yaml stays a
+    --config); a mixed run's sources on the console."""
+    with open(os.path.join(run.dir, "config.yaml"), "a") as f:
+        f.write(f"# {backend_note}\n" if backend_note else "")
+        f.write(run.seen.describe())
+    for src in run.seen.sources if len(run.seen.sources) > 1 else []:
+        print(f"{run.cfg.run.name}: source {src['name']} ({src['format']}, {src['shards']}): {src['samples']} samples "
+              f"× weight {src['weight']} = {src['per_epoch']} per epoch", file=sys.stderr)
 
-    recorder = RunRecorder(run_dir, to_dict(cfg), env.is_main, total_steps, step)
-    if env.is_main:  # why data.backend holds what it does, the sources as resolved (comments: the file stays a --config)
-        with open(os.path.join(run_dir, "config.yaml"), "a") as f:
-            f.write(f"# {backend_note}\n" if backend_note else "")
-            f.write(seen.describe())
-        for src in seen.sources if len(seen.sources) > 1 else []:
-            print(f"{cfg.run.name}: source {src['name']} ({src['format']}, {src['shards']}): {src['samples']} samples "
-                  f"× weight {src['weight']} = {src['per_epoch']} per epoch", file=sys.stderr)
+
+def finish_run(run: Run, step: int, last: dict, step_times: list[float]) -> dict:
+    """The objective's records, the open_clip export, the final evaluation and plots → train()'s result."""
+    env, cfg = run.env, run.cfg
+    run.objective.finish(run.dir)
+    result = {"run_dir": run.dir, "steps": step, "final": last, "step_times": step_times,
+              "is_main": env.is_main, **({"best": run.validation.state_dict()} if run.validation.metric else {})}
+    if env.is_main:
+        export_open_clip(run.model, os.path.join(run.dir, "open_clip_model.pt"))
+        if cfg.eval.retrieval_json:
+            result["eval"] = evaluate_run(cfg, run.model, env.device, run.dir, run.validation.evals_at(step))
+        if cfg.run.plots:
+            from train.plot import plot_run
+
+            plot_run(run.dir)
+    return result
+
+
+def train(cfg: TrainConfig, loader=None) -> dict:
+    """Run the configured training. `loader` replaces the shard loader (benchmarks feed batches
+    from memory); it needs the `pipelines.loader.Loader` interface."""
+    env = init_distributed(cfg.data.device)
+    seed_everything(cfg.run.seed)  # identical init on every rank (DDP also broadcasts it)
+    objective = build_objective(cfg, env)  # loss.mode: the loss, the texts it pairs, its records
+    model, trainable = build_run_model(cfg, env, objective)
+    cfg, loader, backend_note = train_loader(cfg, env, loader)
+    run = start_run(cfg, env, os.path.join(cfg.run.out_dir, cfg.run.name), model, trainable, objective, loader)
+    step = run.resume()
+    recorder = RunRecorder(run.dir, to_dict(cfg), env.is_main, run.total_steps, step)
+    if env.is_main:
+        note_sources(run, backend_note)
     model.train()
-    use_raw, use_syn = texts_used(cfg.loss.mode, cfg.loss.text)
+    accum = cfg.optim.accum_steps
     global_batch = cfg.data.batch_size * env.world_size * accum
     tick, tick_step = time.perf_counter(), step
     last = {}
     step_times: list[float] = []  # wall clock after each step: benchmarks time a window of steps
-    while step < total_steps:
+    while step < run.total_steps:
         # A trailing partial accumulation is never begun. An epoch resumed at another world size
         # (elastic) holds fewer batches than the rest: `epoch_batches` counts them.
         batches_per_epoch = loader.epoch_batches // accum * accum
@@ -203,66 +232,36 @@ def train(cfg: TrainConfig, loader=None) -> dict:
             continue
         for batch in loader:
             micro = loader.batches_yielded
-            seen.add(batch)
+            run.seen.add(batch)
             sync = micro % accum == 0
-            with (contextlib.nullcontext() if sync or env.world_size == 1 else ddp.no_sync()):
-                if isinstance(loss_fn, EvidentialLoss):
-                    loss_fn.epoch = loader.epoch  # the KL term's annealing
-                with autocast():  # a syn-only loss sends the synthetic tokens down the first path
-                    image, first, second, scale = forward(
-                        batch.images, batch.raw_tokens if use_raw else batch.syn_tokens,
-                        batch.syn_tokens if use_raw and use_syn else None)
-                raw, syn = (first, second) if use_raw else (None, first)
-                loss, info = compute_loss(cfg.loss.mode, loss_fn, image, raw, syn, scale, batch.has_syn,
-                                          cfg.loss.text)
-                scaler.scale(loss / accum).backward()
-            if weights is not None:
-                weights.record(step + 1, batch, info, env.rank)  # info holds the global batch
+            with (contextlib.nullcontext() if sync or env.world_size == 1 else run.ddp.no_sync()):
+                loss, info, scale = objective.step(run.forward, batch, run.autocast, loader.epoch)
+                run.scaler.scale(loss / accum).backward()
+            objective.record(step + 1, batch, info)
             if (micro - 1) % accum == 0:  # the logged loss is the step's: its micro-batches' mean
                 step_loss = torch.zeros((), device=env.device)
             step_loss += loss.detach() / accum
             if not sync:
                 continue
-            scaler.unscale_(opt)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad or float("inf"))
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            lr = sched.get_last_lr()[0]  # the rate this step used; sched.step() sets the next one
-            sched.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+            grad_norm, lr = run.optimizer_step()
             step += 1
-            if step % cfg.run.log_every == 0 or step == total_steps:
+            if step % cfg.run.log_every == 0 or step == run.total_steps:
                 now = time.perf_counter()
                 last = {"loss": float(step_loss), "lr": lr, "logit_scale": float(scale.detach()),
                         "grad_norm": float(grad_norm), "epoch": loader.epoch,
                         "trainable_fraction": trainable["trainable_fraction"],
                         "samples_per_s": (step - tick_step) * global_batch / (now - tick),
-                        **{k: float(info[k]) for k in ("loss_raw", "loss_syn") if k in info}, **seen.metrics()}
-                if cfg.loss.mode == "alip":
-                    last.update(gate_metrics(info))
-                    recorder.histogram(step, "gate/w_sample", info["w_sample"])
+                        **objective.metrics(info), **run.seen.metrics()}
+                for name, values in objective.histograms(info).items():
+                    recorder.histogram(step, name, values)
                 recorder.log(step, last)
                 tick, tick_step = now, step
-            if validation.due(step, loader.epoch, micro == batches_per_epoch, step == total_steps):
-                validation(step, loader.epoch, model, recorder)  # before save(): it records the best so far
-            if step % cfg.run.ckpt_every == 0 or step == total_steps or micro == batches_per_epoch:
-                save()
+            if run.validation.due(step, loader.epoch, micro == batches_per_epoch, step == run.total_steps):
+                run.validation(step, loader.epoch, model, recorder)  # before save(): it records the best so far
+            if step % cfg.run.ckpt_every == 0 or step == run.total_steps or micro == batches_per_epoch:
+                run.save(step)
             step_times.append(time.perf_counter())
-            if step >= total_steps or micro == batches_per_epoch:
+            if step >= run.total_steps or micro == batches_per_epoch:
                 break
     recorder.close()
-    if weights is not None:
-        weights.save(os.path.join(run_dir, "sample_weights.pt"), env.world_size, env.is_main)
-    result = {"run_dir": run_dir, "steps": step, "final": last, "step_times": step_times,
-              "is_main": env.is_main, **({"best": validation.state_dict()} if validation.metric else {})}
-    if env.is_main:
-        export_open_clip(model, os.path.join(run_dir, "open_clip_model.pt"))
-        if cfg.eval.retrieval_json:
-            result["eval"] = evaluate_run(cfg, model, env.device, run_dir, validation.evals_at(step))
-        if cfg.run.plots:
-            from train.plot import plot_run
-
-            plot_run(run_dir)
-    return result
+    return finish_run(run, step, last, step_times)

@@ -47,7 +47,8 @@ from train.config import TrainConfig, load_config
 from train.distributed import DistEnv
 from train.main import main
 from train.model import EOT_TOKEN, build_model
-from train.trainer import build_losses, compute_loss, seed_everything
+from train.objectives import build_objective
+from train.trainer import seed_everything
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "lip-tiny"
@@ -311,7 +312,7 @@ def test_accumulation_averages_micro_batch_gradients(shards, tmp_path, monkeypat
     cfg = load_config(None, argv)
     seed_everything(cfg.run.seed)  # as train() does before building the model
     model = build_model(MODEL).train()
-    loss_fn = build_losses(cfg, DistEnv(0, 1, 0, CPU))
+    objective = build_objective(cfg, DistEnv(0, 1, 0, CPU))
     loader = build_loader(LoaderConfig(shards=shards, format="wds", backend="torch", device="cpu",
                                        batch_size=8, image_size=64, seed=cfg.run.seed, workers=0))
     grads = []
@@ -319,7 +320,7 @@ def test_accumulation_averages_micro_batch_gradients(shards, tmp_path, monkeypat
         model.zero_grad(set_to_none=True)
         image, raw, syn, scale = model(batch.images, batch.raw_tokens,
                                        None if mode == "clip-raw" else batch.syn_tokens)
-        loss, _ = compute_loss(mode, loss_fn, image, raw, syn, scale, batch.has_syn)
+        loss, _ = objective.loss(image, raw, syn, scale, batch.has_syn)
         loss.backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     assert len(grads) == 2
@@ -327,7 +328,7 @@ def test_accumulation_averages_micro_batch_gradients(shards, tmp_path, monkeypat
     assert len(caught[0]) == len(names)
     for name, got, g1, g2 in zip(names, caught[0], *grads):
         torch.testing.assert_close(got, (g1 + g2) / 2, rtol=1e-5, atol=1e-8, msg=lambda m: f"{name}: {m}")
-    assert_same(state["loss"], loss_fn.state_dict(), "gates")  # gates moved once per micro-batch
+    assert_same(state["loss"], objective.loss_fn.state_dict(), "gates")  # gates moved once per micro-batch
 
 
 def test_accumulation_never_spans_an_epoch_boundary(shards, tmp_path):
@@ -498,14 +499,14 @@ def ddp_step(mode: str, local_loss: bool, gather_with_grad: bool, env: DistEnv) 
     seed_everything(0)
     model = build_model(MODEL).train()
     wrapped = DDP(model) if env.world_size > 1 else model
-    loss_fn = build_losses(cfg, env)
+    objective = build_objective(cfg, env)
     per = GLOBAL_BATCH // env.world_size
     rows = slice(env.rank * per, (env.rank + 1) * per)
     images, raw, syn, has_syn = (t[rows] for t in ddp_batch())
     image, raw_f, syn_f, scale = wrapped(images, raw, None if mode == "clip-raw" else syn)
-    loss, _ = compute_loss(mode, loss_fn, image, raw_f, syn_f, scale, has_syn)
+    loss, _ = objective.loss(image, raw_f, syn_f, scale, has_syn)
     loss.backward()
-    return {"loss": loss.detach(), "gates": loss_fn.state_dict(),
+    return {"loss": loss.detach(), "gates": objective.loss_fn.state_dict(),
             "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}}
 
 

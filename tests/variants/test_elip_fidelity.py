@@ -35,7 +35,8 @@ from train.config import ConfigError, load_config
 from train.eval.evaluate import load_model
 from train.variants.evidential import EvidentialLoss, kl_weight, log_uncertainty, uncertainty
 from train.model import build_model
-from train.trainer import build_losses, seed_everything
+from train.objectives import build_objective
+from train.trainer import seed_everything
 from train.variants.tuning import BranchAdapter, apply_tuning, load_adapted, trainable_summary
 
 MODEL = "lip-tiny"  # 2-layer towers of width 64
@@ -96,7 +97,7 @@ def test_loss_at_scale_100_epoch_0_against_float64(seed):
     assert (cos.abs() < 0.1).any() and (cos > 0.1).any()  # both sides of the clamp at scale 100
     cfg = load_config(None, ["data.train_shards=x", "loss.mode=evidential"])
     assert cfg.loss.evidential_scale == 100 and cfg.loss.evidential_clamp == 10
-    loss_fn = build_losses(cfg, type("Env", (), {"rank": 0, "world_size": 1, "device": torch.device("cpu")})())
+    loss_fn = build_objective(cfg, type("Env", (), {"rank": 0, "world_size": 1, "device": torch.device("cpu")})()).loss_fn
     assert loss_fn.epoch == 0 and kl_weight(loss_fn.epoch, cfg.loss.kl_anneal_epochs) == 1 / 20
     want = reference_loss_f64(image.double().numpy(), text.double().numpy(), epoch=0)
     # float64 features: the same value to rounding; float32 (what trains): lgamma(S) at S ≈ 1e5 is
