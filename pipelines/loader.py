@@ -18,60 +18,53 @@ instead. A state saved before mixing (no sources) loads as a one-source mixture.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Iterator
 
 import numpy as np
 import torch
 
 from pipelines.faults import BadSamples
-from pipelines.formats.base import DEFAULT_OPEN_SHARDS
+from pipelines.loader_settings import CHOICES, LoaderSettings, resolve_backend, resolve_device
 from pipelines.mixing import Mix, per_epoch
-from pipelines.sampling import DEFAULT_BLOCK_SHARDS, PLAN_VERSION, EpochPlan, shuffle_mode
+from pipelines.sampling import PLAN_VERSION, EpochPlan, shuffle_mode
 from pipelines.schema import Batch
 from pipelines.shardset import ShardSet
 from pipelines.sources import Mixture, differences, fingerprint, open_sources, parse_sources
-from pipelines.storage import DEFAULT_CACHE_DIR, DEFAULT_CACHE_LIMIT, parse_size
+from pipelines.storage import parse_size
 from pipelines.transforms import AugmentSpec
 
-BACKENDS = ("dali", "torch")
 log = logging.getLogger("pipelines")
 
 
 @dataclass
-class LoaderConfig:
+class LoaderConfig(LoaderSettings):
     # a format folder (shards/<dataset>/<format>), an s3:// url, or a list of sources, each a folder/url
-    # or {shards, weight, format, name} (pipelines/sources.py)
-    shards: str | list
-    format: str = "wds"  # wds | arrow | rec: a single folder's format (a listed source's: what its folder says)
-    backend: str = "dali"  # dali | torch
-    device: str = "cpu"  # gpu | cpu
+    # or {shards, weight, format, name} (pipelines/sources.py). Keyword-only: the settings' fields come
+    # first, so a positional `shards` would land in `format`.
+    shards: str | list = field(kw_only=True)
     split: str = "train"  # train | eval
-    batch_size: int = 256
-    image_size: int = 224
-    seed: int = 0
-    rank: int = 0
-    world_size: int = 1
-    workers: int = 2
-    flip: bool = True
-    hw_decoder_load: float = 0.65  # DALI mixed decode: share of JPEGs sent to the hardware decoder
+    seed: int = 0  # the epoch plan's and the augmentations' (lip-train: run.seed)
+    rank: int = 0  # this process's rank (lip-train: the process group's)
+    world_size: int = 1  # ranks that share each epoch
     on_error: str = "raise"  # raise | skip: bad shards when opening, bad images mid-epoch (substituted)
     max_bad_in_a_row: int = 100  # under skip: a longer run of undecodable images is an error
     drop_last: bool | None = None  # default: True for train, False for eval
-    shuffle: bool | str | None = None  # global (True) | block | none (False); default: global for train, none for eval
-    shuffle_block_shards: int = DEFAULT_BLOCK_SHARDS  # shuffle="block": shards whose samples are mixed together
-    cache_dir: str = DEFAULT_CACHE_DIR  # the node's cache: s3:// shards (a folder per url) and indexes built here
-    cache_limit: int | str = DEFAULT_CACHE_LIMIT  # s3:// shards only: bytes (or "8GiB") the node's cache may hold
-    max_open_shards: int = DEFAULT_OPEN_SHARDS  # shard files each process keeps mapped (least recently used closed)
-    remix_at_epoch: bool = False  # a resume onto changed sources starts the next epoch with them (else an error)
+
+    @classmethod
+    def from_settings(cls, settings: LoaderSettings, **call) -> "LoaderConfig":
+        """A loader config holding `settings` (any LoaderSettings, such as lip-train's `data`), plus
+        the call's own fields (`shards`, `split`, `seed`, `rank`, ...) and any setting replaced."""
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(LoaderSettings)} | call)
 
     def __post_init__(self):
-        for name, value, allowed in (("format", self.format, ("wds", "arrow", "rec")),
-                                     ("backend", self.backend, BACKENDS),
-                                     ("device", self.device, ("gpu", "cpu")),
-                                     ("split", self.split, ("train", "eval"))):
+        for name, allowed in (*CHOICES.items(), ("split", ("train", "eval"))):
+            value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"loader {name} must be one of {allowed}, not {value!r}")
+        # auto: the backend is chosen with the device as asked (auto or set), then the device resolved
+        self.backend = resolve_backend(self.backend, self.device)[0]
+        self.device = resolve_device(self.device)
         train = self.split == "train"
         self.drop_last = train if self.drop_last is None else self.drop_last
         self.shuffle = shuffle_mode(train if self.shuffle is None else self.shuffle)

@@ -33,7 +33,8 @@ from pipelines.formats.index import INDEX_NAME, FolderIndex, Piece, write_index
 from pipelines.schema import CONTEXT_LENGTH, Sample
 from pipelines.cached_files import cache_folder, content_version, fetch_once, identity_of
 from pipelines.shard_cache import ShardCache
-from pipelines.storage import DEFAULT_CACHE_DIR, DEFAULT_CACHE_LIMIT, StorageError, is_remote, join, list_files, read_json
+from pipelines.storage import (DEFAULT_CACHE_DIR, DEFAULT_CACHE_LIMIT, StorageError, is_remote, join, list_files,
+                               parse_size, read_json)
 from pipelines.text import choose_caption, sample_tokens
 
 
@@ -66,10 +67,10 @@ def position_of(epoch: int, batch: int) -> int:
 
 class ShardSet:
     def __init__(self, folder: str, fmt: str, on_error: str = "raise", cache_dir: str = DEFAULT_CACHE_DIR,
-                 cache_limit: int = DEFAULT_CACHE_LIMIT, max_open: int = DEFAULT_OPEN_SHARDS):
+                 cache_limit: int | str = DEFAULT_CACHE_LIMIT, max_open: int = DEFAULT_OPEN_SHARDS):
         """`cache_dir`: where a remote folder's shards are cached (one folder per url, shared by
         the ranks of a node) and where indexes the loader builds itself are kept; `cache_limit`
-        (bytes): the remote cache's size; `max_open`: shard files a process keeps mapped."""
+        (bytes, or text such as "8GiB"): the remote cache's size; `max_open`: shard files a process keeps mapped."""
         if on_error not in ERROR_POLICIES:
             raise ValueError(f"on_error must be one of {ERROR_POLICIES}, not {on_error!r}")
         if fmt not in SUFFIX:
@@ -130,7 +131,7 @@ class ShardSet:
         index, missing = local_index(folder, fmt, cache_dir)
         return folder, index, missing
 
-    def _open_remote(self, url: str, fmt: str, cache_dir: str, cache_limit: int) -> tuple[str, FolderIndex, list[int]]:
+    def _open_remote(self, url: str, fmt: str, cache_dir: str, cache_limit: int | str) -> tuple[str, FolderIndex, list[int]]:
         """Read manifest.json and the folder index (each fetched once per node), set up the
         cache: two requests for a folder written by make-shards, whatever its size."""
         url, manifest = _remote_manifest(url, fmt)
@@ -151,7 +152,7 @@ class ShardSet:
                 text = name[: -len(".rec")] + ".jsonl"
                 entry.append((text, info["text_bytes"], identity_of(info["text_sha256"], etags.get(text))))
             files.append(entry)
-        self.cache = ShardCache(url, files, node, cache_limit)
+        self.cache = ShardCache(url, files, node, parse_size(cache_limit))
         return url, index, []  # a remote shard that is gone fails its fetch, naming it
 
     # --- the cache's schedule ---

@@ -27,11 +27,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipelines.formats.index import INDEX_NAME, FolderIndex
+from pipelines.formats.registry import FORMATS
 from pipelines.mixing import check_weight
 from pipelines.shardset import ShardError, ShardSet
 from pipelines.storage import StorageError, is_remote, join, read_json
 
-FORMATS = ("wds", "arrow", "rec")
 _KEYS = ("shards", "weight", "format", "name")
 
 

@@ -35,7 +35,7 @@ SCHEMES = ("s3",)
 ATTEMPTS = 5  # per transfer
 BACKOFF_S = 0.5  # first retry delay; doubles per attempt, with jitter
 DEFAULT_CACHE_DIR = "~/.cache/lip-pipeline/shards"
-DEFAULT_CACHE_LIMIT = 8 << 30
+DEFAULT_CACHE_LIMIT = "8GiB"  # parse_size gives bytes; text, so that lip-train --print-config shows it as written
 _UNITS = {"": 1, "b": 1, "k": 10 ** 3, "kb": 10 ** 3, "m": 10 ** 6, "mb": 10 ** 6, "g": 10 ** 9, "gb": 10 ** 9,
           "t": 10 ** 12, "tb": 10 ** 12, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from pipelines.sampling import DEFAULT_BLOCK_SHARDS
+from pipelines.loader_settings import CHOICES, LoaderSettings
 from pipelines.sources import parse_sources
 from pipelines.storage import parse_size
 from train import objectives
@@ -35,28 +35,20 @@ KEEP_BEST_METRICS = ("mean_r1", "r_mean", "rsum", "i2t_R@1", "i2t_R@5", "i2t_R@1
 
 
 @dataclass
-class DataConfig:
+class DataConfig(LoaderSettings):
+    """`data.*`: the loader's settings, inherited (pipelines/loader_settings.py holds each one's default
+    and description), and the run's own data. Redeclared below: what lip-train defaults to otherwise
+    than the loader (backend and device auto, batch size 64 where the loader has dali, cpu, 256) and
+    its narrower shuffle (a training run always shuffles: global or block, never by split)."""
     # a make-shards format folder (shards/demo/train/wds) or s3://bucket/prefix; or a list of sources to mix,
     # each a folder/url or {shards, weight (repeat factor, default 1), format, name} (docs/loading.md, Mixing datasets)
     train_shards: str | list = ""
-    format: str = "wds"  # a single folder's format: wds | arrow | rec (a listed source's: what its folder says)
-    # a resume onto changed sources (added, removed, re-weighted, re-converted) starts the next epoch with them;
-    # without it such a resume is an error naming the change
-    remix_at_epoch: bool = False
     # auto | torch | dali. auto: DALI when nvidia.dali imports (its GPU graph with CUDA, else its CPU
     # graph), else torch; the run logs the choice and its config.yaml records it
     backend: str = "auto"
     device: str = "auto"  # auto (gpu when CUDA is present) | gpu | cpu
     batch_size: int = 64  # per rank
-    image_size: int = 224  # pixels, square: the training crop's side
-    workers: int = 2  # loader worker processes per rank
-    flip: bool = True  # random horizontal flips (off when captions say left/right)
-    hw_decoder_load: float = 0.65  # DALI on GPU: share of JPEGs sent to the hardware decoder
     shuffle: str = "global"  # global (all samples) | block (shards, then samples within blocks: network storage)
-    shuffle_block_shards: int = DEFAULT_BLOCK_SHARDS  # shuffle=block: shards whose samples are mixed together
-    cache_dir: str = "~/.cache/lip-pipeline/shards"  # the node's cache: s3:// shards (a folder per url), built indexes
-    cache_limit: str = "8GiB"  # s3:// shards: what the node's cache may hold (bytes, or with a unit)
-    max_open_shards: int = 64  # shard files each loader process keeps mapped (least recently used closed)
 
 
 @dataclass
@@ -167,9 +159,7 @@ class TrainConfig:
                   ("model.adapter_init", self.model.adapter_init, ("reference", "zero")),
                   ("optim.schedule", self.optim.schedule, ("cosine", "onecycle")),
                   ("optim.precision", self.optim.precision, ("auto", "fp32", "bf16", "fp16")),
-                  ("data.backend", self.data.backend, ("auto", "torch", "dali")),
-                  ("data.device", self.data.device, ("auto", "gpu", "cpu")),
-                  ("data.format", self.data.format, ("wds", "arrow", "rec")),
+                  *((f"data.{name}", getattr(self.data, name), allowed) for name, allowed in CHOICES.items()),
                   ("data.shuffle", self.data.shuffle, ("global", "block")),
                   ("loss.normalize", self.loss.normalize, ("mean", "weight_sum")),
                   ("loss.h_init", self.loss.h_init, ("one", "first_batch"))]
@@ -319,35 +309,20 @@ def to_dict(cfg: TrainConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def resolve_backend(backend: str, device: str = "auto") -> tuple[str, str]:
-    """`data.backend` (and `data.device`) → (the backend a run uses, why). `auto`: DALI when
-    nvidia.dali imports, on the GPU when CUDA is available (unless data.device=cpu), else DALI's CPU
-    graph; torch when DALI does not import. `torch` / `dali` are kept as set."""
-    if backend != "auto":
-        return backend, "set explicitly"
-    try:
-        import nvidia.dali  # noqa: F401  (a broken install fails with more than ImportError)
-    except Exception as e:
-        return "torch", f"nvidia.dali not importable: {' '.join(str(e).split()) or type(e).__name__}"
-    import torch
-
-    if device == "cpu":
-        return "dali", "cpu graph: data.device=cpu"
-    if device == "gpu" or torch.cuda.is_available():
-        return "dali", "gpu graph: CUDA device available"
-    return "dali", "cpu graph: no CUDA device"
-
-
-def backend_line(backend: str, device: str = "auto") -> tuple[str, str]:
-    """(resolved backend, the run's log line), e.g. `data.backend=auto -> dali (cpu graph: no CUDA device)`."""
-    chosen, why = resolve_backend(backend, device)
-    return chosen, f"data.backend={backend} -> {chosen} ({why})"
-
-
 @functools.cache
 def field_comments(cls: type) -> dict[str, str]:
     """A config dataclass's fields → their descriptions: the `# comment` lines right above the
-    field and the one trailing it, read from this file's source (the definitions are the docs)."""
+    field and the one trailing it, read from the source of the class that declares it (the
+    definitions are the docs). An inherited field (data.*: pipelines/loader_settings.py) has its
+    base's description unless the subclass redeclares it with its own."""
+    out = {}
+    for base in cls.__mro__[1:]:
+        if dataclasses.is_dataclass(base):
+            out = field_comments(base) | out
+    return out | {k: v for k, v in _own_comments(cls).items() if v}
+
+
+def _own_comments(cls: type) -> dict[str, str]:
     try:
         src = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):  # no source (frozen, zipped): no descriptions

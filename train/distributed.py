@@ -8,6 +8,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from pipelines.loader_settings import resolve_device
 from pipelines.parent_watch import watch_parent
 
 
@@ -25,7 +26,7 @@ class DistEnv:
 
 def init_distributed(device: str = "auto") -> DistEnv:
     """NCCL on GPU, gloo on CPU; a plain single process when torchrun did not launch us."""
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "gpu"
+    use_cuda = resolve_device(device) == "gpu"
     if device == "gpu" and not torch.cuda.is_available():
         raise RuntimeError("data.device=gpu but no CUDA device is visible; use data.device=cpu")
     if "TORCHELASTIC_RUN_ID" in os.environ:

@@ -11,7 +11,8 @@ import torch
 import yaml
 
 from conftest import build_synthetic_shards, overrides, run_main
-from train.config import TrainConfig, backend_line, config_keys, field_comments, load_config, resolve_backend
+from pipelines.loader_settings import backend_line, resolve_backend
+from train.config import TrainConfig, config_keys, field_comments, load_config
 from train.main import main
 
 
@@ -56,7 +57,7 @@ def test_auto_with_dali_and_cuda_is_dalis_gpu_graph(dali, monkeypatch):
     cuda(monkeypatch, True)
     assert resolve_backend("auto") == ("dali", "gpu graph: CUDA device available")
     # data.device=cpu keeps the run (so DALI's graph) on the CPU even with a GPU present
-    assert resolve_backend("auto", "cpu") == ("dali", "cpu graph: data.device=cpu")
+    assert resolve_backend("auto", "cpu", key="data.") == ("dali", "cpu graph: data.device=cpu")
 
 
 @pytest.mark.parametrize("installed", [False, True])
@@ -71,7 +72,7 @@ def test_explicit_backends_are_kept(monkeypatch, backend, installed):
 
 def test_the_log_line_names_choice_and_reason(dali, monkeypatch):
     cuda(monkeypatch, False)
-    assert backend_line("auto") == ("dali", "data.backend=auto -> dali (cpu graph: no CUDA device)")
+    assert backend_line("auto", key="data.") == ("dali", "data.backend=auto -> dali (cpu graph: no CUDA device)")
 
 
 @pytest.fixture(scope="module")

@@ -24,11 +24,14 @@ of an epoch boundary beside DALI's reader (`tools/bench/bench_stages.py`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from argparse import Namespace
 from dataclasses import dataclass, field
@@ -37,7 +40,9 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from pipelines.formats.registry import FORMATS
 from pipelines.loader import LoaderConfig, build_loader
+from pipelines.loader_settings import dali_unavailable
 from pipelines.schema import CONTEXT_LENGTH
 from pipelines.shardset import ShardSet
 from pipelines.transforms import AugmentSpec
@@ -45,7 +50,6 @@ from tools.bench.bench_stages import mix_folders
 
 BACKENDS = ("dali-gpu", "dali-cpu", "torch", "openclip", "dali-native", "mosaic", "litdata")
 PEERS = ("mosaic", "litdata")
-FORMATS = ("wds", "arrow", "rec")
 WARMUP_BATCHES = 2
 WARMUP_FRACTION = 0.1
 PACKAGES = ("torch", "torchvision", "nvidia-dali-cuda120", "webdataset", "open_clip_torch", "pillow", "numpy",
@@ -157,8 +161,6 @@ def peer(args: Namespace, reader: str) -> tuple[Epochs, Callable[[], None]]:
 
 def resume_checks(args: Namespace, folder: str) -> list[dict]:
     """Exact mid-epoch resume of each loader asked for (wds), stopped after half an epoch."""
-    import shutil
-
     from tools.bench.bench_peers import open_peer, resume_check
 
     stop = max(1, len(ShardSet(folder, "wds")) // args.batch_size // 2) if not folder.startswith("s3://") \
@@ -316,6 +318,8 @@ def plan(args: Namespace, fmt: str, folder: str) -> list[tuple[Result, Callable,
 def skip_reason(backend: str, fmt: str, gpu: bool, s3: bool = False) -> str | None:
     if gpu and not torch.cuda.is_available():
         return "no CUDA device on this machine"
+    if backend.startswith("dali") and (why := dali_unavailable()):  # the loader's own check, as auto uses
+        return why
     if s3 and backend in ("openclip", "dali-native"):
         return "reads local files only (--s3)"
     if backend == "openclip" and fmt != "wds":
@@ -354,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--shards", required=True, help="make-shards --out folder (one subfolder per "
                    "format) or a single format folder")
-    p.add_argument("--format", default="wds", help="comma-separated: wds, arrow, rec")
+    p.add_argument("--format", default="wds", help=f"comma-separated: {', '.join(FORMATS)}")
     p.add_argument("--backends", default="dali-gpu,dali-cpu,torch,openclip",
                    help=f"comma-separated: {', '.join(BACKENDS)}")
     p.add_argument("--batch-size", type=int, default=256)
@@ -395,10 +399,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bench-loader: unknown backend/format {bad} or non-positive --repeats/--seconds/"
               f"--batch-size; backends: {', '.join(BACKENDS)}; formats: {', '.join(FORMATS)}", file=sys.stderr)
         return 2
-    import contextlib
-    import shutil
-    import tempfile
-
     with contextlib.ExitStack() as stack:
         if args.peers_dir is None:
             args.peers_dir = tempfile.mkdtemp(prefix="bench_loader_peers_")

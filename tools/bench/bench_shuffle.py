@@ -32,6 +32,7 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
+from pipelines.formats.registry import FORMATS
 from pipelines.sampling import EpochPlan
 
 # (name, samples, shard size, batch per rank, world size): a 1M-sample web set on one 8-GPU node,
@@ -143,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, help="one case of this many samples instead of the default cases")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (with --samples)")
     p.add_argument("--shards", help="one case with the shard sizes of this format folder (local)")
-    p.add_argument("--format", default="wds", help="with --shards: wds | arrow | rec")
+    p.add_argument("--format", default="wds", choices=tuple(FORMATS), help="with --shards: its format")
     p.add_argument("--batch-size", type=int, default=256, help="per rank (with --samples or --shards)")
     p.add_argument("--world", type=int, default=8, help="ranks (with --samples or --shards)")
     p.add_argument("--blocks", default="1,2,4,8,16", help="comma-separated block sizes (shards) for block")

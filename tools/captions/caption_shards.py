@@ -33,6 +33,8 @@ from dataclasses import asdict, dataclass
 from tqdm import tqdm
 
 from pipelines.formats.base import holds_only_partial_writes, remove_partial_writes, write_atomic, write_json_atomic
+from pipelines.formats.registry import FORMATS
+from pipelines.loader_settings import CHOICES, resolve_backend
 from pipelines.text import clean_text
 from tools.convert import input_identity
 from tools.convert.caption import stored_line_id
@@ -324,7 +326,8 @@ def run(cfg: CaptionConfig, out: str, batch_size: int = 16, device: str = "cpu",
     """Caption every shard not yet recorded, then write the sidecar; return the counts."""
     from pipelines.loader import LoaderConfig, build_loader
 
-    backend = backend or ("dali" if device == "gpu" else "torch")
+    # auto as every tool resolves it, but torch on a CPU: the default these resumable runs have recorded
+    backend = resolve_backend(backend or "auto", device, on_cpu="torch")[0]
     parts = prepare_output(out, cfg, resume, overwrite, device, backend)
     captioner = Captioner(cfg.model, device, cfg.prompt)
     loader = build_loader(LoaderConfig(shards=cfg.shards, format=cfg.format, backend=backend, device=device,
@@ -383,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="caption-shards", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--shards", help="a make-shards --out folder or one of its format folders")
-    p.add_argument("--format", default=None, help="wds | arrow | rec (default: the first the folder holds)")
+    p.add_argument("--format", default=None, choices=tuple(FORMATS), help="default: the first the folder holds")
     p.add_argument("--model", help="local transformers image-to-text folder (never downloaded)")
     p.add_argument("--out", help="the JSONL sidecar to write; its records go to OUT.parts/")
     p.add_argument("--num-captions", type=int, default=1, metavar="K", help="captions per image")
@@ -398,7 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="nucleus decoding's seed")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", choices=("gpu", "cpu"), default="cpu")
-    p.add_argument("--backend", choices=("dali", "torch"), help="image loader (default: dali on gpu, torch on cpu)")
+    p.add_argument("--backend", choices=CHOICES["backend"], default="auto",
+                   help="image loader; auto: dali on gpu, torch on cpu and where nvidia.dali does not import")
     p.add_argument("--workers", type=int, default=2, help="loader worker processes")
     p.add_argument("--threads", type=int, help="torch CPU threads of the model (default: torch's, one per core)")
     p.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="undecodable images: stop or skip")
@@ -415,10 +419,10 @@ def detect_format(folder: str) -> str:
     if os.path.exists(manifest):
         with open(manifest) as f:
             return json.load(f)["format"]
-    for fmt in ("wds", "arrow", "rec"):
+    for fmt in FORMATS:
         if os.path.isdir(os.path.join(folder, fmt)):
             return fmt
-    raise UsageError(f"--shards {folder}: no wds/, arrow/ or rec/ folder nor manifest.json; "
+    raise UsageError(f"--shards {folder}: no {'/, '.join(FORMATS)}/ folder nor manifest.json; "
                      "pass a make-shards --out folder")
 
 

@@ -15,10 +15,10 @@ import subprocess
 import sys
 import time
 
+from pipelines.formats.registry import FORMATS
 from tools.demo import make_synthetic
 from tools.convert import verify_shards
 
-FORMATS = ("wds", "arrow", "rec")
 # Training variants: a name and the overrides it adds to configs/demo.yaml. The alip-* ones are
 # the cold-start and normalization options of the gates (the noise sweep reports them).
 VARIANTS = {
@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (the data stays the same)")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--formats", default=",".join(FORMATS),
-                   help="formats converted and verified (training reads wds)")
+                   help=f"comma-separated, of {', '.join(FORMATS)}: converted and verified (training reads wds)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--reuse", action="store_true",
                    help="keep runs that already have results for the same settings (add seeds to a table)")
@@ -205,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     formats = [f for f in args.formats.split(",") if f]
     if unknown := [v for v in variants if v not in VARIANTS]:
         p.error(f"unknown mode(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    if unknown := [f for f in formats if f not in FORMATS]:
+        p.error(f"unknown format(s) {unknown}; choose from {', '.join(FORMATS)}")
     if "wds" not in formats:
         p.error("--formats must include wds (the demo trains on it)")
     start = time.perf_counter()

@@ -13,12 +13,13 @@ from typing import Sequence
 
 import torch
 
+from pipelines.loader_settings import CHOICES
 from train.eval.evaluate import (INPUT_ERRORS, ClassificationEvalConfig, EvalConfigError, RetrievalEvalConfig,
                                  load_model, one_line, run_evals, to_markdown, write_results)
 from train.eval.ood import add_ood_args, main_ood
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lip-eval", description=__doc__.split("\n")[0])
     add = p.add_argument
     add("--checkpoint", required=True, help="open_clip-layout state dict or trainer checkpoint")
@@ -33,8 +34,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--classification-shards", help="shards labelled by meta['label'] or meta['class']")
     add("--classification-name", default="classification")
     add("--classnames", help="text file, one class name per line, in label order")
-    add("--format", default="wds", choices=("wds", "arrow", "rec"))
-    add("--backend", default="torch", choices=("torch", "dali"))
+    add("--format", default="wds", choices=CHOICES["format"])
+    add("--backend", default="torch", choices=CHOICES["backend"],
+        help="shards' loader; auto: DALI when it imports (pipelines/loader_settings.py), else torch")
     add("--image-size", type=int, help="default: the model's own")
     add("--batch-size", type=int, default=64)
     add("--workers", type=int, default=min(4, os.cpu_count() or 1))
@@ -43,7 +45,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--run-name", help="row name in the table (default: the checkpoint's file name)")
     add("--out", help="results JSON; the Markdown table is written beside it")
     add_ood_args(p)  # --ood, --ood-*, --evidential-scale
-    return p.parse_args(argv)
+    return p
 
 
 def _configs(a: argparse.Namespace, image_size: int) -> list[RetrievalEvalConfig | ClassificationEvalConfig]:
@@ -67,7 +69,7 @@ def _configs(a: argparse.Namespace, image_size: int) -> list[RetrievalEvalConfig
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    a = parse_args(argv)
+    a = build_parser().parse_args(argv)
     try:
         if a.ood and not a.retrieval_json:
             raise EvalConfigError("--ood needs --retrieval-json (a Karpathy-style test JSON)")

@@ -114,7 +114,7 @@ class _EvalData:  # what both tasks share: a name, where images come from, how t
     _: KW_ONLY
     shards: str | None = None  # a make-shards format folder, read with split="eval"
     format: str = "wds"  # wds | arrow | rec
-    backend: str = "torch"  # torch | dali (shards only)
+    backend: str = "torch"  # torch | dali | auto (shards only; the loader resolves auto)
     image_size: int = 224
     batch_size: int = 64
     workers: int = min(4, os.cpu_count() or 1)
