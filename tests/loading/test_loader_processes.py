@@ -36,6 +36,7 @@ import pipelines.dali
 from pipelines.loader import LoaderConfig, build_loader
 backend, start_method, shards = sys.argv[1:4]
 pipelines.dali.START_METHOD = start_method or None
+pipelines.dali.IN_PROCESS = False if start_method else None  # the workers, on the CPU graph too
 loader = build_loader(LoaderConfig(shards=shards, backend=backend, device="cpu", batch_size=4, image_size=16,
                                    workers=2))
 it = iter(loader)
@@ -102,6 +103,19 @@ def kill_and_watch(argv: list[str], ready=lambda proc: proc.stdout.readline()) -
 def test_workers_die_with_the_loader_process(shards, backend, start_method):
     left = kill_and_watch([sys.executable, "-c", HOLD_A_LOADER, backend, start_method, shards])
     assert not left, f"{backend} {start_method}: still alive {GONE_WITHIN_S} s after the kill: {left}"
+
+
+def test_dali_on_the_cpu_graph_starts_no_process(shards):
+    """The CPU graph reads in the calling process (pipelines/dali.py, reads_in_process): nothing to outlive it."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_A_LOADER, "dali", "", shards], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline(), proc.stderr.read()[-3000:]
+        assert not children_of(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_folder_index_pool_dies_with_its_parent(shards):
