@@ -26,10 +26,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipelines.errors import ShardError, StorageError
 from pipelines.formats.index import INDEX_NAME, FolderIndex
 from pipelines.mixing import check_weight
-from pipelines.shardset import ShardError, ShardSet
-from pipelines.storage import StorageError, is_remote, join, read_json
+from pipelines.shardset import ShardSet
+from pipelines.storage import is_remote, join, read_json
 
 FORMATS = ("wds", "arrow", "rec")
 _KEYS = ("shards", "weight", "format", "name")
