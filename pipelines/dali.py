@@ -29,13 +29,13 @@ import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 
+from pipelines.errors import SampleReadError, StorageError
 from pipelines.faults import BadSamples
 from pipelines.images import decode_rgb, oriented_size
 from pipelines.parent_watch import watch_in_child, watch_parent
 from pipelines.sampling import EpochPlan
 from pipelines.schema import CONTEXT_LENGTH, Batch
-from pipelines.shardset import SampleReadError, ShardSet, position_of
-from pipelines.storage import StorageError
+from pipelines.shardset import ShardSet, position_of
 from pipelines.transforms import CLIP_MEAN, CLIP_STD, AugmentSpec, crop_windows, flips
 
 

@@ -16,11 +16,9 @@ import logging
 
 import numpy as np
 
+from pipelines.errors import SampleError
+
 log = logging.getLogger("pipelines")
-
-
-class SampleError(ValueError):
-    """An image that does not decode (or too many in a row): names the shard and the key."""
 
 
 class BadSamples:

@@ -24,9 +24,10 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
+from pipelines.errors import FolderIndexError
 from pipelines.formats import arrow, recordio, wds
 from pipelines.formats.base import file_digest
-from pipelines.formats.index import INDEX_NAME, SAMPLE_DTYPES, FolderIndex, IndexError_, Piece, write_index
+from pipelines.formats.index import INDEX_NAME, SAMPLE_DTYPES, FolderIndex, Piece, write_index
 from pipelines.parent_watch import watch_in_child
 
 log = logging.getLogger("pipelines")
@@ -158,7 +159,7 @@ def _kept_piece(path: str) -> Piece | None:
     try:
         index = FolderIndex(path)
         return index.piece(0) if len(index.names) == 1 and index.verified(0) else None
-    except IndexError_ as e:
+    except FolderIndexError as e:
         log.warning("%s; indexing the shard again", e)
         return None
 
@@ -222,7 +223,7 @@ def indexes(folder: str, fmt: str) -> bool:
     path = os.path.join(folder, INDEX_NAME)
     try:
         return os.path.exists(path) and FolderIndex(path).format == fmt
-    except IndexError_:
+    except FolderIndexError:
         return False
 
 
@@ -239,7 +240,7 @@ def local_index(folder: str, fmt: str, cache_dir: str) -> tuple[FolderIndex, lis
     if os.path.exists(own):
         try:
             base = FolderIndex(own)
-        except IndexError_ as e:
+        except FolderIndexError as e:
             log.warning("%s; indexing the folder again into the cache", e)
         if base is not None and base.format == fmt:
             changed, missing = _stale(base, folder, with_mtime=False)
@@ -253,7 +254,7 @@ def local_index(folder: str, fmt: str, cache_dir: str) -> tuple[FolderIndex, lis
         if os.path.exists(target):
             try:
                 cached = FolderIndex(target)
-            except IndexError_ as e:
+            except FolderIndexError as e:
                 log.warning("%s; indexing the folder again", e)
                 cached = None
             if cached is not None and cached.format == fmt and cached.names == names:

@@ -49,9 +49,10 @@ from typing import Callable, Iterable
 
 from pipelines.cache_locks import WANT, Held, LockFile, Record, live_text, try_lock, want_token
 from pipelines.cached_files import is_marked, is_verified, mark_verified
+from pipelines.errors import StorageError
 from pipelines.formats.base import write_atomic
 from pipelines.node_budget import LOADING, OWNED, NodeBudget, evict, evictions, write_catalog
-from pipelines.storage import StorageError, download_file, human, join
+from pipelines.storage import download_file, human, join
 
 WAIT_TIMEOUT_S = 900.0  # a reader waiting longer for a shard gives up (no owner can fetch it)
 TAKEOVER_S = 0.5  # how often a waiting loader tries to become the owner of an ownerless folder

@@ -26,6 +26,7 @@ from collections import Counter
 
 import numpy as np
 
+from pipelines.errors import SampleReadError, ShardError, StorageError
 from pipelines.folder_index import COMPANIONS, SUFFIX, IndexLock, indexes, local_index, piece, pieces, shard_names
 from pipelines.formats import arrow, recordio, wds
 from pipelines.formats.base import DEFAULT_OPEN_SHARDS, MappedFile, OpenShards
@@ -33,8 +34,8 @@ from pipelines.formats.index import INDEX_NAME, FolderIndex, Piece, write_index
 from pipelines.schema import CONTEXT_LENGTH, Sample
 from pipelines.cached_files import cache_folder, content_version, fetch_once, identity_of
 from pipelines.shard_cache import ShardCache
-from pipelines.storage import (DEFAULT_CACHE_DIR, DEFAULT_CACHE_LIMIT, StorageError, is_remote, join, list_files,
-                               parse_size, read_json)
+from pipelines.storage import (DEFAULT_CACHE_DIR, DEFAULT_CACHE_LIMIT, is_remote, join, list_files, parse_size,
+                               read_json)
 from pipelines.text import choose_caption, sample_tokens
 
 
@@ -46,18 +47,6 @@ TEXT_WIDTH = 2 * CONTEXT_LENGTH + 1
 ERROR_POLICIES = ("raise", "skip")
 _OPENERS = {"wds": MappedFile, "arrow": arrow.ColumnViews, "rec": recordio.RecFiles}
 
-
-class ShardError(ValueError):
-    pass
-
-
-class SampleReadError(ValueError):
-    """A sample whose stored bytes cannot be read (a record cut short, a bad header): that sample
-    is bad, as an undecodable image is; `gid` names it. Never raised for a storage failure."""
-
-    def __init__(self, message: str, gid: int = -1):
-        super().__init__(message)
-        self.gid = gid
 
 
 def position_of(epoch: int, batch: int) -> int:
@@ -433,4 +422,4 @@ def _index_remote_folder(url: str, fmt: str, manifest: dict | None, node: str) -
         return FolderIndex(target), etags, node
 
 
-__all__ = ["ShardSet", "ShardError", "SampleReadError", "TEXT_WIDTH", "position_of"]
+__all__ = ["ShardSet", "TEXT_WIDTH", "position_of"]

@@ -26,11 +26,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipelines.errors import ShardError, StorageError
 from pipelines.formats.index import INDEX_NAME, FolderIndex
 from pipelines.formats.registry import FORMATS
 from pipelines.mixing import check_weight
-from pipelines.shardset import ShardError, ShardSet
-from pipelines.storage import StorageError, is_remote, join, read_json
+from pipelines.shardset import ShardSet
+from pipelines.storage import is_remote, join, read_json
 
 _KEYS = ("shards", "weight", "format", "name")
 

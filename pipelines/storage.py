@@ -27,6 +27,7 @@ import time
 from collections import Counter
 from typing import Callable
 
+from pipelines.errors import StorageError
 from pipelines.formats.base import file_digest
 
 log = logging.getLogger("pipelines")
@@ -43,10 +44,6 @@ _UNITS = {"": 1, "b": 1, "k": 10 ** 3, "kb": 10 ** 3, "m": 10 ** 6, "mb": 10 ** 
 # Requests this process sent, by kind ("listing", "reading", "downloading", ...): what
 # `bench-scale` reports per open. One count per attempt (a retry is another request).
 REQUESTS: Counter = Counter()
-
-
-class StorageError(RuntimeError):
-    """A transfer or listing that failed for good: names the url and what to check."""
 
 
 class _ShortRead(OSError):

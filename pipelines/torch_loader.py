@@ -19,12 +19,13 @@ import webdataset as wds
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
+from pipelines.errors import SampleReadError
 from pipelines.faults import BadSamples
 from pipelines.images import decode_rgb
 from pipelines.parent_watch import watch_in_child
 from pipelines.sampling import EpochPlan, mix
 from pipelines.schema import Batch
-from pipelines.shardset import SampleReadError, ShardSet, position_of
+from pipelines.shardset import ShardSet, position_of
 from pipelines.text import sample_tokens
 from pipelines.transforms import CLIP_MEAN, CLIP_STD, AugmentSpec, crop_windows, flips
 

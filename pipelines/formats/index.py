@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from pipelines.errors import FolderIndexError
 from pipelines.formats import base
 from pipelines.formats.base import fsync_dir
 
@@ -66,10 +67,6 @@ SAMPLE_DTYPES = {
 }
 SHARD_DTYPE = np.dtype([("row0", "<u8"), ("count", "<u8"), ("bytes", "<u8"), ("sha256", "u1", 32),
                         ("text_bytes", "<u8"), ("text_sha256", "u1", 32), ("mtime_ns", "<i8")])
-
-
-class IndexError_(ValueError):
-    """A file that is not a folder index of this version: names it and the fix."""
 
 
 @dataclass
@@ -249,7 +246,7 @@ class FolderIndex:
         try:
             mm = pa.memory_map(self.path, "r")
         except (OSError, pa.ArrowException) as e:
-            raise IndexError_(f"{self.path}: cannot map the folder index ({e})") from None
+            raise FolderIndexError(f"{self.path}: cannot map the folder index ({e})") from None
         try:
             st = os.fstat(mm.fileno())  # of the file mapped, whatever the path names by now
             self._identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
@@ -258,7 +255,8 @@ class FolderIndex:
             mm.close()  # the mapping lives while `buf` (and views of it) do; no descriptor stays open
         raw = np.frombuffer(buf, np.uint8)
         if len(raw) < len(MAGIC) + 8 or bytes(raw[:len(MAGIC)]) != MAGIC:
-            raise IndexError_(f"{self.path}: not a folder index; delete it and rerun make-shards (or index-shards)")
+            raise FolderIndexError(f"{self.path}: not a folder index; delete it and rerun make-shards "
+                                   "(or index-shards)")
         header, arrays = self._parse(raw, buf)
         self.header = header
         self.format: str = header["format"]
@@ -272,39 +270,39 @@ class FolderIndex:
         self._pid = os.getpid()
 
     def _parse(self, raw: np.ndarray, buf) -> tuple[dict, dict[str, np.ndarray]]:
-        """Header and arrays, or IndexError_ for any damage the lengths and the trailer show."""
+        """Header and arrays, or FolderIndexError for any damage the lengths and the trailer show."""
         damaged = f"{self.path}: damaged folder index (%s)"  # the caller says what it does instead
         (length,) = struct.unpack("<Q", bytes(raw[len(MAGIC):len(MAGIC) + 8]))
         head_end = len(MAGIC) + 8 + length
         if head_end > len(raw):
-            raise IndexError_(damaged % f"cut short: {len(raw)} bytes, its header alone needs {head_end}")
+            raise FolderIndexError(damaged % f"cut short: {len(raw)} bytes, its header alone needs {head_end}")
         try:
             header = json.loads(bytes(raw[len(MAGIC) + 8:head_end]))
             if header.get("version") != VERSION:
-                raise IndexError_(f"{self.path}: folder index version {header.get('version')}, this loader reads "
-                                  f"{VERSION}; rebuild it with index-shards")
+                raise FolderIndexError(f"{self.path}: folder index version {header.get('version')}, this loader "
+                                       f"reads {VERSION}; rebuild it with index-shards")
             arrays = {}
             for name, spec in header["arrays"].items():
                 dtype = _dtype(spec["dtype"])
                 offset, count = int(spec["offset"]), int(spec["count"])
                 if offset < head_end or offset + count * dtype.itemsize > len(raw):
-                    raise IndexError_(damaged % f"its {name} array lies past its end or in its header")
+                    raise FolderIndexError(damaged % f"its {name} array lies past its end or in its header")
                 arrays[name] = np.frombuffer(buf, dtype, count, offset)
             if len(header["names"]) != len(arrays["shards"]) or not {"key_ends", "keys"} <= set(arrays):
-                raise IndexError_(damaged % "its header does not match its arrays")
+                raise FolderIndexError(damaged % "its header does not match its arrays")
         except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
-            if isinstance(e, IndexError_):
+            if isinstance(e, FolderIndexError):
                 raise
-            raise IndexError_(damaged % f"unreadable header: {e}") from None
+            raise FolderIndexError(damaged % f"unreadable header: {e}") from None
         if "bytes" in header:  # written with a trailer (older indexes: the checks above only)
             if len(raw) != header["bytes"]:
-                raise IndexError_(damaged % f"{len(raw)} bytes, written as {header['bytes']}")
+                raise FolderIndexError(damaged % f"{len(raw)} bytes, written as {header['bytes']}")
             trailer = bytes(raw[len(raw) - TRAILER_SIZE:])
             crcs = struct.unpack("<II", trailer[len(TRAILER):]) if trailer.startswith(TRAILER) else None
             if crcs != (zlib.crc32(raw[:head_end]), zlib.crc32(arrays["shards"])):
-                raise IndexError_(damaged % "its header or shard table fails its checksum")
+                raise FolderIndexError(damaged % "its header or shard table fails its checksum")
             if "checks" not in arrays or len(arrays["checks"]) != len(arrays["shards"]):
-                raise IndexError_(damaged % "its shard checksums are missing")
+                raise FolderIndexError(damaged % "its shard checksums are missing")
         return header, arrays
 
     @property
@@ -357,9 +355,9 @@ class FolderIndex:
         self.path = state["path"]
         self._load()
         if state.get("identity", self._identity) != self._identity:
-            raise IndexError_(f"{self.path}: the folder index was replaced after the loader opened it (re-indexed, "
-                              "or another version of the data written in its place); a worker cannot read the "
-                              "samples its loader planned from another index: restart the run")
+            raise FolderIndexError(f"{self.path}: the folder index was replaced after the loader opened it "
+                                   "(re-indexed, or another version of the data written in its place); a worker "
+                                   "cannot read the samples its loader planned from another index: restart the run")
 
     def __len__(self) -> int:
         return len(self.key_ends)

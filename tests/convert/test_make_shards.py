@@ -260,6 +260,17 @@ def test_bad_invocations_exit_2_with_one_line(flickr, tmp_path, capsys):
     assert "did not write" in one_line_error(capsys, base + ["--input", str(flickr["captions"]), "--out", str(foreign)])
 
 
+def test_tools_make_shards_is_the_documented_entry_point():
+    """`python -m tools.make_shards` (the path older docs and scripts name) runs make-shards itself."""
+    from tools import make_shards as entry
+
+    assert entry.main is make_shards.main
+    done = subprocess.run([sys.executable, "-m", "tools.make_shards", "--help"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: make-shards") and "--resume" in done.stdout
+
+
 def test_verify_shards_names_the_bad_shard(flickr, tmp_path, capsys):
     out = tmp_path / "out"
     assert convert_flickr(flickr, out, "--format", "wds,rec", "--samples-per-shard", "50", "--workers", "1") == 0

@@ -214,7 +214,7 @@ def test_an_image_without_a_header_is_a_bad_sample(tmp_path, backend):
     image are a bad sample there too (named, substituted under skip), as the torch backend finds."""
     import tarfile
 
-    from pipelines.faults import SampleError
+    from pipelines.errors import SampleError
     from test_loader_faults import N, PER_TAR, epoch, expected, jpeg, loader
 
     folder = tmp_path / "wds"

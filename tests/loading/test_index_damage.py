@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from conftest import build_synthetic_shards
+from pipelines.errors import FolderIndexError
 from pipelines.folder_index import cache_path
-from pipelines.formats.index import INDEX_NAME, FolderIndex, IndexError_
+from pipelines.formats.index import INDEX_NAME, FolderIndex
 from pipelines.shardset import ShardSet
 
 FORMATS = ("wds", "arrow", "rec")
@@ -98,7 +99,7 @@ def test_every_cut_is_an_index_error_naming_the_file(folder, tmp_path):
     path = tmp_path / INDEX_NAME
     for n in range(16, len(data), 7):
         path.write_bytes(data[:n])
-        with pytest.raises(IndexError_, match=str(path)):
+        with pytest.raises(FolderIndexError, match=str(path)):
             FolderIndex(str(path))
 
 
@@ -134,5 +135,5 @@ def test_an_index_written_before_checksums_opens_and_verifies(folder, tmp_path, 
     assert not caplog.records, caplog.text
     assert verify_shards.verify_folder(str(copy), progress=False)["samples"] == 24
     (copy / INDEX_NAME).write_bytes(old[:-5])  # cut: its lengths still show it
-    with pytest.raises(IndexError_, match="keys array lies past its end"):
+    with pytest.raises(FolderIndexError, match="keys array lies past its end"):
         FolderIndex(str(copy / INDEX_NAME))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipelines.faults import SampleError
+from pipelines.errors import SampleError
 from pipelines.loader import LoaderConfig, build_loader
 
 N, PER_TAR, BATCH = 48, 12, 4

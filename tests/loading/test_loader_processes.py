@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from conftest import build_synthetic_shards
-from pipelines.formats.index import INDEX_NAME, FolderIndex, IndexError_
+from pipelines.errors import FolderIndexError
+from pipelines.formats.index import INDEX_NAME, FolderIndex
 from tools.convert.reaper import descendants, process_table
 
 REPO = Path(__file__).resolve().parents[2]
@@ -154,6 +155,6 @@ def test_a_worker_never_maps_another_index_than_its_loader(shards, tmp_path):
     other = build_synthetic_shards(tmp_path / "v2", 20, "wds", 5) / "wds" / INDEX_NAME  # a re-conversion
     shutil.copy(other, folder / "index.bin.tmp")
     os.replace(folder / "index.bin.tmp", folder / INDEX_NAME)
-    with pytest.raises(IndexError_, match="replaced after the loader opened it"):
+    with pytest.raises(FolderIndexError, match="replaced after the loader opened it"):
         pickle.loads(sent)
     assert len(pickle.loads(pickle.dumps(FolderIndex(str(folder / INDEX_NAME))))) == 20  # a fresh open is fine

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import build_synthetic_shards
-from pipelines.faults import BadSamples, SampleError
+from pipelines.errors import SampleError
+from pipelines.faults import BadSamples
 from pipelines.loader import Loader, LoaderConfig, build_loader
 from pipelines.mixing import Mix, per_epoch
 from pipelines.sampling import EpochPlan

@@ -25,9 +25,9 @@ import pytest
 
 from conftest import synthetic_input
 from pipelines import storage
+from pipelines.errors import StorageError
 from pipelines.loader import LoaderConfig, build_loader
 from pipelines.shardset import ShardSet
-from pipelines.storage import StorageError
 from s3_server import s3  # noqa: F401 - the module-scoped server fixture
 from test_storage import data_bytes, epoch, loader, upload_folder
 

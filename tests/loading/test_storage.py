@@ -15,9 +15,9 @@ import torch
 
 from conftest import build_synthetic_shards, overrides, run_main
 from pipelines import storage
+from pipelines.errors import ShardError, StorageError
 from pipelines.loader import LoaderConfig, build_loader
-from pipelines.shardset import ShardError, ShardSet
-from pipelines.storage import StorageError
+from pipelines.shardset import ShardSet
 from s3_server import s3, upload_folder  # noqa: F401 - the module-scoped server fixture
 
 N, PER_SHARD = 48, 8  # six shards per format

@@ -21,6 +21,7 @@ import tempfile
 
 from tools.captions import caption_shards
 from tools.convert import make_shards
+from tools.convert.resumable import UsageError
 from tools.demo import make_synthetic
 from tools.captions.caption_shards import CaptionConfig
 
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             stats = caption_shards.run(cfg, os.path.join(tmp, "captions.jsonl"), args.batch_size, args.device,
                                        workers=args.workers, progress=False)
-        except caption_shards.UsageError as e:
+        except UsageError as e:
             print(f"bench-caption: error: {e}", file=sys.stderr)
             return 2
     images_s = stats["images"] / stats["seconds"]

@@ -31,23 +31,21 @@ from dataclasses import replace
 
 from tqdm import tqdm
 
+from pipelines.errors import ShardError
 from pipelines.folder_index import PIECE_SUFFIX, index_for_manifest, shard_piece, write_piece
 from pipelines.formats import recordio
-from pipelines.formats.base import file_digest, holds_only_partial_writes, remove_partial_writes, write_json_atomic
+from pipelines.formats.base import file_digest, holds_only_partial_writes, write_json_atomic
 from pipelines.formats.registry import DATA_SUFFIX, WRITERS, get_format
 from pipelines.text import TOKENIZER_NAME, clean_text
 from tools.convert import input_identity
 from tools.convert.caption import CaptionSidecar, JoinCounts, join_summary, load_sidecar, stored_record
+from tools.convert.resumable import (PLAN_FILE, UsageError, add_run_options, check_same_plan, clear_leftovers,
+                                     error_exit, read_plan, tool_parser, write_plan)
 from tools.fault_hooks import point
 from tools.convert.shard_worker import PARTS_DIR, TOKENIZE_BLOCK, part_path, set_tokens, write_record
 from tools.convert.verify_shards import format_folders
 
 ATTACH_DIR = ".attach"  # per output format folder: this attach's plan and its per-shard records
-PLAN_FILE = "plan.json"
-
-
-class UsageError(Exception):
-    """A bad invocation: one line naming the problem and the fix, exit code 2."""
 
 
 def new_captions(old: list[str], found: list[str] | None, mode: str) -> list[str]:
@@ -130,12 +128,9 @@ def prepare_output(out_folder: str, plan: dict, in_place: bool, source: str | No
     (their shards are this folder's now)."""
     records = os.path.join(out_folder, ATTACH_DIR)
     plan_path = os.path.join(records, PLAN_FILE)
-    previous, recorded, inputs = None, None, None
+    inputs = None
     paths = {} if in_place or source is None else {"--shards": source}
-    if os.path.exists(plan_path):
-        with open(plan_path, encoding="utf-8") as f:
-            previous = json.load(f)
-        recorded = previous.pop("inputs", None)
+    previous, recorded = read_plan(plan_path)
     if in_place:
         if previous is not None and previous != plan:
             shutil.rmtree(records)
@@ -143,10 +138,8 @@ def prepare_output(out_folder: str, plan: dict, in_place: bool, source: str | No
         if previous is None:
             raise UsageError(f"{out_folder} already holds files that attach-captions did not write; "
                              "choose another --out")
-        if previous != plan:
-            diff = sorted(k for k in plan if plan[k] != previous.get(k))
-            raise UsageError(f"{out_folder} holds another attach (differs in {', '.join(diff)}); "
-                             "choose another --out, or rerun that attach's own command to finish it")
+        check_same_plan(plan, previous, where=out_folder, other="another attach",
+                        fix="choose another --out, or rerun that attach's own command to finish it")
         if paths and recorded is None:
             print(f"attach-captions: warning: {plan_path} was written before attach-captions recorded its "
                   f"shards' identity: finishing it without checking that {source} is unchanged since (if the "
@@ -156,10 +149,8 @@ def prepare_output(out_folder: str, plan: dict, in_place: bool, source: str | No
             if changed:
                 raise UsageError(f"{out_folder}: {'; '.join(changed)} since this attach began, so its finished "
                                  f"shards hold the old shards' samples; delete {out_folder} or choose another --out")
-    os.makedirs(records, exist_ok=True)
-    for sub in (out_folder, records, os.path.join(out_folder, PARTS_DIR)):  # a killed run's leftovers
-        remove_partial_writes(sub)
-    write_json_atomic(plan_path, {**plan, "inputs": inputs or input_identity.identities(paths)} if paths else plan)
+    clear_leftovers(records, out_folder, os.path.join(out_folder, PARTS_DIR))
+    write_plan(plan_path, plan, (inputs or input_identity.identities(paths)) if paths else None)
     return records
 
 
@@ -248,14 +239,8 @@ def _update_part(folder: str, fmt: str, stem: str, record: dict) -> None:
         write_record(path, part)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(f"{message} (see attach-captions --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="attach-captions", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = tool_parser("attach-captions", __doc__)
     p.add_argument("--shards", required=True, help="a make-shards --out folder or one of its format folders")
     p.add_argument("--captions", required=True, help="JSONL/TSV caption sidecar (caption-shards writes one)")
     p.add_argument("--out", help="write the captioned shards here (one subfolder per format)")
@@ -265,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-score", metavar="CKPT", help="store CLIP scores of raw text and captions in meta")
     p.add_argument("--clip-model", default="ViT-B-32", help="open_clip model name of --clip-score")
     p.add_argument("--device", choices=("gpu", "cpu"), default="cpu", help="where --clip-score runs")
-    p.add_argument("--quiet", action="store_true")
+    add_run_options(p)  # a rerun finishes a killed attach by itself: no --resume, no --overwrite
     return p
 
 
@@ -278,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--shards {args.shards}: no such folder; pass a make-shards --out folder")
         try:
             folders = format_folders(args.shards)
-        except Exception as e:  # verify-shards' ShardError: no manifest.json anywhere
+        except (ShardError, OSError) as e:  # no manifest.json anywhere, or an unreadable folder
             raise UsageError(str(e)) from e
         sidecar = load_sidecar(args.captions)
         scorer = None
@@ -297,8 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r.get('with_syn', 0)} with synthetic captions ({r.get('captions', 0)} captions), "
                   f"{r['shards_reused']} shards reused → {r['folder']} ({time.perf_counter() - start:.1f} s)")
     except (UsageError, FileNotFoundError, ValueError) as e:
-        print(f"attach-captions: error: {e}", file=sys.stderr)
-        return 2
+        return error_exit("attach-captions", e)
     return 0
 
 

@@ -38,18 +38,15 @@ from pipelines.loader_settings import CHOICES, resolve_backend
 from pipelines.text import clean_text
 from tools.convert import input_identity
 from tools.convert.caption import stored_line_id
+from tools.convert.resumable import (PLAN_FILE, UsageError, add_run_options, clear_leftovers, error_exit, resume_plan,
+                                     tool_parser, write_plan)
 from tools.fault_hooks import point
 
-PLAN_FILE = "plan.json"
 LINE_IDS = "image identity"  # what a line names an image by (older runs: its source key; not resumable)
 FETCH_HINT = ("fetch one once with `huggingface-cli download Salesforce/blip-image-captioning-base "
               "--local-dir DIR` (or any BLIP/GIT/Florence-2 repo), or make a tiny random one with "
               "`caption-shards --init-tiny DIR`")
 _WORD = re.compile(r"\w+")
-
-
-class UsageError(Exception):
-    """A bad invocation: one line naming the problem and the fix, exit code 2."""
 
 
 @dataclass(frozen=True)
@@ -245,25 +242,17 @@ def prepare_output(out: str, cfg: CaptionConfig, resume: bool, overwrite: bool, 
         if os.path.exists(out):
             os.remove(out)
     elif os.path.exists(plan_path):
-        with open(plan_path) as f:
-            previous = json.load(f)
-        recorded = previous.pop("inputs", None)
-        if previous != plan:
-            diff = sorted(k for k in plan if plan[k] != previous.get(k))
-            raise UsageError(f"{parts} holds captions made with other arguments (differs in {', '.join(diff)}); "
-                             "pass --overwrite to redo them or choose another --out")
-        if not resume:
-            raise UsageError(f"{parts} holds this run's records; pass --resume to finish it or --overwrite to redo it")
-        inputs = input_identity.check_resume(
-            "caption-shards", plan_path, recorded, paths, unchecked="the shards and the model",
-            where=parts, since="since these captions were begun, so the finished shards' captions are of the old "
-            "input; --resume cannot finish them", error=UsageError)
+        inputs = resume_plan(
+            "caption-shards", plan_path, plan, paths, resume, where=parts, other="captions made with other arguments",
+            fix="pass --overwrite to redo them or choose another --out", this="holds this run's records",
+            unchecked="the shards and the model", since="since these captions were begun, so the finished shards' "
+            "captions are of the old input; --resume cannot finish them")
     elif os.path.exists(out) or (os.path.exists(parts) and not holds_only_partial_writes(parts)):
         raise UsageError(f"{out} already exists; choose another --out or pass --overwrite")
-    os.makedirs(parts, exist_ok=True)
-    remove_partial_writes(parts)  # what a killed run was writing
+    clear_leftovers(parts)
+    # The sidecar itself is written atomically beside --out: a killed run may have left its temporary file.
     remove_partial_writes(os.path.dirname(os.path.abspath(out)), prefix=os.path.basename(out) + ".tmp")
-    write_json_atomic(plan_path, {**plan, "inputs": inputs or input_identity.identities(paths)})
+    write_plan(plan_path, plan, inputs or input_identity.identities(paths))
     return parts
 
 
@@ -377,14 +366,8 @@ def run(cfg: CaptionConfig, out: str, batch_size: int = 16, device: str = "cpu",
     return stats
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not a usage dump
-        raise UsageError(f"{message} (see caption-shards --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="caption-shards", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = tool_parser("caption-shards", __doc__)
     p.add_argument("--shards", help="a make-shards --out folder or one of its format folders")
     p.add_argument("--format", default=None, choices=tuple(FORMATS), help="default: the first the folder holds")
     p.add_argument("--model", help="local transformers image-to-text folder (never downloaded)")
@@ -406,9 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="loader worker processes")
     p.add_argument("--threads", type=int, help="torch CPU threads of the model (default: torch's, one per core)")
     p.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="undecodable images: stop or skip")
-    p.add_argument("--resume", action="store_true", help="keep finished shards' captions, do the rest")
-    p.add_argument("--overwrite", action="store_true", help="replace --out and its records")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_run_options(p, resume="keep finished shards' captions, do the rest", overwrite="replace --out and its records")
     p.add_argument("--init-tiny", metavar="DIR", help="only write a tiny random BLIP model folder to DIR and exit")
     return p
 
@@ -459,8 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         stats = run(cfg, args.out, args.batch_size, args.device, args.backend, args.workers, args.resume,
                     args.overwrite, args.on_error, progress=not args.quiet)
     except (UsageError, FileNotFoundError, ValueError) as e:
-        print(f"caption-shards: error: {e}", file=sys.stderr)
-        return 2
+        return error_exit("caption-shards", e)
     dropped = ", ".join(f"{k[8:]} {v}" for k, v in stats.items() if k.startswith("dropped_")) or "none"
     print(f"caption-shards: {stats.get('samples', 0)} samples, {stats.get('images', 0)} images captioned, "
           f"{stats.get('captions', 0)} captions kept, dropped {dropped}; "

@@ -1,5 +1,6 @@
 """What a resumable tool's inputs were, by content, so that `--resume` never finishes a run on other
-data than it began with (make-shards, caption-shards, attach-captions).
+data than it began with (make-shards, caption-shards, attach-captions; the plan that records them:
+tools/convert/resumable.py).
 
 A plan used to name its inputs by path only: a table grown from 10 to 16 rows between a killed run
 and its `--resume` kept the old short last shard as finished, rows 10–11 were never converted, and
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 
 from pipelines.formats.base import file_digest
 
@@ -87,20 +87,3 @@ def compare(recorded: dict[str, dict | None], inputs: dict[str, str | None]) -> 
                            f"{is_['files']:,} files, {is_['bytes']:,} bytes, or files rewritten)")
     return changed, now
 
-
-def check_resume(tool: str, plan_path: str, recorded: dict | None, inputs: dict[str, str | None], *,
-                 unchecked: str, where: str, since: str, error: type[Exception]) -> dict | None:
-    """A resumable tool's --resume onto a plan: the inputs' identities now, checked against the
-    ones the plan recorded. A plan from before they were recorded warns (`unchecked` names the
-    inputs) and resumes; a changed input raises `error` naming `where`, what changed, `since` (since
-    when, and what the finished parts hold) and the way out. None when nothing was checked."""
-    if recorded is None:
-        print(f"{tool}: warning: {plan_path} was written before {tool} recorded its inputs' identity: resuming "
-              f"without checking that {unchecked} are unchanged since (if they changed, pass --overwrite instead)",
-              file=sys.stderr)
-        return None
-    differ, now = compare(recorded, inputs)
-    if differ:
-        raise error(f"{where}: {'; '.join(differ)} {since}: pass --overwrite instead of --resume, or choose another "
-                    "--out")
-    return now

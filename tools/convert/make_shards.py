@@ -26,9 +26,10 @@ from typing import Iterator
 from tqdm import tqdm
 
 from pipelines import storage
+from pipelines.errors import StorageError
 from pipelines.formats import recordio
 from pipelines.folder_index import index_for_manifest
-from pipelines.formats.base import holds_only_partial_writes, remove_partial_writes, write_json_atomic
+from pipelines.formats.base import holds_only_partial_writes, write_json_atomic
 from pipelines.formats.registry import FORMATS
 from pipelines.schema import SCHEMA_VERSION
 from pipelines.text import TOKENIZER_NAME, clean_text
@@ -36,16 +37,13 @@ from tools.convert.caption import SidecarJoin, join_summary, load_sidecar
 from tools.convert.image_policy import DEFAULT_MAX_PIXELS, RESIZE_BACKENDS, ImagePolicy
 from tools.convert import input_identity, remote_out
 from tools.convert.distribute import DISTRIBUTORS, DistributorError, make_distributor
+from tools.convert.resumable import (PLAN_FILE, UsageError, add_run_options, clear_leftovers, error_exit, resume_plan,
+                                     tool_parser, write_plan)
 from tools.convert.shard_worker import PARTS_DIR, ShardJob, WorkItem, shard_is_complete
 from tools.convert.sources import SOURCES, get_source
 from tools.convert.sources.base import SourceError, SourceOptions, SourceRecord
 
 TOOL_VERSION = "0.1.0"
-PLAN_FILE = "plan.json"
-
-
-class UsageError(Exception):
-    """A bad invocation: one line naming the problem and the fix, exit code 2."""
 
 
 @dataclass(frozen=True)
@@ -120,27 +118,16 @@ def prepare_output(out: str, cfg: ConvertConfig, resume: bool, overwrite: bool) 
                 raise UsageError(f"{folder} already holds files that make-shards did not write; "
                                  "choose another --out or pass --overwrite")
             else:
-                with open(plan_path) as f:
-                    previous = json.load(f)
-                previous.setdefault("resize_backend", "pillow")  # plans written before the option
-                recorded = previous.pop("inputs", None)
-                if previous != plan:
-                    diff = sorted(k for k in plan if plan[k] != previous.get(k))
-                    raise UsageError(f"{folder} holds another conversion (differs in {', '.join(diff)}); "
-                                     "pass --overwrite to replace it or choose another --out")
-                if not resume:
-                    raise UsageError(f"{folder} already holds this conversion; pass --resume to finish "
-                                     "it or --overwrite to redo it")
-                now = input_identity.check_resume(
-                    "make-shards", plan_path, recorded, paths, unchecked="--input and --synthetic-captions",
-                    where=folder, since="since this conversion began, so its finished shards hold the old input; "
-                    "--resume cannot finish it", error=UsageError)
+                now = resume_plan(
+                    "make-shards", plan_path, plan, paths, resume, where=folder, other="another conversion",
+                    fix="pass --overwrite to replace it or choose another --out", this="already holds this conversion",
+                    unchecked="--input and --synthetic-captions", since="since this conversion began, so its finished "
+                    "shards hold the old input; --resume cannot finish it",
+                    defaults={"resize_backend": "pillow"})  # plans written before the option
                 inputs = inputs or now
-        os.makedirs(os.path.join(folder, PARTS_DIR), exist_ok=True)
-        for sub in (folder, os.path.join(folder, PARTS_DIR)):  # what a killed run was writing
-            remove_partial_writes(sub)
+        clear_leftovers(os.path.join(folder, PARTS_DIR), folder)
         inputs = inputs or input_identity.identities(paths)
-        write_json_atomic(plan_path, {**plan, "inputs": inputs})
+        write_plan(plan_path, plan, inputs)
 
 
 def run(cfg: ConvertConfig, out: str, workers: int, resume: bool = False, overwrite: bool = False,
@@ -250,14 +237,8 @@ def finalize(out: str, cfg: ConvertConfig, parts: list[dict], elapsed: float, re
     return stats
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not a usage dump
-        raise UsageError(f"{message} (see make-shards --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="make-shards", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = tool_parser("make-shards", __doc__)
     p.add_argument("--source", required=True, choices=sorted(SOURCES))
     p.add_argument("--input", required=True, help="dataset file or folder, as the source expects")
     p.add_argument("--images-root", help="folder the input's image paths are relative to")
@@ -287,9 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distributor", choices=DISTRIBUTORS, default="local",
                    help="where shards are converted: a local process pool, or Ray tasks (pip install '.[ray]')")
     p.add_argument("--ray-address", help="Ray head to join (host:port, or 'auto'); default: start a local Ray")
-    p.add_argument("--resume", action="store_true", help="keep finished shards, redo the rest")
-    p.add_argument("--overwrite", action="store_true", help="replace whatever --out holds")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_run_options(p, resume="keep finished shards, redo the rest", overwrite="replace whatever --out holds")
     return p
 
 
@@ -324,9 +303,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("--ray-address needs --distributor ray")
         stats = run(cfg, args.out, args.workers, args.resume, args.overwrite, progress=not args.quiet,
                     distributor=args.distributor, ray_address=args.ray_address, staging=args.staging)
-    except (UsageError, SourceError, DistributorError, FileNotFoundError, storage.StorageError) as e:
-        print(f"make-shards: error: {e}", file=sys.stderr)
-        return 2
+    except (UsageError, SourceError, DistributorError, FileNotFoundError, StorageError) as e:
+        return error_exit("make-shards", e)
     reasons = ", ".join(f"{k} {v}" for k, v in stats["skipped_by_reason"].items()) or "none"
     joined = f" (sidecar, per image: {join_summary(stats['synthetic_captions'])})" \
         if "synthetic_captions" in stats else ""

@@ -20,6 +20,7 @@ import os
 import re
 
 from pipelines import storage
+from pipelines.errors import StorageError
 from tools.fault_hooks import point
 
 DATA_SUFFIXES = (".tar", ".arrow", ".rec")
@@ -38,7 +39,7 @@ def listing(url: str) -> dict[str, int]:
     """Objects directly under `url` (name -> bytes); {} when the prefix holds nothing yet."""
     try:
         return storage.list_files(url)
-    except storage.StorageError as e:
+    except StorageError as e:
         if "no objects under this prefix" in str(e):
             return {}
         raise
@@ -124,7 +125,7 @@ def publish_final(url: str, staging: str, formats: tuple[str, ...]) -> None:
         missing = sorted(n for n in os.listdir(parts)
                          if RECORD.match(n) and held.get(n) != os.path.getsize(os.path.join(parts, n)))
         if missing:
-            raise storage.StorageError(f"{storage.join(url, fmt)}: the store lacks the records of shards "
+            raise StorageError(f"{storage.join(url, fmt)}: the store lacks the records of shards "
                                        f"{', '.join(missing[:5])}; rerun with --resume to convert them again")
         for name in FINAL_FILES:
             path = os.path.join(staging, fmt, name)

@@ -9,7 +9,8 @@ and its image decodes; per-shard and total counts match the manifest, `stats.jso
 and size; rec: each `.idx` offset holds a record with that id); stored tokens are the manifest
 tokenizer's ids of the raw text and of every synthetic caption (`Sample.tokens`: [1 + max(1, S),
 77], or [2, 77] from before every caption was stored). Exits 1 naming the first bad shard and
-sample.
+sample (a `ShardError` of pipelines/errors.py, the loader's word for a shard folder that cannot be
+used as it is).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from pipelines.errors import ShardError
 from pipelines.folder_index import write_folder_index
 from pipelines.formats import recordio, wds
 from pipelines.formats.index import INDEX_NAME, FolderIndex
@@ -35,10 +37,6 @@ from pipelines.formats.registry import DATA_SUFFIX, get_format
 from pipelines.text import TOKENIZER_NAME, tokenize
 
 Image.MAX_IMAGE_PIXELS = None
-
-
-class ShardError(Exception):
-    """The first problem found: names the shard (and sample) at fault."""
 
 
 def _check_files(folder: str, manifest: dict) -> dict[str, dict]:

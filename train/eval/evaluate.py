@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from pipelines.errors import ShardError
 from pipelines.images import decode_rgb
 from pipelines.loader import LoaderConfig, build_loader
-from pipelines.shardset import ShardError
 from pipelines.text import tokenize
 from pipelines.torch_loader import torchvision_transform
 from pipelines.transforms import AugmentSpec
