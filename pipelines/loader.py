@@ -9,7 +9,7 @@ saved mid-epoch under another version cannot say which samples are left, and loa
 error naming the way out; one saved at an epoch's end loads under any version.
 
 The data is one folder or a mixture of sources (`shards` a list: pipelines/sources.py, the plan's
-side in pipelines/mixing.py). The state names each source's samples, weight, shard layout and data
+side in pipelines/plan/mixing.py). The state names each source's samples, weight, shard layout and data
 version (`sources.fingerprint`): a resume onto other data (a source added, removed, re-weighted,
 re-sharded or re-converted) is refused with an error naming what changed, since the rest of the
 epoch would be other samples; with `remix_at_epoch` the new data applies from the next epoch's start
@@ -26,13 +26,13 @@ import torch
 
 from pipelines.faults import BadSamples
 from pipelines.loader_settings import CHOICES, LoaderSettings, resolve_backend, resolve_device
-from pipelines.mixing import Mix, per_epoch
-from pipelines.sampling import PLAN_VERSION, EpochPlan, shuffle_mode
+from pipelines.plan.mixing import Mix, per_epoch
+from pipelines.plan.epoch_plan import PLAN_VERSION, EpochPlan, shuffle_mode
 from pipelines.schema import Batch
 from pipelines.shardset import ShardSet
 from pipelines.sources import Mixture, differences, fingerprint, open_sources, parse_sources
-from pipelines.storage import parse_size
-from pipelines.transforms import AugmentSpec
+from pipelines.storage.remote import parse_size
+from pipelines.augment.transforms import AugmentSpec
 
 log = logging.getLogger("pipelines")
 
@@ -109,9 +109,9 @@ class Loader:
         self.bad = BadSamples(len(self.shardset), cfg.on_error, cfg.max_bad_in_a_row,
                               shardset.bounds() if isinstance(shardset, Mixture) else None)
         if cfg.backend == "dali":
-            from pipelines.dali import DaliBackend as Backend
+            from pipelines.backends.dali import DaliBackend as Backend
         else:
-            from pipelines.torch_loader import TorchBackend as Backend
+            from pipelines.backends.torch_loader import TorchBackend as Backend
         self._backend = Backend(cfg, self.shardset, self.bad)
 
     def plan(self, epoch: int | None = None) -> EpochPlan:

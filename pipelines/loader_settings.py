@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 from pipelines.formats.base import DEFAULT_OPEN_SHARDS
 from pipelines.formats.registry import FORMATS
-from pipelines.sampling import DEFAULT_BLOCK_SHARDS
-from pipelines.storage import DEFAULT_CACHE_DIR, DEFAULT_CACHE_LIMIT
+from pipelines.plan.epoch_plan import DEFAULT_BLOCK_SHARDS
+from pipelines.storage.remote import DEFAULT_CACHE_DIR, DEFAULT_CACHE_LIMIT
 
 BACKENDS = ("dali", "torch")
 DEVICES = ("gpu", "cpu")

@@ -1,7 +1,7 @@
 """A format folder opened for loading: its shards, random access by global sample id, and the
 bad shards and samples found while opening it. The folder is local or in object storage
 (`s3://bucket/prefix`): then shards stream through a node-wide bounded cache
-(`pipelines.shard_cache`).
+(`pipelines.storage.shard_cache`).
 
 Opening costs what grows with the shards, not the samples: the folder index (`index.bin`, see
 `pipelines/formats/index.py`) is mapped, not parsed, so a sample costs about 50 bytes of shared
@@ -27,14 +27,14 @@ from collections import Counter
 import numpy as np
 
 from pipelines.errors import SampleReadError, ShardError, StorageError
-from pipelines.folder_index import COMPANIONS, SUFFIX, IndexLock, indexes, local_index, piece, pieces, shard_names
+from pipelines.formats.folder_index import COMPANIONS, SUFFIX, IndexLock, indexes, local_index, piece, pieces, shard_names
 from pipelines.formats import arrow, recordio, wds
 from pipelines.formats.base import DEFAULT_OPEN_SHARDS, MappedFile, OpenShards
 from pipelines.formats.index import INDEX_NAME, FolderIndex, Piece, write_index
 from pipelines.schema import CONTEXT_LENGTH, Sample
-from pipelines.cached_files import cache_folder, content_version, fetch_once, identity_of
-from pipelines.shard_cache import ShardCache
-from pipelines.storage import (DEFAULT_CACHE_DIR, DEFAULT_CACHE_LIMIT, is_remote, join, list_files, parse_size,
+from pipelines.storage.cached_files import cache_folder, content_version, fetch_once, identity_of
+from pipelines.storage.shard_cache import ShardCache
+from pipelines.storage.remote import (DEFAULT_CACHE_DIR, DEFAULT_CACHE_LIMIT, is_remote, join, list_files, parse_size,
                                read_json)
 from pipelines.text import choose_caption, sample_tokens
 

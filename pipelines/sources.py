@@ -3,7 +3,7 @@
 `LoaderConfig.shards` is one folder or url (one source, as before) or a list of sources, each a
 folder/url or a mapping `{shards, weight (default 1), format (default: what the folder says,
 `source_format`), name (default: the folder's dataset name)}`. A weight is a repeat factor
-(pipelines/mixing.py: round(weight × N) samples of the source in every epoch). Sources may differ
+(pipelines/plan/mixing.py: round(weight × N) samples of the source in every epoch). Sources may differ
 in format and storage.
 
 `Mixture` opens each source as a `ShardSet` and lays their samples end to end: source s's sample j
@@ -29,9 +29,9 @@ import numpy as np
 from pipelines.errors import ShardError, StorageError
 from pipelines.formats.index import INDEX_NAME, FolderIndex
 from pipelines.formats.registry import FORMATS
-from pipelines.mixing import check_weight
+from pipelines.plan.mixing import check_weight
 from pipelines.shardset import ShardSet
-from pipelines.storage import is_remote, join, read_json
+from pipelines.storage.remote import is_remote, join, read_json
 
 _KEYS = ("shards", "weight", "format", "name")
 

@@ -49,7 +49,7 @@ def tokenize(texts: list[str]) -> np.ndarray:
 
 def choose_caption(n_syn: int, seed: int, epoch: int, gid: int) -> int:
     """Which synthetic caption sample `gid` uses this epoch: the same in every backend and worker."""
-    from pipelines.sampling import mix
+    from pipelines.plan.epoch_plan import mix
 
     return mix(seed, epoch, gid) % n_syn if n_syn > 1 else 0
 

@@ -144,7 +144,7 @@ def local_snapshot(folder: Path) -> dict[str, bytes]:
 
 def store_snapshot(url: str) -> dict[str, bytes]:
     """Every object under the s3:// prefix `url`, by relative key."""
-    from pipelines import storage
+    from pipelines.storage import remote as storage
 
     fs = storage.filesystem(url)
     root = url.split("://", 1)[1]

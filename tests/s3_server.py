@@ -125,7 +125,7 @@ class S3Server:
 
 def upload_folder(folder: Path, url: str) -> int:
     """Upload every file under `folder` (what make-shards --out s3:// does); returns the count."""
-    from pipelines import storage
+    from pipelines.storage import remote as storage
 
     files = [p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.parts)]
     for p in files:

@@ -18,7 +18,7 @@ import yaml
 
 from pipelines.loader_settings import CHOICES, LoaderSettings
 from pipelines.sources import parse_sources
-from pipelines.storage import parse_size
+from pipelines.storage.remote import parse_size
 from train import objectives
 
 

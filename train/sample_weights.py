@@ -15,7 +15,7 @@ plus `steps_per_epoch`, so readers can keep the final epoch's records only.
 Which samples (`run.sample_record_max`, M, default 1,000,000): a set of N ≤ M samples is recorded
 whole, R = N rows indexed by sample id (the layout of every run before the limit existed). A
 larger set records a fixed subset of R = M ids: the first M positions of a constant-keyed
-permutation of [0, N) (`pipelines.sampling.permute`), sorted, so every run over the same N records
+permutation of [0, N) (`pipelines.plan.epoch_plan.permute`), sorted, so every run over the same N records
 the same samples (seed-free), chosen without structure (not every k-th id of storage order, which
 would follow shard boundaries). The file then also holds `ids` (int64 [M], the sample id of each
 row) and `samples` (N). Each rank's device memory, each merge (one all-reduce per field) and each
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipelines.sampling import permute, round_keys
+from pipelines.plan.epoch_plan import permute, round_keys
 
 DEFAULT_MAX_RECORDS = 1_000_000
 _SUBSET_KEY = round_keys(0x5A4D, 0x1E5)  # a constant: the subset depends on N only, never on the seed

@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 
 from pipelines.formats.wds import WdsWriter
-from pipelines.images import decode_rgb
+from pipelines.augment.images import decode_rgb
 from pipelines.loader import LoaderConfig, build_loader
 from pipelines.schema import Sample
-from pipelines.torch_loader import torchvision_transform
-from pipelines.transforms import CLIP_STD, AugmentSpec
+from pipelines.backends.torch_loader import torchvision_transform
+from pipelines.augment.transforms import CLIP_STD, AugmentSpec
 from train.eval import cli
 from train import main as train_main
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import storage
+from pipelines.storage import remote as storage
 from pipelines.loader import LoaderConfig, build_loader
 from s3_server import s3  # noqa: F401 - the module-scoped server fixture
 from conftest import synthetic_input

@@ -15,7 +15,7 @@ from PIL import Image
 from pipelines.formats.wds import WdsWriter
 from pipelines.schema import Sample
 from pipelines.text import tokenize
-from pipelines.transforms import CLIP_MEAN, CLIP_STD
+from pipelines.augment.transforms import CLIP_MEAN, CLIP_STD
 from train import checkpoint
 from train.eval import cli, evaluate as ev
 from train.eval.evaluate import (ClassificationEvalConfig, EvalConfigError, RetrievalEvalConfig,

@@ -19,9 +19,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.images import decode_rgb, oriented_size
+from pipelines.augment.images import decode_rgb, oriented_size
 from pipelines.loader import LoaderConfig, build_loader
-from pipelines.transforms import TRIES, AugmentSpec, _uniform, _CROP, crop_windows, flips
+from pipelines.augment.transforms import TRIES, AugmentSpec, _uniform, _CROP, crop_windows, flips
 from tools.convert import make_shards
 
 SPEC = AugmentSpec(size=32)

@@ -11,7 +11,7 @@ import torch
 
 from conftest import build_synthetic_shards, overrides, run_main
 from pipelines.loader import LoaderConfig, build_loader
-from pipelines.sampling import DEFAULT_BLOCK_SHARDS, EpochPlan, shuffle_mode
+from pipelines.plan.epoch_plan import DEFAULT_BLOCK_SHARDS, EpochPlan, shuffle_mode
 from tools.bench import bench_shuffle
 from train.config import ConfigError, load_config
 

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from pipelines.sampling import PLAN_VERSION, ROUNDS, EpochPlan, mix, mix_array, permute, round_keys
+from pipelines.plan.epoch_plan import PLAN_VERSION, ROUNDS, EpochPlan, mix, mix_array, permute, round_keys
 from tools.bench.bench_shuffle import batch_mixing, distinct_per_row
 
 SIZES = tuple(np.random.default_rng(0).integers(0, 40, 300).tolist())  # uneven, some empty
@@ -119,9 +119,9 @@ def test_dali_source_and_torch_workers_follow_batches_across_epochs(monkeypatch)
     pytest.importorskip("nvidia.dali")
     import torch
 
-    from pipelines.dali import PlanSource
+    from pipelines.backends.dali import PlanSource
     from pipelines.faults import BadSamples
-    from pipelines.torch_loader import worker_batches
+    from pipelines.backends.torch_loader import worker_batches
 
     plan = EpochPlan(sum(SIZES), 16, seed=1, epoch=3, rank=1, world_size=2, shuffle="block", block_shards=4,
                      shard_sizes=SIZES)

@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 from conftest import build_synthetic_shards
-from pipelines import storage
-from pipelines.folder_index import cache_path, write_folder_index
+from pipelines.storage import remote as storage
+from pipelines.formats.folder_index import cache_path, write_folder_index
 from pipelines.formats.index import INDEX_NAME, FolderIndex
 from pipelines.formats.registry import WRITERS
 from pipelines.loader import LoaderConfig, build_loader

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import build_synthetic_shards
 from pipelines.errors import FolderIndexError
-from pipelines.folder_index import cache_path
+from pipelines.formats.folder_index import cache_path
 from pipelines.formats.index import INDEX_NAME, FolderIndex
 from pipelines.shardset import ShardSet
 

@@ -33,11 +33,11 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="ne
 
 HOLD_A_LOADER = """
 import sys, time
-import pipelines.dali
+import pipelines.backends.dali
 from pipelines.loader import LoaderConfig, build_loader
 backend, start_method, shards = sys.argv[1:4]
-pipelines.dali.START_METHOD = start_method or None
-pipelines.dali.IN_PROCESS = False if start_method else None  # the workers, on the CPU graph too
+pipelines.backends.dali.START_METHOD = start_method or None
+pipelines.backends.dali.IN_PROCESS = False if start_method else None  # the workers, on the CPU graph too
 loader = build_loader(LoaderConfig(shards=shards, backend=backend, device="cpu", batch_size=4, image_size=16,
                                    workers=2))
 it = iter(loader)
@@ -48,7 +48,7 @@ time.sleep(600)
 
 FORK_A_POOL = """
 import os, sys, time
-from pipelines import folder_index
+from pipelines.formats import folder_index
 
 def stuck(job):  # the pool's jobs block: the pool is busy when its parent dies
     time.sleep(600)
@@ -107,7 +107,7 @@ def test_workers_die_with_the_loader_process(shards, backend, start_method):
 
 
 def test_dali_on_the_cpu_graph_starts_no_process(shards):
-    """The CPU graph reads in the calling process (pipelines/dali.py, reads_in_process): nothing to outlive it."""
+    """The CPU graph reads in the calling process (pipelines/backends/dali.py, reads_in_process): nothing to outlive it."""
     proc = subprocess.Popen([sys.executable, "-c", HOLD_A_LOADER, "dali", "", shards], cwd=REPO,
                             env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -21,7 +21,7 @@ import torch
 from pipelines.errors import ShardError
 from pipelines.formats import wds as wds_fmt
 from pipelines.loader import LoaderConfig, build_loader
-from pipelines.sampling import EpochPlan
+from pipelines.plan.epoch_plan import EpochPlan
 from pipelines.text import choose_caption, clean_text
 from tools.convert import make_shards
 

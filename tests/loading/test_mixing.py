@@ -1,4 +1,4 @@
-"""Several sources in one run (pipelines/mixing.py, pipelines/sources.py): exact per-epoch counts,
+"""Several sources in one run (pipelines/plan/mixing.py, pipelines/sources.py): exact per-epoch counts,
 the loader contract over the mixture, resume rules, and bad input named by source."""
 import collections
 import json
@@ -13,8 +13,8 @@ from conftest import build_synthetic_shards
 from pipelines.errors import SampleError
 from pipelines.faults import BadSamples
 from pipelines.loader import Loader, LoaderConfig, build_loader
-from pipelines.mixing import Mix, per_epoch
-from pipelines.sampling import EpochPlan
+from pipelines.plan.mixing import Mix, per_epoch
+from pipelines.plan.epoch_plan import EpochPlan
 from pipelines.sources import dataset_name, parse_sources
 from s3_server import s3, upload_folder  # noqa: F401 - the module-scoped server fixture
 

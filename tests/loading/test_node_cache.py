@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines import cached_files, shard_cache, storage
+from pipelines.storage import cached_files, shard_cache, remote as storage
 from pipelines.shardset import ShardSet
 from s3_server import s3  # noqa: F401 - the module-scoped server fixture
 from test_shard_cache import _held, convert, shard_bytes, sixteen  # noqa: F401 - sixteen: a fixture
@@ -301,7 +301,7 @@ def test_a_cache_dir_on_a_network_filesystem_keeps_a_cache_per_host(sixteen, tmp
 
 
 def test_the_filesystem_type_comes_from_the_longest_mount_point(tmp_path, monkeypatch):
-    from pipelines.cached_files import NETWORK_FS, fs_type, node_root
+    from pipelines.storage.cached_files import NETWORK_FS, fs_type, node_root
 
     mounts = tmp_path / "mounts"
     mounts.write_text(f"/dev/vda / ext4 rw 0 0\nserver:/home {tmp_path}/home nfs4 rw 0 0\n"
@@ -316,8 +316,8 @@ def test_the_filesystem_type_comes_from_the_longest_mount_point(tmp_path, monkey
 # --- what a dead owner leaves: its reservations and partial downloads count for nothing ---------------
 
 def test_a_dead_owners_reservation_and_partial_download_are_cleared_and_a_live_one_counts(tmp_path):
-    from pipelines.cache_locks import Record
-    from pipelines.node_budget import NodeBudget, write_catalog
+    from pipelines.storage.cache_locks import Record
+    from pipelines.storage.node_budget import NodeBudget, write_catalog
 
     one, two = tmp_path / "url-a" / "v-1", tmp_path / "url-b" / "v-1"
     for folder in (one, two):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import build_synthetic_shards
-from pipelines import storage
+from pipelines.storage import remote as storage
 from pipelines.shardset import ShardSet
 from s3_server import s3  # noqa: F401 - the module-scoped server fixture
 from test_storage import upload_folder

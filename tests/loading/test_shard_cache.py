@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from conftest import synthetic_input
-from pipelines import storage
+from pipelines.storage import remote as storage
 from pipelines.errors import StorageError
 from pipelines.loader import LoaderConfig, build_loader
 from pipelines.shardset import ShardSet

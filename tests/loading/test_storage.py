@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import build_synthetic_shards, overrides, run_main
-from pipelines import storage
+from pipelines.storage import remote as storage
 from pipelines.errors import ShardError, StorageError
 from pipelines.loader import LoaderConfig, build_loader
 from pipelines.shardset import ShardSet

@@ -45,7 +45,7 @@ from pipelines.loader import LoaderConfig, build_loader
 from pipelines.loader_settings import dali_unavailable
 from pipelines.schema import CONTEXT_LENGTH
 from pipelines.shardset import ShardSet
-from pipelines.transforms import AugmentSpec
+from pipelines.augment.transforms import AugmentSpec
 from tools.bench.bench_stages import mix_folders
 
 BACKENDS = ("dali-gpu", "dali-cpu", "torch", "openclip", "dali-native", "mosaic", "litdata")
@@ -114,7 +114,7 @@ def openclip(args: Namespace, folder: str) -> tuple[Epochs, Callable[[], None]]:
     import open_clip  # slow imports (all models), paid only when this backend runs
     import open_clip_train.data as oc_data
 
-    from pipelines.torch_loader import torchvision_transform
+    from pipelines.backends.torch_loader import torchvision_transform
 
     # open_clip 3.3's tar stage predates webdataset 0.2.96's end-of-shard `{}` markers and dies on
     # them (KeyError 'fname', open_clip#935); this is the fix given there: no markers.
@@ -194,7 +194,7 @@ def native(args: Namespace, folder: str, fmt: str, device: str,
            hw_load: float) -> tuple[Epochs, Callable[[], None]]:
     from nvidia.dali import fn, pipeline_def
 
-    from pipelines.dali import augment_graph, to_torch  # the loader's own graph and output conversion
+    from pipelines.backends.dali import augment_graph, to_torch  # the loader's own graph and output conversion
 
     shards = ShardSet(folder, fmt).paths
     if fmt == "wds":

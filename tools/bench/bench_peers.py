@@ -149,15 +149,15 @@ class PeerSample:
     the caption tokenized per sample in the worker, as open_clip's loader does."""
 
     def __init__(self, image_size: int):
-        from pipelines.torch_loader import torchvision_transform
-        from pipelines.transforms import AugmentSpec
+        from pipelines.backends.torch_loader import torchvision_transform
+        from pipelines.augment.transforms import AugmentSpec
 
         self.transform = torchvision_transform(AugmentSpec(size=image_size, train=True))
 
     def __call__(self, item: dict):
         import torch
 
-        from pipelines.images import decode_rgb
+        from pipelines.augment.images import decode_rgb
         from pipelines.text import tokenize
 
         return (self.transform(decode_rgb(item["jpg"])), torch.from_numpy(tokenize([item["txt"]])[0]).long(),
@@ -312,7 +312,7 @@ def loopback_s3(bucket: str = "bench") -> Iterator[str]:
 
 def upload(folder: str, url: str) -> str:
     """Every file under `folder` to the same relative keys under `url`; returns `url`."""
-    from pipelines.storage import upload_file
+    from pipelines.storage.remote import upload_file
 
     for root, _, files in os.walk(folder):
         for name in files:

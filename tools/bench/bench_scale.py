@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from pipelines.folder_index import SUFFIX
+from pipelines.formats.folder_index import SUFFIX
 from pipelines.formats.base import file_digest
 from pipelines.formats.index import INDEX_NAME, FolderIndex, write_index
 
@@ -183,10 +183,10 @@ def probe(args: argparse.Namespace) -> dict:
     """One rank: open, plan, first batch, `--batches` batches, resume (see the module docstring)."""
     import torch
 
-    import pipelines.torch_loader  # noqa: F401 - imported before the baseline: libraries are not the open's cost
+    import pipelines.backends.torch_loader  # noqa: F401 - imported before the baseline: libraries are not the open's cost
     from pipelines.loader import Loader, LoaderConfig, build_loader
     from pipelines.shardset import ShardSet
-    from pipelines.storage import REQUESTS
+    from pipelines.storage.remote import REQUESTS
 
     torch.set_num_threads(1)
     cfg = LoaderConfig(shards=args.folder, format=args.format, backend=args.backend, device="cpu", split="train",
@@ -289,7 +289,7 @@ def run_epoch(folder: str, fmt: str, backend: str, nofile: int, workers: int) ->
 # --- object storage ------------------------------------------------------------------------------
 
 def s3_rows(base: str, root: str, shards: list[int], ranks: int) -> list[dict]:
-    from pipelines import storage
+    from pipelines.storage import remote as storage
     from tools.bench.bench_peers import loopback_s3
 
     rows = []
@@ -329,8 +329,8 @@ def node_epoch(url: str, cache: str, ranks: int) -> dict:
 def rank_epoch(args: argparse.Namespace) -> dict:
     """One rank of a node reading a whole epoch of shards (ids only, nothing decoded): the cache's work."""
     from pipelines.shardset import ShardSet, position_of
-    from pipelines.sampling import EpochPlan
-    from pipelines.storage import REQUESTS
+    from pipelines.plan.epoch_plan import EpochPlan
+    from pipelines.storage.remote import REQUESTS
 
     shards = ShardSet(args.folder, args.format, cache_dir=args.cache_dir)
     ends = shards.ends.tolist()

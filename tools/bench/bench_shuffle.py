@@ -33,7 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipelines.formats.registry import FORMATS
-from pipelines.sampling import EpochPlan
+from pipelines.plan.epoch_plan import EpochPlan
 
 # (name, samples, shard size, batch per rank, world size): a 1M-sample web set on one 8-GPU node,
 # and a COCO-sized fine-tune (118,287 train images, last shard partial) on 2 GPUs.

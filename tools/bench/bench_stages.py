@@ -6,7 +6,7 @@ Stages, CPU µs per image (all threads of the process; page cache warm):
 - read: `ShardSet.read_batch`, what the external source's workers do per batch (offsets →
   image bytes copied out of the memory-mapped shard, tokens chosen, one text array);
 - draws: what the workers add for training, the image sizes from the headers and the crop
-  windows and flips of (seed, epoch, id) (`pipelines.dali.host_draws`); `header` is its first part;
+  windows and flips of (seed, epoch, id) (`pipelines.backends.dali.host_draws`); `header` is its first part;
 - host: the whole host side with decoding and augmentation removed, on one core (`host_rate`:
   plan, reads, tokens, draws, the hand-off to DALI, the Batch's keys and ids), as samples per
   CPU-second: the ceiling a GPU run meets once nvJPEG decodes;
@@ -29,9 +29,9 @@ import numpy as np
 
 from pipelines.loader import LoaderConfig, build_loader
 from pipelines.schema import CONTEXT_LENGTH
-from pipelines.sampling import EpochPlan
+from pipelines.plan.epoch_plan import EpochPlan
 from pipelines.shardset import ShardSet
-from pipelines.transforms import AugmentSpec
+from pipelines.augment.transforms import AugmentSpec
 
 
 def cpu_seconds() -> float:
@@ -46,7 +46,7 @@ def graph_cpu(args: Namespace, held: list[tuple], images: int) -> float:
     windows and flips) from memory."""
     from nvidia.dali import fn, pipeline_def
 
-    from pipelines.dali import augment_graph
+    from pipelines.backends.dali import augment_graph
 
     def source(info):
         return held[info.iteration % len(held)]
@@ -80,7 +80,7 @@ def host_rate(args: Namespace, shards, fmt: str, seconds: float = 3.0) -> dict:
     import torch
     from nvidia.dali import fn, pipeline_def
 
-    from pipelines.dali import PlanSource
+    from pipelines.backends.dali import PlanSource
 
     cfg = LoaderConfig(shards=shards, format=fmt, backend="dali", device="cpu", batch_size=args.batch_size,
                        image_size=args.image_size, workers=1)
@@ -159,7 +159,7 @@ def boundary(waits: list[float], firsts: list[int]) -> float:
 
 
 def stages(args: Namespace, folder: str, fmt: str, native_opener) -> dict:
-    from pipelines.dali import header_sizes, host_draws
+    from pipelines.backends.dali import header_sizes, host_draws
 
     shardset = ShardSet(folder, fmt)
     plan = EpochPlan(total=len(shardset), batch_size=args.batch_size)

@@ -32,7 +32,7 @@ from dataclasses import replace
 from tqdm import tqdm
 
 from pipelines.errors import ShardError
-from pipelines.folder_index import PIECE_SUFFIX, index_for_manifest, shard_piece, write_piece
+from pipelines.formats.folder_index import PIECE_SUFFIX, index_for_manifest, shard_piece, write_piece
 from pipelines.formats import recordio
 from pipelines.formats.base import file_digest, holds_only_partial_writes, write_json_atomic
 from pipelines.formats.registry import DATA_SUFFIX, WRITERS, get_format

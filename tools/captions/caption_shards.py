@@ -139,7 +139,7 @@ class Captioner:
 
     def pixels(self, loader_images):
         """The loader's CLIP-normalised float [B, 3, S, S] → the model's input (its mean/std)."""
-        from pipelines.transforms import CLIP_MEAN, CLIP_STD
+        from pipelines.augment.transforms import CLIP_MEAN, CLIP_STD
 
         t = self.torch
         x = loader_images.to(self.device, t.float32)  # where the loader left them: GPU with DALI mixed
@@ -261,7 +261,7 @@ def caption_shard(loader, captioner: Captioner, cfg: CaptionConfig, s: int, bar)
     sample: the shard's completion record (counts and its sidecar lines)."""
     import torch
 
-    from pipelines.sampling import mix
+    from pipelines.plan.epoch_plan import mix
 
     shardset = loader.shardset
     start = int(shardset.ends[s - 1]) if s else 0

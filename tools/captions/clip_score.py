@@ -13,7 +13,7 @@ import os
 import numpy as np
 import torch
 
-from pipelines.images import decode_rgb
+from pipelines.augment.images import decode_rgb
 from pipelines.schema import Sample
 from pipelines.text import tokenize
 
@@ -22,8 +22,8 @@ BATCH = 64
 
 class ClipScorer:
     def __init__(self, checkpoint: str, model_name: str, device: str = "cpu"):
-        from pipelines.torch_loader import torchvision_transform
-        from pipelines.transforms import AugmentSpec
+        from pipelines.backends.torch_loader import torchvision_transform
+        from pipelines.augment.transforms import AugmentSpec
         from train.eval.evaluate import EvalConfigError, load_model
         from train.model import EOT_TOKEN, fit_context
 

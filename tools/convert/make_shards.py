@@ -25,10 +25,10 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from pipelines import storage
+from pipelines.storage import remote as storage
 from pipelines.errors import StorageError
 from pipelines.formats import recordio
-from pipelines.folder_index import index_for_manifest
+from pipelines.formats.folder_index import index_for_manifest
 from pipelines.formats.base import holds_only_partial_writes, write_json_atomic
 from pipelines.formats.registry import FORMATS
 from pipelines.schema import SCHEMA_VERSION

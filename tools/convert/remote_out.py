@@ -19,7 +19,7 @@ import hashlib
 import os
 import re
 
-from pipelines import storage
+from pipelines.storage import remote as storage
 from pipelines.errors import StorageError
 from tools.fault_hooks import point
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipelines.folder_index import PIECE_SUFFIX, shard_piece, write_piece
+from pipelines.formats.folder_index import PIECE_SUFFIX, shard_piece, write_piece
 from pipelines.formats.base import shard_stem, write_json_atomic
 from pipelines.formats.registry import DATA_SUFFIX, WRITERS
 from pipelines.schema import Sample

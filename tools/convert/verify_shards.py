@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipelines.errors import ShardError
-from pipelines.folder_index import write_folder_index
+from pipelines.formats.folder_index import write_folder_index
 from pipelines.formats import recordio, wds
 from pipelines.formats.index import INDEX_NAME, FolderIndex
 from pipelines.formats.base import file_digest

@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipelines.errors import ShardError
-from pipelines.images import decode_rgb
+from pipelines.augment.images import decode_rgb
 from pipelines.loader import LoaderConfig, build_loader
 from pipelines.text import tokenize
-from pipelines.torch_loader import torchvision_transform
-from pipelines.transforms import AugmentSpec
+from pipelines.backends.torch_loader import torchvision_transform
+from pipelines.augment.transforms import AugmentSpec
 
 KS = (1, 5, 10)
 RETRIEVAL_KEYS = [f"{d}_R@{k}" for d in ("i2t", "t2i") for k in KS] + ["rsum"]

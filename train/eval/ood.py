@@ -38,8 +38,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipelines.torch_loader import torchvision_transform
-from pipelines.transforms import AugmentSpec
+from pipelines.backends.torch_loader import torchvision_transform
+from pipelines.augment.transforms import AugmentSpec
 from train.eval.evaluate import (EvalConfigError, ImageFiles, RetrievalEvalConfig, encode_images, encode_texts,
                             retrieval_metrics)
 from train.variants.evidential import EVIDENTIAL_SCALE, log_uncertainty

@@ -12,7 +12,7 @@ the same url owns a folder of its own and never meets the old version's files.
 
 Guarantees, and how:
 - **Bounded disk, per node.** Fetched plus downloading bytes of every cache folder under the
-  node's cache root — every url, every version — never exceed `limit` (pipelines/node_budget.py:
+  node's cache root — every url, every version — never exceed `limit` (pipelines/storage/node_budget.py:
   a reservation under the root's lock, evicting the least recently used shards of any folder), and
   a file is deleted only when no process uses it: a reader holds a shared `flock` on the shard's
   lock file (`<name>.lock`) before it opens any of its files and until it has closed them, the
@@ -25,7 +25,7 @@ Guarantees, and how:
   request (then its lock protects it). A reader locks one shard at a time and holds nothing while
   it waits, so the earliest request always gets room: reads finish whatever the ratio of shard
   size to limit, as long as one shard fits. A request is live while its lock is held, which the
-  owner tests with a non-blocking flock (pipelines/cache_locks.py): never by pid, so readers in
+  owner tests with a non-blocking flock (pipelines/storage/cache_locks.py): never by pid, so readers in
   other PID namespaces (one container per rank) are served, and the request of a reader that died
   is dropped at once even when its pid now belongs to another process.
 - **Never stale data.** A file enters the folder only by an atomic rename after its download was
@@ -47,12 +47,12 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable
 
-from pipelines.cache_locks import WANT, Held, LockFile, Record, live_text, try_lock, want_token
-from pipelines.cached_files import is_marked, is_verified, mark_verified
+from pipelines.storage.cache_locks import WANT, Held, LockFile, Record, live_text, try_lock, want_token
+from pipelines.storage.cached_files import is_marked, is_verified, mark_verified
 from pipelines.errors import StorageError
 from pipelines.formats.base import write_atomic
-from pipelines.node_budget import LOADING, OWNED, NodeBudget, evict, evictions, write_catalog
-from pipelines.storage import download_file, human, join
+from pipelines.storage.node_budget import LOADING, OWNED, NodeBudget, evict, evictions, write_catalog
+from pipelines.storage.remote import download_file, human, join
 
 WAIT_TIMEOUT_S = 900.0  # a reader waiting longer for a shard gives up (no owner can fetch it)
 TAKEOVER_S = 0.5  # how often a waiting loader tries to become the owner of an ownerless folder

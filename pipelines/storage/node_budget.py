@@ -1,12 +1,12 @@
 """One `cache_limit` per node: the shard caches of every url and every dataset version under one
-cache root (`cache_dir`, or its per-host subfolder on a shared filesystem: pipelines/cached_files.py)
+cache root (`cache_dir`, or its per-host subfolder on a shared filesystem: pipelines/storage/cached_files.py)
 share it, whichever processes own them.
 
 Each cache folder lists its shards' files in a catalog (`.shards`, written once), so that any
 owner can account for and evict any folder's shards. An owner reserves room for a download under
 the root's `.budget.lock` (a lock held for a scan of the root, never during a transfer): it
 counts what lies in every cache folder — the shard files present, plus the full size of each
-download in flight (`<shard>.loading`, a record its owner holds: pipelines/cache_locks.py) —
+download in flight (`<shard>.loading`, a record its owner holds: pipelines/storage/cache_locks.py) —
 evicts the least recently used shards (a reader touches `<shard>.lock` at each read) that no
 reader holds, no live request names and the caller does not keep, until the download fits, and
 records its reservation before it lets go. Only a reader's request may evict another live owner's
@@ -24,8 +24,8 @@ import os
 import threading
 from typing import Iterable
 
-from pipelines.cache_locks import WANT, LockFile, Record, live_text, try_lock
-from pipelines.cached_files import marker
+from pipelines.storage.cache_locks import WANT, LockFile, Record, live_text, try_lock
+from pipelines.storage.cached_files import marker
 from pipelines.formats.base import write_atomic
 
 CATALOG = ".shards"

@@ -1,5 +1,5 @@
-"""The augmentation spec both backends implement (DALI in pipelines/dali.py, torchvision in
-pipelines/torch_loader.py), and its random choices.
+"""The augmentation spec both backends implement (DALI in pipelines/backends/dali.py, torchvision in
+pipelines/backends/torch_loader.py), and its random choices.
 
 Every random choice is a pure function of (seed, epoch, sample id) and the image's size: the crop
 window (`crop_windows`, torchvision's RandomResizedCrop algorithm driven by keyed hashes instead
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipelines.sampling import mix_array
+from pipelines.plan.epoch_plan import mix_array
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -39,7 +39,7 @@ same size on every rank); with world size 1 that is exactly every sample once.
 
 No epoch is ever materialised (plan version 2, `PLAN_VERSION`): a permutation is a function
 evaluated at the positions a batch needs (`permute`, a keyed Feistel network with cycle walking:
-pipelines/permutation.py), keyed by (seed, epoch, ...). Rank r's batch b is
+pipelines/plan/permutation.py), keyed by (seed, epoch, ...). Rank r's batch b is
 positions offset + (b·B + j)·W + r, so `batch(b)` costs O(B) time and memory at any N. "block"
 permutes the shards with one such permutation over [0, S) (O(S) once per plan: it grows with
 shards, not samples), and the samples of block k with another keyed by (seed, epoch, k) over the
@@ -49,7 +49,7 @@ computed from the same permutation: O(N), for tests and small tools. Plan versio
 permutations, materialised) ordered epochs differently; a loader state records the version it
 was saved with (pipelines/loader.py).
 
-Several sources (`mix`, pipelines/mixing.py): the plan orders the epoch's slots, Σ round(w_s·N_s)
+Several sources (`mix`, pipelines/plan/mixing.py): the plan orders the epoch's slots, Σ round(w_s·N_s)
 of them, exactly as it orders one folder's samples, and maps each slot to a sample id afterwards
 (block shuffle: it shuffles the epoch's shard pieces instead of the shards). So everything above
 holds over a mixture unchanged.
@@ -61,8 +61,8 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from pipelines.mixing import Mix
-from pipelines.permutation import ROUNDS, domain, mix, mix_array, permute, round_keys, walk  # noqa: F401 (re-exported)
+from pipelines.plan.mixing import Mix
+from pipelines.plan.permutation import ROUNDS, domain, mix, mix_array, permute, round_keys, walk  # noqa: F401 (re-exported)
 
 SHUFFLES = ("global", "block", "none")
 # 8 shards: ~8,000 samples mixed at a time with ~1,000-sample shards, the scale of open_clip's
@@ -132,7 +132,7 @@ class EpochPlan:
     # Samples per shard, in storage order (global ids run shard after shard). Needed by "block" and
     # by shards_of / shard_order; the shard set's data, so kept out of repr (a cache key elsewhere).
     shard_sizes: tuple[int, ...] = field(default=(), repr=False)
-    # Several sources (pipelines/mixing.py): `total` is then the epoch's slots, Σ round(w_s·N_s), and
+    # Several sources (pipelines/plan/mixing.py): `total` is then the epoch's slots, Σ round(w_s·N_s), and
     # each slot is mapped to a sample id after the shuffle; None: one source, slot = sample id.
     mix: Mix | None = field(default=None, repr=False)
 

@@ -31,12 +31,12 @@ from nvidia.dali import fn, pipeline_def, types
 
 from pipelines.errors import SampleReadError, StorageError
 from pipelines.faults import BadSamples
-from pipelines.images import decode_rgb, oriented_size
+from pipelines.augment.images import decode_rgb, oriented_size
 from pipelines.parent_watch import watch_in_child, watch_parent
-from pipelines.sampling import EpochPlan
+from pipelines.plan.epoch_plan import EpochPlan
 from pipelines.schema import CONTEXT_LENGTH, Batch
 from pipelines.shardset import ShardSet, position_of
-from pipelines.transforms import CLIP_MEAN, CLIP_STD, AugmentSpec, crop_windows, flips
+from pipelines.augment.transforms import CLIP_MEAN, CLIP_STD, AugmentSpec, crop_windows, flips
 
 
 PREFETCH = 2  # batches DALI prepares ahead of the one it yields

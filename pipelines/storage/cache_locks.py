@@ -5,7 +5,7 @@ for: a reader's hold on a shard (`<shard>.lock`, shared), a reader's request for
 non-blocking flock, never by pid: a pid means nothing across PID namespaces (one container per
 rank sharing a node-local cache folder) and may belong to another process once its own has died.
 A lock goes with the last descriptor of its holder, so a record of a process that died is stale
-at once, whatever killed it. The cache itself is pipelines/shard_cache.py.
+at once, whatever killed it. The cache itself is pipelines/storage/shard_cache.py.
 """
 from __future__ import annotations
 

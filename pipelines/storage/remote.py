@@ -12,7 +12,7 @@ exponential backoff and a bounded number of attempts; a missing object, a missin
 refused credential fail at once. Local writes are atomic (a temporary name, then a rename), so a
 killed download never leaves a file under its final name.
 
-The loader's node-wide cache of shard files is `pipelines/shard_cache.py`.
+The loader's node-wide cache of shard files is `pipelines/storage/shard_cache.py`.
 """
 from __future__ import annotations
 

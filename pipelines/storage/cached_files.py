@@ -2,7 +2,7 @@
 per host when `cache_dir` is on a shared filesystem), how a cached file is recognised as the
 object it copies (a marker `<name>.ok` with its identity, inode, size and mtime, or its sha256),
 and `fetch_once` for the small files every rank of a node needs (the folder index). The bounded
-cache of the shards themselves is pipelines/shard_cache.py.
+cache of the shards themselves is pipelines/storage/shard_cache.py.
 """
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import os
 import re
 import socket
 
-from pipelines.cache_locks import LockFile
+from pipelines.storage.cache_locks import LockFile
 from pipelines.formats.base import file_digest, write_atomic
-from pipelines.storage import download_file
+from pipelines.storage.remote import download_file
 
 
 # Filesystems that one mount shows to many hosts: a cache folder there is not a node's own.

@@ -1,5 +1,5 @@
 """Keyed pseudo-random bijections of [0, n), evaluated per element: the epoch plan's shuffles
-(pipelines/sampling.py) and the mixture's fractional windows (pipelines/mixing.py).
+(pipelines/plan/epoch_plan.py) and the mixture's fractional windows (pipelines/plan/mixing.py).
 
 A permutation is a function evaluated at the positions a batch needs, never a listed epoch: a keyed
 Feistel network of `ROUNDS` rounds over two digits of radix ≈ √n, as format-preserving encryption

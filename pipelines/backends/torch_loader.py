@@ -21,13 +21,13 @@ from torchvision.transforms import functional as TF
 
 from pipelines.errors import SampleReadError
 from pipelines.faults import BadSamples
-from pipelines.images import decode_rgb
+from pipelines.augment.images import decode_rgb
 from pipelines.parent_watch import watch_in_child
-from pipelines.sampling import EpochPlan, mix
+from pipelines.plan.epoch_plan import EpochPlan, mix
 from pipelines.schema import Batch
 from pipelines.shardset import ShardSet, position_of
 from pipelines.text import sample_tokens
-from pipelines.transforms import CLIP_MEAN, CLIP_STD, AugmentSpec, crop_windows, flips
+from pipelines.augment.transforms import CLIP_MEAN, CLIP_STD, AugmentSpec, crop_windows, flips
 
 
 def torchvision_transform(spec: AugmentSpec) -> T.Compose:

@@ -3,7 +3,7 @@ epoch's slots holds (docs/design.md, "Mixing datasets").
 
 Source s holds N_s samples, global ids off_s .. off_s + N_s - 1 (sources laid in list order), and
 has a weight w_s > 0, a repeat factor: it contributes M_s = round(w_s · N_s) samples to every epoch.
-An epoch is T = Σ M_s slots, laid source after source; the epoch plan (pipelines/sampling.py)
+An epoch is T = Σ M_s slots, laid source after source; the epoch plan (pipelines/plan/epoch_plan.py)
 permutes them exactly as it permutes one folder's samples, so every guarantee of the plan (ranks
 disjoint, O(batch) per batch, exact and elastic resume) holds over the mixture unchanged. This module
 maps a slot v ∈ [0, T) to a sample id, O(1) per slot:
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipelines.permutation import permute, round_keys
+from pipelines.plan.permutation import permute, round_keys
 
 # Key domains (the plan's own are 1..3): a source's fractional windows, by sample and by shard.
 _FRACTION, _FRACTION_SHARDS = 4, 5
