@@ -2,7 +2,8 @@
 
 `python -m train.main` is SIGKILLed mid-training, the trainer process alone (what the OOM killer
 does; a preemption or `scancel` may signal only the main process too), once per backend: torch
-(DataLoader workers) and DALI's CPU graph (external-source workers, forked). Ten seconds later no
+(DataLoader workers) and DALI's external-source workers, forked (the GPU graph's set-up: the CPU graph
+reads in the trainer process unless told otherwise, which the test does). Ten seconds later no
 process of the run may be left: neither one of the process tree recorded just before the kill
 (pid and start time, so a reused pid is not mistaken for one) nor one carrying the run's
 environment mark.
@@ -48,7 +49,10 @@ def test_sigkilled_trainer_leaves_no_process(shards, tmp_path, backend):
     env = {**os.environ, "PYTHONPATH": str(REPO), MARK: mark, "OMP_NUM_THREADS": "1"}
     log = tmp_path / "train.log"
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "train.main", *argv], cwd=REPO, env=env, stdout=f,
+        # The DALI CPU graph reads in-process; force the worker processes the GPU graph keeps.
+        start = ("import sys, pipelines.backends.dali as d, train.main as m; d.IN_PROCESS = False; "
+                 "sys.exit(m.main(sys.argv[1:]))")
+        proc = subprocess.Popen([sys.executable, "-c", start, *argv], cwd=REPO, env=env, stdout=f,
                                 stderr=subprocess.STDOUT)
     metrics = tmp_path / backend / "metrics.jsonl"
     tree: dict[int, int] = {}
