@@ -40,6 +40,13 @@ def alive(procs: dict[int, int]) -> dict[int, int]:
     return {p: s for p, s in procs.items() if table.get(p, (0, -1, b""))[1] == s and table[p][2] != b"Z"}
 
 
+def survivors(tree: dict[int, int], mark: str) -> dict[int, int]:
+    """pid → start time of every process of the run still alive: of the tree recorded before the
+    kill, or carrying the run's mark."""
+    now = process_table()
+    return alive(tree) | {p: now[p][1] for p in marked(now, f"{MARK}={mark}".encode()) if now[p][2] != b"Z"}
+
+
 @pytest.mark.slow  # a trainer start (~10 s on two busy cores), a few steps, then the 10-s wait
 @pytest.mark.parametrize("backend", ["torch", "dali"])
 def test_sigkilled_trainer_leaves_no_process(shards, tmp_path, backend):
@@ -68,9 +75,11 @@ def test_sigkilled_trainer_leaves_no_process(shards, tmp_path, backend):
         assert len(tree) >= 3, f"the trainer and its 2 loader workers, found {tree}"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        time.sleep(WAIT_S)
-        now = process_table()
-        left = alive(tree) | {p: now[p][1] for p in marked(now, f"{MARK}={mark}".encode()) if now[p][2] != b"Z"}
+        # Only a process of the run can start another, so the first look that finds none proves what
+        # a look WAIT_S later would (a helper notices its parent gone within parent_watch.POLL_S).
+        deadline = time.monotonic() + WAIT_S
+        while (left := survivors(tree, mark)) and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert not left, f"{backend}: processes of the killed run alive {WAIT_S} s later: {sorted(left)}"
     finally:
         if proc.poll() is None:
