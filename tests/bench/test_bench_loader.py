@@ -11,6 +11,9 @@ from conftest import build_synthetic_shards
 from tools.bench import bench_loader
 
 CPU_BACKENDS = ("dali-cpu", "torch", "openclip", "dali-native")
+# --quick's settings (checked in test_dali_gpu_is_skipped_without_cuda) with 0.5-s measurements
+# instead of 2-s ones: the assertions need a rate from each loader, not an accurate one.
+QUICK = ["--seconds", "0.5", "--repeats", "1", "--batch-size", "32", "--image-size", "64"]
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +27,7 @@ def shards(tmp_path_factory) -> Path:
 def test_quick_run_measures_every_backend(shards, tmp_path, capsys):
     out = tmp_path / "loader.json"
     argv = ["--shards", str(shards), "--format", "wds,rec", "--backends", ",".join(CPU_BACKENDS),
-            "--workers", "2", "--quick", "--out", str(out)]
+            "--workers", "2", *QUICK, "--out", str(out)]
     assert bench_loader.main(argv) == 0
     report = json.loads(out.read_text())
     rows = {(r["backend"], r["format"]): r for r in report["results"]}
@@ -53,6 +56,8 @@ def test_dali_gpu_is_skipped_without_cuda(shards, tmp_path, monkeypatch):
     assert bench_loader.main(["--shards", str(shards / "wds"), "--backends", "dali-gpu",
                               "--hw-decoder-load", "0.5,0.9", "--quick", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
+    assert {k: report["config"][k] for k in ("seconds", "repeats", "batch_size", "image_size")} == \
+        {"seconds": 2.0, "repeats": 1, "batch_size": 32, "image_size": 64}  # what --quick sets
     assert report["results"] == []
     assert [s["backend"] for s in report["skipped"]] == ["dali-gpu (hw 0.5)", "dali-gpu (hw 0.9)"]
     assert all("no CUDA device" in s["reason"] for s in report["skipped"])
@@ -67,7 +72,7 @@ def test_unknown_backend_is_a_usage_error(shards, capsys):
 def test_stages_report_cpu_per_stage_and_the_epoch_boundary(shards, tmp_path, capsys):
     out = tmp_path / "stages.json"
     assert bench_loader.main(["--shards", str(shards), "--format", "wds,rec", "--backends", "dali-cpu",
-                              "--workers", "2", "--quick", "--stages", "--out", str(out)]) == 0
+                              "--workers", "2", *QUICK, "--stages", "--out", str(out)]) == 0
     rows = {r["format"]: r for r in json.loads(out.read_text())["stages"]}
     assert set(rows) == {"wds", "rec"}
     for r in rows.values():
@@ -86,11 +91,11 @@ def test_mix_rows_and_the_host_side(shards, tmp_path, capsys):
     halves = [build_synthetic_shards(tmp_path / name, 48, "wds", 24) for name in ("a", "b")]
     mix = ",".join(str(h) for h in halves)
     out = tmp_path / "mix.json"
-    assert bench_loader.main(["--shards", str(shards), "--backends", "dali-cpu", "--mix", mix, "--quick",
+    assert bench_loader.main(["--shards", str(shards), "--backends", "dali-cpu", "--mix", mix, *QUICK,
                               "--workers", "1", "--out", str(out)]) == 0
     labels = [r["label"] for r in json.loads(out.read_text())["results"]]
     assert labels == ["dali-cpu", "dali-cpu (mix of 2)"]
-    assert bench_loader.main(["--shards", str(shards), "--format", "wds,rec", "--mix", mix, "--host", "--quick",
+    assert bench_loader.main(["--shards", str(shards), "--format", "wds,rec", "--mix", mix, "--host", *QUICK,
                               "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["host"]
     assert [(r["format"], r["data"]) for r in rows] == [("wds", "one folder"), ("wds", "mix of 2"),
@@ -107,7 +112,7 @@ def test_quick_run_measures_peers_and_their_resume(shards, tmp_path, capsys):
     pytest.importorskip("litdata")
     out = tmp_path / "peers.json"
     assert bench_loader.main(["--shards", str(shards), "--format", "wds,rec", "--backends", "torch,mosaic,litdata",
-                              "--workers", "2", "--quick", "--resume-check", "--peers-dir", str(tmp_path / "peers"),
+                              "--workers", "2", *QUICK, "--resume-check", "--peers-dir", str(tmp_path / "peers"),
                               "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     rows = {(r["backend"], r["format"]): r for r in report["results"]}
@@ -134,7 +139,7 @@ def test_s3_rows_read_from_a_loopback_server(shards, tmp_path, capsys):
     out = tmp_path / "s3.json"
     before = os.environ.get("AWS_ENDPOINT_URL")
     assert bench_loader.main(["--shards", str(shards), "--backends", "torch,mosaic,litdata,openclip",
-                              "--workers", "2", "--quick", "--s3", "--resume-check", "--out", str(out)]) == 0
+                              "--workers", "2", *QUICK, "--s3", "--resume-check", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     labels = {r["label"]: r for r in report["results"]}
     assert set(labels) == {"torch (s3)", "mosaic (s3)", "litdata (s3)"}
