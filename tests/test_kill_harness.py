@@ -50,7 +50,7 @@ def test_killed_anywhere_the_rerun_gives_the_clean_output(harness, name):
     sweep(harness, name, *PLAN[name])
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # the killed runs start a local Ray each: ~10 s
 @pytest.mark.parametrize("name", sorted(SLOW_PLAN))
 def test_killed_on_ray_the_rerun_gives_the_clean_output(harness, name):
     pytest.importorskip("ray")

@@ -23,7 +23,7 @@ def shards(tmp_path_factory) -> Path:
     return build_synthetic_shards(tmp_path_factory.mktemp("bench_loader"), 96, "wds,rec", 24)
 
 
-@pytest.mark.slow  # seven 2-s measurements plus worker start-ups: ~30 s
+@pytest.mark.slow  # seven loader starts (worker processes) and measurements: ~6 s
 def test_quick_run_measures_every_backend(shards, tmp_path, capsys):
     out = tmp_path / "loader.json"
     argv = ["--shards", str(shards), "--format", "wds,rec", "--backends", ",".join(CPU_BACKENDS),
@@ -68,7 +68,7 @@ def test_unknown_backend_is_a_usage_error(shards, capsys):
     assert "unknown backend" in capsys.readouterr().err
 
 
-@pytest.mark.slow  # one 2-s measurement plus the stage runs: ~20 s
+@pytest.mark.slow  # one measurement plus an epoch per stage, per format: ~8 s
 def test_stages_report_cpu_per_stage_and_the_epoch_boundary(shards, tmp_path, capsys):
     out = tmp_path / "stages.json"
     assert bench_loader.main(["--shards", str(shards), "--format", "wds,rec", "--backends", "dali-cpu",
@@ -85,7 +85,6 @@ def test_stages_report_cpu_per_stage_and_the_epoch_boundary(shards, tmp_path, ca
         in capsys.readouterr().out
 
 
-@pytest.mark.slow
 def test_mix_rows_and_the_host_side(shards, tmp_path, capsys):
     """--mix: the same samples as two sources beside the one folder; --host: the host side alone."""
     halves = [build_synthetic_shards(tmp_path / name, 48, "wds", 24) for name in ("a", "b")]
@@ -104,7 +103,7 @@ def test_mix_rows_and_the_host_side(shards, tmp_path, capsys):
     assert "| wds | mix of 2 |" in capsys.readouterr().out
 
 
-@pytest.mark.slow  # three 2-s measurements, worker start-ups and the resume checks: ~30 s
+@pytest.mark.slow  # the peers' exports, four loader starts and measurements, three resume checks: ~6 s
 def test_quick_run_measures_peers_and_their_resume(shards, tmp_path, capsys):
     """Mosaic Streaming and LitData read the same wds samples (exported once); every loader,
     ours included, resumes mid-epoch exactly from its state_dict."""
@@ -132,7 +131,7 @@ def test_quick_run_measures_peers_and_their_resume(shards, tmp_path, capsys):
     assert "| mosaic | wds |" in printed and "Mid-epoch resume" in printed and "| litdata | 96 |" in printed
 
 
-@pytest.mark.slow  # a moto server, uploads, two 2-s measurements and the resume checks: ~30 s
+@pytest.mark.slow  # a moto server, uploads, three measurements and three resume checks: ~11 s
 def test_s3_rows_read_from_a_loopback_server(shards, tmp_path, capsys):
     """--s3: our loader (s3:// + cache) and both peers read the same data from moto on 127.0.0.1."""
     pytest.importorskip("moto")

@@ -9,7 +9,7 @@ import pytest
 from tools.bench import bench_scale
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # seven probes, each a fresh interpreter importing torch (~4 s), and a moto server: ~38 s
 @pytest.mark.timeout(600)
 def test_bench_scale_quick(tmp_path):
     assert bench_scale.main(["--quick", "--root", str(tmp_path / "root"), "--out", str(tmp_path / "out")]) == 0

@@ -117,7 +117,6 @@ def test_bad_invocations(captioned, tmp_path, capsys):
     assert "is the input folder; use --in-place" in capsys.readouterr().err
 
 
-@pytest.mark.slow
 def test_clip_scores_in_meta(captioned, tmp_path):
     from train.model import build_model, export_open_clip
 

@@ -93,7 +93,7 @@ def test_same_captions_from_every_format(setup, clean_run):
     assert out.read_text() == clean_run[0].read_text()
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # a captioning subprocess (torch and transformers imports), killed, then the rerun: ~5 s
 def test_resume_after_sigkill_equals_clean_run(setup, clean_run):
     root, shards, model = setup
     out = root / "killed.jsonl"

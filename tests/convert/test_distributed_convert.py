@@ -156,7 +156,6 @@ def kill_mid_run(dataset, out: Path, *extra: str) -> None:
     assert not (out / "wds" / "manifest.json").exists(), "the kill should land mid-run"
 
 
-@pytest.mark.slow
 def test_local_pool_workers_die_with_killed_parent_and_resume_matches(dataset, tmp_path):
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     kill_mid_run(dataset, killed, "--workers", "2")
@@ -166,7 +165,7 @@ def test_local_pool_workers_die_with_killed_parent_and_resume_matches(dataset, t
     assert folder_bytes(killed) == folder_bytes(clean)
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # the killed run starts a local Ray of its own (~4 s), then the resume: ~11 s
 def test_ray_workers_die_with_killed_parent_and_resume_matches(dataset, ray_session, tmp_path):
     """The killed run started its own local Ray; the resume joins the module's."""
     killed, clean = tmp_path / "killed", tmp_path / "clean"
@@ -177,7 +176,7 @@ def test_ray_workers_die_with_killed_parent_and_resume_matches(dataset, ray_sess
     assert folder_bytes(killed) == folder_bytes(clean)
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # make-shards starts a local Ray of its own: ~6 s
 def test_without_an_address_it_starts_its_own_ray_whatever_the_address_file_says(dataset, tmp_path):
     """The node's Ray address file names a cluster (here a stale one: nothing listens there, as after
     a killed `ray start`); without --ray-address or RAY_ADDRESS make-shards must not join it."""

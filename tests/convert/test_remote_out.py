@@ -85,7 +85,7 @@ def test_s3_target_with_foreign_objects_is_refused(dataset, s3, tmp_path, capsys
     assert "did not write" in capsys.readouterr().err
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # a local Ray start and a conversion on it: ~8 s
 def test_ray_conversion_into_s3(dataset, reference, s3, tmp_path):  # noqa: F811
     ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, _node_ip_address="127.0.0.1")

@@ -338,7 +338,7 @@ def img2dataset_out(shared_data, tmp_path_factory):
     return root, captions
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # the img2dataset run both layouts share starts its own interpreters: ~7 s
 def test_img2dataset_webdataset_layout(img2dataset_out):
     root, captions = img2dataset_out
     records = listed("img2dataset", root / "webdataset")
@@ -367,7 +367,7 @@ def test_img2dataset_webdataset_layout(img2dataset_out):
     assert [r.source_key for r in single] == [r.source_key for r in records[:len(single)]]
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # the img2dataset run above (module-scoped)
 def test_img2dataset_files_layout(img2dataset_out):
     root, captions = img2dataset_out
     records = listed("img2dataset", root / "files")

@@ -54,6 +54,7 @@ def test_sweep_table_and_plot(tmp_path):
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.endswith("sweep.png")
 
 
+@pytest.mark.slow  # data, a base run and six variant runs with their evaluations: ~8 s
 def test_demo_variants_end_to_end_tiny(tmp_path):
     """make demo-variants at toy scale: 96 images, 2 steps per run; every row present, the
     trainable shares as the tuning sets them, OOD figures for full vs evidential fine-tuning."""

@@ -210,7 +210,6 @@ def test_trainer_config_maps_shuffle_options():
         load_config(None, ["data.train_shards=x", "data.shuffle=none"]).validate()
 
 
-@pytest.mark.slow
 def test_trainer_trains_with_block_shuffle_and_checkpoints_the_mode(folder, tmp_path):
     summary = run_main(overrides(str(folder), tmp_path, "block", data__shuffle="block",
                                  data__shuffle_block_shards=2, data__batch_size=8))

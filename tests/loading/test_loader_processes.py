@@ -99,7 +99,6 @@ def kill_and_watch(argv: list[str], ready=lambda proc: proc.stdout.readline()) -
             os.kill(pid, signal.SIGKILL)
 
 
-@pytest.mark.slow  # one loader start (a spawned DALI worker imports torch: ~10 s here) and a kill
 @pytest.mark.parametrize("backend, start_method", [("dali", "fork"), ("dali", "spawn"), ("torch", "")])
 def test_workers_die_with_the_loader_process(shards, backend, start_method):
     left = kill_and_watch([sys.executable, "-c", HOLD_A_LOADER, backend, start_method, shards])

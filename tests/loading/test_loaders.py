@@ -619,7 +619,7 @@ def test_open_clip_style_tars(open_clip_tars, backend):
     check_foreign(folder, texts, backend)
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # img2dataset makes the tars first, starting its own interpreters: ~5 s
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_img2dataset_tars(img2dataset_tars, backend):
     folder, texts = img2dataset_tars

@@ -153,7 +153,6 @@ def test_sources_resolve_names_formats_and_counts(three):
     ld.close()
 
 
-@pytest.mark.slow
 def test_both_backends_yield_the_same_mixture(three):
     """Ids unique over the mixture, `Batch.sources` and keys naming each sample's own source, and
     torch and DALI's CPU graph yielding the same samples and captions for (seed, epoch)."""
@@ -313,7 +312,6 @@ def test_dataset_names():
     assert [s.name for s in parse_sources(["a/train/wds", "b/train/wds"])] == ["train-1", "train-2"]
 
 
-@pytest.mark.slow
 def test_a_remote_source_beside_local_ones(three, s3, tmp_path):  # noqa: F811
     """A local wds folder, a local arrow folder and an s3:// RecordIO prefix in one run: the
     remote source streams through the node cache, and the loader yields what the local copy does."""

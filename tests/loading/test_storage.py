@@ -221,7 +221,6 @@ def test_remote_arrow_needs_its_manifest(s3, local, tmp_path):  # noqa: F811
         loader(url, "arrow", cache_dir=str(tmp_path))
 
 
-@pytest.mark.slow
 def test_trainer_trains_from_s3(remote, tmp_path):
     summary = run_main(overrides(storage.join(remote, "wds"), tmp_path / "runs", "s3",
                                  data__cache_dir=str(tmp_path / "cache"), data__cache_limit="1MB"))

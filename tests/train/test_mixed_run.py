@@ -58,7 +58,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.dist
-@pytest.mark.slow
+@pytest.mark.slow  # three sources converted, torchrun twice (two ranks, then one), a kill and a resume: ~11 s
 @pytest.mark.timeout(600)
 def test_mixture_run_killed_under_torchrun_resumes_at_another_world_size(tmp_path, s3):  # noqa: F811
     roots = {}

@@ -47,7 +47,7 @@ def survivors(tree: dict[int, int], mark: str) -> dict[int, int]:
     return alive(tree) | {p: now[p][1] for p in marked(now, f"{MARK}={mark}".encode()) if now[p][2] != b"Z"}
 
 
-@pytest.mark.slow  # a trainer start (~10 s on two busy cores), a few steps, then the 10-s wait
+@pytest.mark.slow  # a trainer process (~4 s of imports) and a few steps before the kill: ~5 s
 @pytest.mark.parametrize("backend", ["torch", "dali"])
 def test_sigkilled_trainer_leaves_no_process(shards, tmp_path, backend):
     mark = uuid.uuid4().hex

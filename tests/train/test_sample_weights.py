@@ -152,7 +152,6 @@ def shards(tmp_path_factory) -> str:
     return str(build_synthetic_shards(tmp_path_factory.mktemp("record_data"), 96, "wds", 24) / "wds")
 
 
-@pytest.mark.slow
 def test_trainer_records_a_subset_and_resumes_it(shards, tmp_path):
     """An alip run over 96 samples with a 40-sample limit: the file names its 40 ids, the
     checkpoint holds them, and a resumed run keeps what was recorded before the resume."""

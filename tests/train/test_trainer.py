@@ -392,7 +392,7 @@ RESUME_VARIANTS = {
 }
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # four trainer processes, each ~4 s of imports: ~13 s per variant
 @pytest.mark.parametrize("variant", RESUME_VARIANTS)
 def test_resume_after_sigkill_is_exact(shards, tmp_path, variant):
     total, every = 14, 4
@@ -546,6 +546,7 @@ def ddp_results(tmp_path_factory) -> list[dict]:
 
 
 @pytest.mark.dist
+@pytest.mark.slow  # the module's ddp_results: two spawned ranks, fresh interpreters importing torch: ~6 s
 @pytest.mark.parametrize("case", DDP_CASES, ids=lambda c: f"{c[0]}-local{int(c[1])}-gather{int(c[2])}")
 def test_ddp_two_ranks_match_one_process(ddp_results, case):
     mode, local_loss, gather_with_grad = case
@@ -590,6 +591,7 @@ def _train_worker(rank: int, world: int, port: int, argv: list[str], out_dir: st
 
 
 @pytest.mark.dist
+@pytest.mark.slow  # two spawned ranks (fresh interpreters importing torch) training: ~6 s
 def test_two_rank_training_run(shards, tmp_path):
     """The whole trainer under two gloo ranks, with accumulation (DDP's no_sync on the first
     micro-batch): both ranks end with the same weights, only rank 0 writes the run folder."""
@@ -615,6 +617,7 @@ def test_two_rank_training_run(shards, tmp_path):
 
 
 @pytest.mark.dist
+@pytest.mark.slow  # spawned ranks training on two, then resuming on one: ~7 s
 def test_resume_at_another_world_size(shards, tmp_path):
     """`run.resume=latest` after a change of nproc_per_node (elastic): two ranks train 2 steps of
     2 × 8 samples, one process continues the same epoch from the 32 samples both ranks used."""

@@ -207,6 +207,7 @@ def _dist_worker(rank: int, world: int, port: int, args: list[str], out_dir: str
 
 
 @pytest.mark.dist
+@pytest.mark.slow  # two spawned ranks (fresh interpreters importing torch) training and evaluating: ~7 s
 def test_two_ranks_validate_and_agree_on_the_best(data, tmp_path):
     """Rank 0 evaluates while rank 1 waits at the broadcast; both end with the same best."""
     from test_trainer import _free_port
