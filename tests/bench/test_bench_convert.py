@@ -18,7 +18,7 @@ DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 FOLDERS = [DATA / "flickr8k-1k" / "images", DATA / "coco-mini" / "train2017", DATA / "coco-mini" / "val2017"]
 
 
-@pytest.mark.slow  # img2dataset alone spends ~10 s starting its interpreters; 5 tools: ~50 s
+@pytest.mark.slow  # start-ups dominate (img2dataset ~10 s, each peer its own): ~20 s, 60 images as 200
 @pytest.mark.skipif(not all(f.is_dir() for f in FOLDERS),
                     reason=f"shared photos absent ({DATA}; see shared/data/README.md)")
 def test_quick_run_times_every_tool_and_peer(tmp_path, capsys):
