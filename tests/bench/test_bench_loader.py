@@ -1,4 +1,4 @@
-"""tools/bench/bench_loader.py under --quick: every CPU backend measured on real shards, ratios filled."""
+"""tools/bench/bench_loader.py at --quick's sizes: every CPU backend measured on real shards, ratios filled."""
 from __future__ import annotations
 
 import json
