@@ -6,12 +6,13 @@ Reasons: missing_file, empty_file, not_image, too_large, truncated, decode_error
 A JPEG that needs resizing is decoded at a reduced DCT scale (libjpeg's 1/2, 1/4 or 1/8, through
 Pillow's `draft`): the largest reduction that leaves the short side at least DRAFT_MARGIN × the
 target, so the bicubic resize still does the last step. The output size is computed from the
-full-size photo, so it is the same with or without the draft; the pixels differ from a full decode
-by little (>= 41 dB PSNR on the large-photo set, docs/benchmarks.md). `jpeg_draft=False` decodes
-at full size.
+full-size photo, and the resize maps the photo's exact extent in the drafted pixels, so the size is
+the same with or without the draft and the pixels differ little (stored JPEGs 40 dB from a full
+decode's on average, >= 37 dB, on 100 large photos: docs/benchmarks.md). `jpeg_draft=False`
+decodes at full size.
 
-Resize backends (both bicubic, antialiased, after the same Pillow decode, DCT draft and EXIF
-rotation, and before the same Pillow JPEG encode):
+Resize backends (both bicubic, antialiased, after the same Pillow decode and DCT draft, and before the
+same EXIF rotation and Pillow JPEG encode):
 - pillow: Pillow's scalar `resize(BICUBIC, reducing_gap=3.0)`, the default;
 - torch: `torch.nn.functional.interpolate(mode="bicubic", antialias=True)` on the uint8 image,
   torch's vectorised (AVX2) uint8 kernel: several times faster per resize, as close to a LANCZOS

@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bicubic resize by Pillow or by torch's faster uint8 kernel (other bytes)")
     p.add_argument("--jpeg-draft", action=argparse.BooleanOptionalAction, default=True,
                    help="decode JPEGs that get resized at a reduced DCT scale (faster on large photos, "
-                        "sizes unchanged, pixels >= 41 dB from a full decode); --no-jpeg-draft: full decode")
+                        "sizes unchanged, ~40 dB from a full decode's pixels); --no-jpeg-draft: full decode")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="skip larger images")
     p.add_argument("--tokenize", action="store_true", help="store CLIP BPE tokens (rec always does)")
     p.add_argument("--captions-per-image", choices=("all", "first", "random"), default="all",
