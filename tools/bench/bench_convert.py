@@ -266,9 +266,8 @@ def quality_check(sources: list[Path], size: int, quality: int, limit: int) -> d
             "decode_ms_median": med["decode"], "encode_ms_median": med["encode"],
             "img2dataset_cv2_ms_median": med["img2dataset"],
             "draft": {"decode_full_ms_median": med["decode_full"],
-                      "stored_vs_full_decode": round(float(np.mean(draft["stored_vs_full_decode"])), 2) if photos else None,
-                      "stored_vs_full_decode_min": round(min(draft["stored_vs_full_decode"]), 2) if photos else None,
-                      "full_decode_vs_lanczos": round(float(np.mean(draft["full_decode_vs_lanczos"])), 2) if photos else None},
+                      **{k: round(float(np.mean(v)), 2) if v else None for k, v in draft.items()},
+                      "stored_vs_full_decode_min": round(min(draft["stored_vs_full_decode"]), 2) if photos else None},
             "backends": {b: {"resize_ms_median": med[b], **{k: round(float(np.mean(v)), 2)
                                                              for k, v in psnrs[b].items()}}
                          for b in RESIZE_BACKENDS}}
