@@ -114,3 +114,23 @@ def test_make_shards_records_the_resize_backend_and_resume_never_mixes(tmp_path,
     assert make_shards.main(args + ["--resume"]) == 2  # the default, pillow, is another conversion
     assert "differs in resize_backend" in capsys.readouterr().err
     assert make_shards.main(args + ["--resize-backend", "torch", "--resume"]) == 0
+
+
+@pytest.mark.skipif(not all(f.is_dir() for f in FOLDERS[1:]),
+                    reason=f"shared photos absent ({DATA}; see shared/data/README.md)")
+def test_quick_large_photos_run_builds_the_set_once_and_times_both_tools(tmp_path, capsys):
+    pytest.importorskip("img2dataset", reason="img2dataset is the baseline: pip install -e '.[test]'")
+    out = tmp_path / "convert.json"
+    argv = ["--quick", "--photos", "large", "--large-from", *map(str, FOLDERS[1:]), "--out", str(out),
+            "--peers", "none", "--resize-backends", "pillow", "--quality-check", "2"]
+    assert bench_convert.main(argv) == 0
+    res = json.loads(out.read_text())
+    assert res["config"]["photos"] == "large" and res["config"]["count"] == 40
+    assert res["config"]["distinct_images"] == 12 and set(res["tools"]) == {"make-shards", "img2dataset"}
+    assert res["bound"]["resized"] == 40  # every large photo gets resized
+    built = sorted((tmp_path / "large_photos").glob("large_*.jpg"))
+    assert len(built) == 12 and all(min(Image.open(p).size) >= 1024 for p in built)
+    d = res["quality_check"]["draft"]
+    assert d["decode_full_ms_median"] > res["quality_check"]["decode_ms_median"]  # the draft decodes less
+    assert d["stored_vs_full_decode_min"] >= 38
+    assert "JPEG draft on 2 photos" in capsys.readouterr().out

@@ -1,7 +1,13 @@
 """bench-convert: resize + re-encode throughput of make-shards against img2dataset, same files, same cores.
 
     bench-convert --out bench_out/convert.json            # 5,000 images, 3 repeats each
+    bench-convert --photos large --out bench_out/convert_large.json   # 1,000 photos >= 1,024 px
     bench-convert --quick --out /tmp/convert.json         # 200 images, 1 repeat
+
+`--photos small` (the default) converts the shared photos as they are (Flickr thumbnails, COCO
+<= 640 px); `--photos large` a set of >= 1,024-px photos tiled from the COCO ones
+(tools/bench/large_photos.py), built once beside `--out`; `both` runs the two and writes
+{"small": ..., "large": ...}.
 
 Both tools run as subprocesses timed from launch to exit (start-up included, as a user pays it;
 their own stats give the rate without it), writing webdataset shards to one disk with the same
@@ -38,13 +44,15 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from tools.bench import large_photos
 from tools.bench.bench_peers import WRITERS as PEERS
-from tools.convert.image_policy import RESIZE_BACKENDS, ImagePolicy, process_image
+from tools.convert.image_policy import RESIZE_BACKENDS, ImagePolicy, draft_request, process_image, target_size
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data"
-DEFAULT_IMAGES = [DATA / "flickr8k-1k" / "images", DATA / "coco-mini" / "train2017",
-                  DATA / "coco-mini" / "val2017"]
+COCO = [DATA / "coco-mini" / "train2017", DATA / "coco-mini" / "val2017"]
+DEFAULT_IMAGES = [DATA / "flickr8k-1k" / "images", *COCO]
+PHOTO_SETS = {"small": ("small",), "large": ("large",), "both": ("small", "large")}
 PACKAGES = ("img2dataset", "pillow", "opencv-python-headless", "albumentations", "pyarrow", "tqdm", "torch",
             "mosaicml-streaming", "litdata")
 PEER_LABELS = {"mds": "Mosaic MDSWriter", "litdata": "LitData optimize"}
@@ -167,8 +175,8 @@ def run_peer(writer: str, table: Path, out: Path, n: int, a: argparse.Namespace)
 
 def image_bound(pairs: list[tuple[Path, Path]], policy: ImagePolicy) -> dict:
     """One process, bytes in memory, CPU time (robust to other load on the machine): make-shards'
-    own `process_image`, so images that need it are decoded (at the largest JPEG DCT scale still
-    covering the size), resized, encoded; the rest pass through, as every tool passes them."""
+    own `process_image`, so images that need it are decoded (JPEGs at a reduced DCT scale, unless
+    the policy says otherwise), resized, encoded; the rest pass through, as every tool passes them."""
     import torch
 
     torch.set_num_threads(1)  # one core, as in a make-shards worker
@@ -196,7 +204,9 @@ def quality_check(sources: list[Path], size: int, quality: int, limit: int) -> d
     """Per backend over up to `limit` distinct photos that get resized: CPU ms (best of 3) of the
     resize alone, beside the decode (with DCT draft) and the encode every backend shares; mean
     PSNR of the resized pixels against a LANCZOS resize of the full decode (no draft) to the same
-    size, and of the stored JPEG against today's (pillow) stored JPEG."""
+    size, and of the stored JPEG against today's (pillow) stored JPEG. The draft itself: the
+    full decode's CPU ms, and the PSNR (mean, min) of the stored JPEG against the one made from a
+    full decode (`jpeg_draft=False`), and of that full-decode resize against LANCZOS."""
     import torch
 
     from tools.convert.image_policy import torch_resize
@@ -211,34 +221,41 @@ def quality_check(sources: list[Path], size: int, quality: int, limit: int) -> d
             times.append(time.process_time() - t0)
         return min(times) * 1e3, out
 
-    def decode(data):
+    def decode(data, draft=True):
+        """(image, its box: the photo's exact extent in the drafted pixels, as process_image resizes it)."""
         im = Image.open(io.BytesIO(data))
-        im.draft("RGB", (size, size))
-        return im.convert("RGB")
+        drafted = im.draft("RGB", draft_request(size)) if draft else None
+        return im.convert("RGB"), drafted[1] if drafted else None
+
+    def stored(data, **policy):
+        return np.asarray(Image.open(io.BytesIO(process_image(data, ImagePolicy(size, quality, **policy)).data)))
 
     photos = [p for p in sorted(set(sources)) if min(Image.open(p).size) > size][:limit]
     try:
         import cv2  # img2dataset's dependency, not ours: its row is measured only where it is installed
     except ImportError:
         cv2 = None
-    ms = {k: [] for k in ("decode", "encode", "img2dataset", *RESIZE_BACKENDS)}
+    ms = {k: [] for k in ("decode", "decode_full", "encode", "img2dataset", *RESIZE_BACKENDS)}
     psnrs = {b: {"vs_lanczos": [], "stored_vs_pillow": []} for b in RESIZE_BACKENDS}
+    draft = {"stored_vs_full_decode": [], "full_decode_vs_lanczos": []}
     for path in tqdm(photos, desc="quality check", unit=" img", mininterval=2, file=sys.stderr):
         data = path.read_bytes()
-        t, im = best_ms(lambda: decode(data))
+        t, (im, box) = best_ms(lambda: decode(data))
         ms["decode"].append(t)
-        scale = size / min(im.size)
-        target = (max(1, round(im.size[0] * scale)), max(1, round(im.size[1] * scale)))
-        full = Image.open(io.BytesIO(data)).convert("RGB")
+        target = target_size(*Image.open(path).size, size)  # of the full size, as process_image
+        t, (full, _) = best_ms(lambda: decode(data, draft=False))
+        ms["decode_full"].append(t)
         ref = np.asarray(full.resize(target, Image.LANCZOS))
-        stored = {b: np.asarray(Image.open(io.BytesIO(process_image(data, ImagePolicy(
-            size, quality, resize_backend=b)).data)).convert("RGB")) for b in RESIZE_BACKENDS}
-        for b, resize in (("pillow", lambda: im.resize(target, Image.BICUBIC, reducing_gap=3.0)),
-                          ("torch", lambda: torch_resize(im, target))):
+        draft["full_decode_vs_lanczos"].append(psnr(np.asarray(full.resize(target, Image.BICUBIC,
+                                                                          reducing_gap=3.0)), ref))
+        stored_by = {b: stored(data, resize_backend=b) for b in RESIZE_BACKENDS}
+        draft["stored_vs_full_decode"].append(psnr(stored_by["pillow"], stored(data, jpeg_draft=False)))
+        for b, resize in (("pillow", lambda: im.resize(target, Image.BICUBIC, box=box, reducing_gap=3.0)),
+                          ("torch", lambda: torch_resize(im, target, box))):
             t, small = best_ms(resize)
             ms[b].append(t)
             psnrs[b]["vs_lanczos"].append(psnr(np.asarray(small), ref))
-            psnrs[b]["stored_vs_pillow"].append(psnr(stored[b], stored["pillow"]))
+            psnrs[b]["stored_vs_pillow"].append(psnr(stored_by[b], stored_by["pillow"]))
         ms["encode"].append(best_ms(lambda: small.save(io.BytesIO(), "JPEG", quality=quality))[0])
         if cv2 is not None:  # img2dataset's own per-image work: OpenCV decode, INTER_AREA, encode
             ms["img2dataset"].append(best_ms(lambda: cv2.imencode(".jpg", cv2.resize(
@@ -248,6 +265,9 @@ def quality_check(sources: list[Path], size: int, quality: int, limit: int) -> d
     return {"photos": len(photos), "size": size, "quality": quality,
             "decode_ms_median": med["decode"], "encode_ms_median": med["encode"],
             "img2dataset_cv2_ms_median": med["img2dataset"],
+            "draft": {"decode_full_ms_median": med["decode_full"],
+                      **{k: round(float(np.mean(v)), 2) if v else None for k, v in draft.items()},
+                      "stored_vs_full_decode_min": round(min(draft["stored_vs_full_decode"]), 2) if photos else None},
             "backends": {b: {"resize_ms_median": med[b], **{k: round(float(np.mean(v)), 2)
                                                              for k, v in psnrs[b].items()}}
                          for b in RESIZE_BACKENDS}}
@@ -292,6 +312,11 @@ def table(res: dict) -> str:
                     f"× {w} workers = {b['images_per_cpu_s'] * w:.0f}/s")
     rows += [f"- {k}: {r['fraction_of_bound']:.0%} of its bound × workers" for k, r in res["tools"].items()]
     if q := res.get("quality_check"):
+        d = q["draft"]
+        rows += ["", f"JPEG draft on {q['photos']} photos: decode {q['decode_ms_median']:.2f} ms against "
+                 f"{d['decode_full_ms_median'] or 0:.2f} ms at full size; stored JPEG vs the full decode's: "
+                 f"{d['stored_vs_full_decode'] or 0:.2f} dB (min {d['stored_vs_full_decode_min'] or 0:.2f}); "
+                 f"full decode + bicubic vs LANCZOS: {d['full_decode_vs_lanczos'] or 0:.2f} dB"]
         rows += ["", f"Resize backends on {q['photos']} photos (short side {q['size']}, JPEG q{q['quality']}; "
                  f"shared: decode {q['decode_ms_median']:.2f} ms, encode {q['encode_ms_median']:.2f} ms; "
                  f"img2dataset's OpenCV decode + INTER_AREA + encode: {q['img2dataset_cv2_ms_median'] or 0:.2f} ms):", "",
@@ -325,14 +350,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peers", default=",".join(PEERS), help=f"peer writers ({', '.join(PEERS)}) or none")
     p.add_argument("--quality-check", type=int, default=0, metavar="PHOTOS",
                    help="also PSNR and ms per resize of each backend on this many photos")
-    p.add_argument("--quick", action="store_true", help="200 images, 1 repeat, no sweep")
+    p.add_argument("--photos", choices=PHOTO_SETS, default="small",
+                   help="small: the --images folders as they are; large: >= 1,024-px photos tiled from "
+                        "--large-from, built once under --out's folder; both: one run of each")
+    p.add_argument("--large-count", type=int, default=1000, help="large photos converted per run (replicated)")
+    p.add_argument("--large-distinct", type=int, default=240, help="distinct large photos built")
+    p.add_argument("--large-from", nargs="+", type=Path, default=COCO, help="folders of the photos tiled")
+    p.add_argument("--quick", action="store_true",
+                   help="200 images (large: 40 of 12 distinct), 1 repeat, no sweep")
     return p
+
+
+def photo_set(a: argparse.Namespace, name: str) -> argparse.Namespace:
+    """The arguments of one photo set: `a` with its source files (`sources`), count and folders."""
+    if name == "small":
+        return argparse.Namespace(**{**vars(a), "photos": name, "sources": find_jpegs(a.images)})
+    folder = a.out.parent / "large_photos"  # kept: built once, reused by every later run
+    log(f"large photos: {a.large_distinct} in {folder} (built from {', '.join(map(str, a.large_from))})")
+    try:
+        files = large_photos.build(folder, a.large_distinct, a.large_from)
+    except FileNotFoundError as e:
+        raise BenchError(str(e)) from e
+    random.Random(0).shuffle(files)  # as find_jpegs: a prefix mixes the canvas sizes as the whole does
+    return argparse.Namespace(**{**vars(a), "photos": name, "sources": files, "count": a.large_count,
+                                 "images": [folder]})
 
 
 def measure(a: argparse.Namespace, scratch: Path) -> dict:
     threads = [int(t) for t in (a.threads or ("16" if a.quick else "4,16,64")).split(",")]
     spp = a.samples_per_shard or math.ceil(a.count / (4 * a.workers))
-    pairs = stage(find_jpegs(a.images), a.count, scratch / "images")
+    pairs = stage(a.sources, a.count, scratch / "images")
     files = [f for f, _ in pairs]
     lists = write_lists(files, scratch)
     for f in files:  # warm the page cache so neither tool pays the first read
@@ -382,7 +429,7 @@ def measure(a: argparse.Namespace, scratch: Path) -> dict:
                                                            * a.workers), 3)
     check = quality_check([s for _, s in pairs], a.resize, a.quality, a.quality_check) if a.quality_check else None
     return {"date": time.strftime("%Y-%m-%d"), "machine": machine(),
-            "config": {"count": a.count, "distinct_images": len(set(s for _, s in pairs)),
+            "config": {"photos": a.photos, "count": a.count, "distinct_images": len(set(s for _, s in pairs)),
                        "resize": a.resize, "quality": a.quality, "workers": a.workers,
                        "samples_per_shard": spp, "repeats": a.repeats,
                        "images": [str(d) for d in a.images]},
@@ -396,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     if a.quick:
         a.count, a.repeats = min(a.count, 200), 1
+        a.large_count, a.large_distinct = min(a.large_count, 40), min(a.large_distinct, 12)
     a.resize_backends = [b.strip() for b in a.resize_backends.split(",") if b.strip()]
     a.peers = [] if a.peers == "none" else [w.strip() for w in a.peers.split(",") if w.strip()]
     if bad := [b for b in a.resize_backends if b not in RESIZE_BACKENDS] + [w for w in a.peers if w not in PEERS]:
@@ -405,16 +453,19 @@ def main(argv: list[str] | None = None) -> int:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     # Scratch beside the results: inputs and both tools' outputs on one disk.
     scratch = a.scratch or Path(tempfile.mkdtemp(prefix="bench_convert_", dir=a.out.parent))
+    names = PHOTO_SETS[a.photos]
     try:
-        res = measure(a, scratch)
+        # One set: its files straight in scratch, as before the option; both: a subfolder each.
+        res = {n: measure(photo_set(a, n), scratch / n if len(names) > 1 else scratch) for n in names}
     except BenchError as e:
         print(f"bench-convert: error: {e}", file=sys.stderr)
         return 1
     finally:
         if a.scratch is None:
             shutil.rmtree(scratch, ignore_errors=True)
-    a.out.write_text(json.dumps(res, indent=1) + "\n")
-    print(table(res) + f"\nraw timings → {a.out}")
+    a.out.write_text(json.dumps(res if len(names) > 1 else res[names[0]], indent=1) + "\n")
+    print("\n\n".join((f"## {n} photos\n\n" if len(names) > 1 else "") + table(r) for n, r in res.items())
+          + f"\nraw timings → {a.out}")
     return 0
 
 
