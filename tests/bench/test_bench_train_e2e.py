@@ -1,5 +1,6 @@
-"""bench-train --compare open-clip under --quick: lip-train (DALI and torch loaders) and open_clip's
-own trainer each run end to end as a subprocess on the same tiny shards; the table and JSON come out."""
+"""bench-train --compare open-clip under --quick: lip-train (DALI and torch loaders), open_clip's own
+trainer and the bare loop over lip-train's loader each run end to end as a subprocess on the same tiny
+shards; the table and JSON come out."""
 from __future__ import annotations
 
 import json
@@ -31,11 +32,11 @@ def test_bench_train_open_clip_quick(tmp_path, capsys):
     shards = build_synthetic_shards(tmp_path, 48, "wds", per_shard=12) / "wds"
     out = tmp_path / "e2e.json"
     assert bench_train.main(["--compare", "open-clip", "--quick", "--device", "cpu", "--shards", str(shards),
-                             "--batch-size", "8", "--out", str(out)]) == 0
+                             "--batch-size", "8", "--bare", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert set(report["median_samples_per_s"]) == set(bench_train_e2e.TOOLS)
+    assert set(report["median_samples_per_s"]) == {*bench_train_e2e.TOOLS, bench_train_e2e.BARE}
     assert all(v > 0 for v in report["median_samples_per_s"].values())
     assert all(v > 0 for v in report["median_wall_s"].values())
     assert report["speedup_steady"]["open_clip_train"] == 1.0
     table = capsys.readouterr().out
-    assert all(f"| {t} |" in table for t in bench_train_e2e.TOOLS)
+    assert all(f"| {t} |" in table for t in (*bench_train_e2e.TOOLS, bench_train_e2e.BARE))

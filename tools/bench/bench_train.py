@@ -180,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     e2e.add_argument("--workers", type=int, default=2, help="loader workers of each tool")
     e2e.add_argument("--loss-mode", default="clip-raw", help="lip-train's loss.mode (open_clip trains CLIP)")
     e2e.add_argument("--log-every", type=int, default=10, help="steps per log line, both tools")
+    e2e.add_argument("--bare", action="store_true",
+                     help="add a bare loop (forward, loss, backward, AdamW) over lip-train's default loader")
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.warmup, args.repeats = 6, 2, 1

@@ -21,6 +21,12 @@ Two figures per run:
   (t)` mean of each log window × its steps);
 - wall seconds: launch to exit, start-up, first epoch's loader start and tear-down included.
 Medians of `--repeats`; the order of the tools rotates per repeat so that each goes first once.
+
+`--bare` adds the row `bare loop (DALI)`: `python -m tools.bench.bench_train_e2e` in a subprocess,
+lip-train's own default loader (`pipelines.build_loader`, same settings and seed) feeding a loop with
+nothing but forward, CLIP loss, backward, clip, AdamW (the trainer's groups, fused) and the scale's
+clamp: what the model and the loader cost together on these cores, so lip-train's distance to it is
+all that the trainer adds (records, checkpoints, export, plots, objective).
 """
 from __future__ import annotations
 
@@ -38,8 +44,9 @@ from argparse import Namespace
 from importlib import metadata, util
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[2]  # the runs' working directory: `python -m train.main` is this tree's
 TOOLS = ("lip-train", "lip-train torch", "open_clip_train")
+BARE = "bare loop (DALI)"
 PEER = "open_clip_train"
 PACKAGES = ("torch", "open_clip_torch", "nvidia-dali-cuda120", "webdataset")
 # AdamW and schedule settings both tools are given (lip-train's defaults, open_clip's ViT defaults)
@@ -127,7 +134,14 @@ def run_tool(tool: str, args: Namespace, work: str, r: int, config_dir: str, tar
     """(steady samples/s, wall seconds) of one run of `tool`."""
     name = f"{tool.replace(' ', '-')}-{r}"
     log_path = os.path.join(work, f"{name}.log")
-    if tool == PEER:
+    if tool == BARE:
+        times = os.path.join(work, f"{name}.json")
+        wall = timed([sys.executable, "-m", "tools.bench.bench_train_e2e", args.shards, str(args.batch_size),
+                      str(args.workers), str(args.image_size), args.model, times], log_path)
+        with open(times) as f:
+            stamps = json.load(f)
+        windows = [(step, step, stamps[step - 1] - stamps[step - 2]) for step in range(2, len(stamps) + 1)]
+    elif tool == PEER:
         wall = timed(open_clip_command(args, work, name, config_dir, tars, samples), log_path)
         with open(log_path) as f:
             windows = open_clip_windows(f.read(), args.batch_size)
@@ -143,7 +157,9 @@ def model_config_dir(model: str, work: str) -> str:
     open_clip's own need none)."""
     folder = os.path.join(work, "model_configs")
     os.makedirs(folder, exist_ok=True)
-    ours = REPO / "train" / "model_configs" / f"{model}.json"
+    from train.model import MODEL_CONFIGS
+
+    ours = Path(MODEL_CONFIGS, f"{model}.json")
     if ours.is_file():
         shutil.copy(ours, folder)
     return folder
@@ -169,13 +185,14 @@ def compare_open_clip(args: Namespace) -> dict:
     if len(tars) < args.workers:
         raise BenchError(f"open_clip needs at least one shard per worker: {len(tars)} shards in {args.shards}, "
                          f"{args.workers} workers (make-shards --samples-per-shard lower)")
-    rates = {t: [] for t in TOOLS}
-    walls = {t: [] for t in TOOLS}
+    tools = TOOLS + ((BARE,) if args.bare else ())
+    rates = {t: [] for t in tools}
+    walls = {t: [] for t in tools}
     loads = []
     with tempfile.TemporaryDirectory(prefix="bench-train-e2e-") as work:
         config_dir = model_config_dir(args.model, work)
         for r in range(args.repeats):
-            for tool in TOOLS[r % len(TOOLS):] + TOOLS[:r % len(TOOLS)]:
+            for tool in tools[r % len(tools):] + tools[:r % len(tools)]:
                 print(f"bench-train: repeat {r + 1}/{args.repeats}: {tool} ...", file=sys.stderr, flush=True)
                 rate, wall = run_tool(tool, args, work, r, config_dir, tars, samples)
                 rates[tool].append(rate)
@@ -190,15 +207,51 @@ def compare_open_clip(args: Namespace) -> dict:
         "repeats": args.repeats, "device": platform.processor() or "cpu", "cpus": os.cpu_count(),
         "load_avg_after_repeat": loads, "versions": versions(),
         "samples_per_s": rates, "wall_s": walls, "median_samples_per_s": med_rate, "median_wall_s": med_wall,
-        "speedup_steady": {t: med_rate[t] / med_rate[PEER] for t in TOOLS},
-        "speedup_wall": {t: med_wall[PEER] / med_wall[t] for t in TOOLS},
+        "speedup_steady": {t: med_rate[t] / med_rate[PEER] for t in tools},
+        "speedup_wall": {t: med_wall[PEER] / med_wall[t] for t in tools},
     }
     print(f"\n| tool | steady samples/s (median of {args.repeats}) | × {PEER} | wall s | "
           f"× {PEER} (wall) |\n|---|---:|---:|---:|---:|")
-    for t in TOOLS:
+    for t in tools:
         print(f"| {t} | {med_rate[t]:.1f} | {report['speedup_steady'][t]:.2f} | {med_wall[t]:.1f} | "
               f"{report['speedup_wall'][t]:.2f} |")
     print(f"\nsteady: steps {args.warmup + 1}–{samples // args.batch_size} of one epoch of {samples} samples; "
           f"wall: launch to exit. lip-train / {PEER}: {report['speedup_steady']['lip-train']:.2f}× steady "
           f"(target ≥ 3×), {report['speedup_wall']['lip-train']:.2f}× wall")
     return report
+
+
+def bare_loop(shards: str, batch_size: int, workers: int, image_size: int, model_name: str, out: str) -> None:
+    """One epoch of `shards` through lip-train's default loader into a bare step; each step's end
+    time (`time.time()`) goes to `out` as JSON."""
+    import torch
+
+    from pipelines.loader import LoaderConfig, build_loader
+    from train.losses import ClipLoss
+    from train.model import build_model
+    from train.optim import param_groups
+    from train.trainer import MAX_LOGIT_SCALE, seed_everything
+
+    seed_everything(0)
+    model = build_model(model_name)
+    opt = torch.optim.AdamW(param_groups(model, WD, False), lr=LR, betas=BETAS, eps=EPS, fused=True)
+    loss_fn = ClipLoss()
+    loader = build_loader(LoaderConfig(shards=shards, format="wds", device="cpu", batch_size=batch_size,
+                                       image_size=image_size, workers=workers, seed=0))
+    stamps = []
+    for batch in loader:
+        image, raw, _, scale = model(batch.images, batch.raw_tokens)
+        loss_fn(image, raw, scale).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        stamps.append(time.time())
+    loader.close()
+    with open(out, "w") as f:
+        json.dump(stamps, f)
+
+
+if __name__ == "__main__":
+    bare_loop(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6])
