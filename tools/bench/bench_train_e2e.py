@@ -1,7 +1,7 @@
 """bench-train --compare open-clip: lip-train against open_clip's own trainer, end to end, on the
 same wds shards, model, batch size and workers, each run a fresh subprocess as a user starts it.
 
-    bench-train --compare open-clip --shards bench_out/shards/f5k/wds --model lip-tiny \\
+    bench-train --compare open-clip [--bare] --shards bench_out/shards/f5k-500/wds --model lip-tiny \\
         --batch-size 50 --workers 2 --warmup 20 --repeats 3
 
 Rows: `lip-train` (`python -m train.main`, its default loader: `data.backend=auto`, DALI where it
@@ -20,7 +20,8 @@ Two figures per run:
   each tool's own log (lip-train: metrics.jsonl's per-line `time`; open_clip_train: the `Batch
   (t)` mean of each log window × its steps);
 - wall seconds: launch to exit, start-up, first epoch's loader start and tear-down included.
-Medians of `--repeats`; the order of the tools rotates per repeat so that each goes first once.
+Medians of `--repeats`; the order of the tools rotates by one per repeat, so load drift and
+a warm page cache favour none of them.
 
 `--bare` adds the row `bare loop (DALI)`: `python -m tools.bench.bench_train_e2e` in a subprocess,
 lip-train's own default loader (`pipelines.build_loader`, same settings and seed) feeding a loop with
