@@ -92,14 +92,16 @@ def test_console_scripts_point_at_modules():
 
 def test_paths_the_moved_modules_compute_exist():
     """Modules that find repository files from their own location (they moved one folder down)."""
-    from tools.bench import bench_convert
+    from tools.bench import bench_convert, bench_train_e2e
     from tools.demo import demo
     from train.model import MODEL_CONFIGS
     assert Path(demo.CONFIG).is_file() and (bench_convert.REPO / "setup.cfg").is_file()
+    assert (bench_train_e2e.REPO / "setup.cfg").is_file()
     assert Path(MODEL_CONFIGS, "lip-demo.json").is_file()
     found = [p for p in REPO.glob("*/**/*.py") if p.parts[len(REPO.parts)] in ROOMS and "__file__" in p.read_text()]
     assert sorted(str(p.relative_to(REPO)) for p in found) == [
-        "tools/bench/bench_convert.py", "tools/demo/demo.py", "train/model.py"], "a new __file__ path: test it here"
+        "tools/bench/bench_convert.py", "tools/bench/bench_train_e2e.py", "tools/demo/demo.py", "train/model.py"], \
+        "a new __file__ path: test it here"
 
 
 def test_the_core_model_imports_no_variant():

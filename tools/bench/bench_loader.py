@@ -115,14 +115,9 @@ def openclip(args: Namespace, folder: str) -> tuple[Epochs, Callable[[], None]]:
     import open_clip_train.data as oc_data
 
     from pipelines.backends.torch_loader import torchvision_transform
+    from tools.bench.open_clip_run import patch_tar_stage
 
-    # open_clip 3.3's tar stage predates webdataset 0.2.96's end-of-shard `{}` markers and dies on
-    # them (KeyError 'fname', open_clip#935); this is the fix given there: no markers.
-    def tarfile_to_samples_nothrow(src, handler=oc_data.log_and_continue):
-        files = oc_data.tar_file_expander(oc_data.url_opener(src, handler=handler), handler=handler,
-                                          eof_value=None)
-        return oc_data.group_by_keys_nothrow(files, handler=handler)
-    oc_data.tarfile_to_samples_nothrow = tarfile_to_samples_nothrow
+    patch_tar_stage(oc_data)
 
     shardset = ShardSet(folder, "wds")
     tars = list(shardset.paths)

@@ -1,10 +1,12 @@
 """bench-train: training step time of `alip` against `clip-raw` on the same model and batches,
 and the trainer's overhead against a bare forward/backward/step loop over the same batches;
 `--compare tuning` (full vs LiT vs LilT vs ELIP adapters) and `--compare pruning` (ELIP token pruning vs none)
-time the seed variants against full training, with peak memory.
+time the seed variants against full training, with peak memory; `--compare open-clip` runs lip-train
+and open_clip's own trainer end to end on the same shards (tools/bench/bench_train_e2e.py).
 
     bench-train --model lip-tiny --image-size 64 --batch-size 64 --steps 30 [--device cpu|gpu] [--quick]
     bench-train --compare pruning --model ViT-B-16 --image-size 224 --batch-size 16 --steps 8 --warmup 3
+    bench-train --compare open-clip --shards DIR/wds --batch-size 50 --workers 2 --warmup 20 --repeats 3
 
 Peak memory: on the GPU `torch.cuda.max_memory_allocated`; on the CPU the process's peak resident
 set (Linux VmHWM, reset before each run through /proc/self/clear_refs), which includes what the
@@ -12,7 +14,8 @@ process held before the run (the batches in memory): compare the variants with e
 
 Batches come from memory (random images and tokens), so only model, loss and loop are timed.
 Per-step time is the wall clock over steps (warmup, steps], from the trainer's own step
-timestamps, so set-up and tear-down (model build, export) are excluded from both sides.
+timestamps, so set-up and tear-down (model build, the last step's checkpoint, export) are excluded
+from both sides.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ import time
 import torch
 
 from pipelines.schema import Batch
+from tools.bench.bench_train_e2e import BenchError, compare_open_clip
 from train.config import load_config
 from train.losses import ClipLoss
 from train.model import build_model
@@ -111,19 +115,20 @@ def peak_bytes(device: torch.device) -> int | None:
 
 
 def trainer_time(mode: str, args, batches, device: torch.device, extra: tuple[str, ...] = ()) -> tuple[float, int | None]:
-    """(seconds per step between the first and the last logged step (both synchronize), peak
-    memory of the run)."""
+    """(seconds per step over steps (warmup, steps], each window end a logged step (logging
+    synchronizes), peak memory of the run). The run takes one step more: the checkpoint, export
+    and log of its last step (tens of ms on lip-tiny) fall outside the window."""
     with tempfile.TemporaryDirectory() as out:
         cfg = load_config(None, [
             "data.train_shards=memory", f"data.device={'gpu' if device.type == 'cuda' else 'cpu'}",
             f"data.batch_size={args.batch_size}", f"data.image_size={args.image_size}",
-            f"model.name={args.model}", f"loss.mode={mode}", f"optim.max_steps={args.steps}",
+            f"model.name={args.model}", f"loss.mode={mode}", f"optim.max_steps={args.steps + 1}",
             "optim.epochs=1000", "optim.warmup_steps=1", f"optim.precision={args.precision}",
             f"run.out_dir={out}", "run.plots=false", "run.ckpt_every=1000000",
             f"run.log_every={args.warmup}", *args.overrides, *extra])
         reset_peak(device)
         times = train(cfg, loader=MemoryLoader(batches))["step_times"]
-    return (times[-1] - times[args.warmup - 1]) / (args.steps - args.warmup), peak_bytes(device)
+    return (times[args.steps - 1] - times[args.warmup - 1]) / (args.steps - args.warmup), peak_bytes(device)
 
 
 def bare_time(args, batches, device: torch.device) -> float:
@@ -166,14 +171,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="seconds: 6 steps, 1 repeat")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a trainer override for every run, e.g. --set model.token_pruning.layers=[1]")
-    p.add_argument("--compare", choices=("modes", *COMPARISONS), default="modes",
+    p.add_argument("--compare", choices=("modes", *COMPARISONS, "open-clip"), default="modes",
                    help="modes: alip vs clip vs a bare loop; tuning: full vs lit vs lilt vs elip; "
-                        "pruning: token pruning (model.token_pruning defaults) vs none")
+                        "pruning: token pruning (model.token_pruning defaults) vs none; open-clip: lip-train "
+                        "(DALI and torch loaders) vs open_clip_train end to end, one epoch of --shards each")
+    e2e = p.add_argument_group("--compare open-clip")
+    e2e.add_argument("--shards", help="a make-shards wds folder made with --tokenize")
+    e2e.add_argument("--workers", type=int, default=2, help="loader workers of each tool")
+    e2e.add_argument("--loss-mode", default="clip-raw", help="lip-train's loss.mode (open_clip trains CLIP)")
+    e2e.add_argument("--log-every", type=int, default=10, help="steps per log line, both tools")
+    e2e.add_argument("--bare", action="store_true",
+                     help="add a bare loop (forward, loss, backward, AdamW) over lip-train's default loader")
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.warmup, args.repeats = 6, 2, 1
+        args.log_every = 1 if args.compare == "open-clip" else args.log_every
     if not 0 < args.warmup < args.steps:
         p.error("need 0 < --warmup < --steps")
+    if args.compare == "open-clip":
+        try:
+            return write_report(args, compare_open_clip(args))
+        except BenchError as e:
+            print(f"bench-train: {e}", file=sys.stderr)
+            return 2
     device = torch.device("cuda" if args.device == "gpu" else "cpu")
     batches = make_batches(min(args.steps, 16), args.batch_size, args.image_size, device)
     if args.compare == "modes":
@@ -210,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         report["trainer_overhead"] = med["trainer clip-raw"] / med["bare loop (clip-raw)"] - 1
         print(f"\nALIP / CLIP step time: {report['alip_over_clip']:.3f}× (target ≤ 1.35×)")
         print(f"trainer overhead vs bare loop: {100 * report['trainer_overhead']:+.1f} % (target ≤ 3 %)")
+    return write_report(args, report)
+
+
+def write_report(args, report: dict) -> int:
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
