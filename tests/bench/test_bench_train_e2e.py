@@ -39,6 +39,7 @@ def test_bare_loop_stamps_every_step(shards, tmp_path):
     assert len(stamps) == 48 // 8 and stamps == sorted(stamps)
 
 
+@pytest.mark.slow  # ~21 s on 2 cores: three trainers start as subprocesses (torch and open_clip imports each)
 def test_bench_train_open_clip_quick(shards, tmp_path, capsys):
     pytest.importorskip("open_clip_train", reason="open_clip_train (open_clip_torch's trainer) is not installed")
     out = tmp_path / "e2e.json"
