@@ -47,6 +47,7 @@ from tqdm import tqdm
 from tools.bench import large_photos
 from tools.bench.bench_peers import WRITERS as PEERS
 from tools.convert.image_policy import RESIZE_BACKENDS, ImagePolicy, draft_request, process_image, target_size
+from tools.convert.reaper import reaped
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data"
@@ -111,7 +112,7 @@ def write_lists(files: list[Path], folder: Path) -> tuple[Path, Path]:
 def timed(cmd: list[str], logfile: Path) -> tuple[float, float]:
     """(wall seconds from launch to exit, CPU seconds of the tool and all its processes)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    with open(logfile, "w") as fh:
+    with open(logfile, "w") as fh, reaped():
         start = time.perf_counter()
         rc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **QUIET_ENV}, stdout=fh,
                             stderr=subprocess.STDOUT).returncode

@@ -45,6 +45,8 @@ from argparse import Namespace
 from importlib import metadata, util
 from pathlib import Path
 
+from tools.convert.reaper import reaped
+
 REPO = Path(__file__).resolve().parents[2]  # the runs' working directory: `python -m train.main` is this tree's
 TOOLS = ("lip-train", "lip-train torch", "open_clip_train")
 BARE = "bare loop (DALI)"
@@ -120,7 +122,7 @@ def open_clip_windows(log_text: str, batch_size: int) -> list[tuple[int, int, fl
 def timed(command: list[str], log_path: str) -> float:
     """Run one tool to its exit → wall seconds; its stdout and stderr go to `log_path`."""
     start = time.perf_counter()
-    with open(log_path, "w") as log:
+    with open(log_path, "w") as log, reaped():
         rc = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
     wall = time.perf_counter() - start
     if rc != 0:

@@ -1,5 +1,6 @@
 """A forked reaper: once the process that started it exits, however (SIGKILL, OOM, preemption), it
-takes down every process that process started after it (in make-shards: a local Ray cluster).
+takes down every process that process started after it (in make-shards: a local Ray cluster; in
+bench-convert and bench-train: the tool each run launches, with its workers).
 
 Ray's own clean-up misses some after a SIGKILLed driver (its dashboard and runtime-env agents lived on
 for a minute and more, measured). Finding them by an environment variable alone is not enough
@@ -17,6 +18,7 @@ a test started, are never touched.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -103,6 +105,18 @@ def stop_reaper(pid: int, write_end: int) -> None:
     os.environ.pop(SESSION_ENV, None)
     os.close(write_end)
     os.waitpid(pid, 0)
+
+
+@contextlib.contextmanager
+def reaped():
+    """A block whose subprocesses (and theirs) die with this process, however it ends: what the
+    benchmarks wrap around each tool they launch (img2dataset's pool would go on converting, a
+    trainer would finish its epoch, after a SIGKILLed benchmark)."""
+    pid, write_end = start_reaper()
+    try:
+        yield
+    finally:
+        stop_reaper(pid, write_end)
 
 
 def reap(owner_id: tuple[int, int], before: set[tuple[int, int]], read_end: int, mark: bytes) -> None:
