@@ -40,6 +40,7 @@ import numpy as np
 from pipelines.formats.folder_index import SUFFIX
 from pipelines.formats.base import file_digest
 from pipelines.formats.index import INDEX_NAME, FolderIndex, write_index
+from tools.convert.reaper import reaped
 
 COMPANION = {"wds": (".idx",), "rec": (".idx", ".jsonl"), "arrow": ()}
 
@@ -429,6 +430,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.sizes, args.per_shard, args.rec_per_shard, args.batches = [2000, 20000], 100, 1000, 5
         args.epoch, args.s3_shards, args.ranks = False, [20], 2
+    with reaped():  # its probe and rank processes die with it, however it ends
+        return measure(args, argv)
+
+
+def measure(args: argparse.Namespace, argv: list[str]) -> int:
     os.makedirs(args.root, exist_ok=True)
     base = max(args.rec_per_shard, args.per_shard)
     wds_base = os.path.join(args.base, "wds") if args.base else make_base(args.root, base, args.per_shard, "wds")

@@ -1,6 +1,6 @@
 """A forked reaper: once the process that started it exits, however (SIGKILL, OOM, preemption), it
 takes down every process that process started after it (in make-shards: a local Ray cluster; in
-bench-convert and bench-train: the tool each run launches, with its workers).
+bench-convert, bench-train, bench-scale and the demo: the tools they launch, with their workers).
 
 Ray's own clean-up misses some after a SIGKILLed driver (its dashboard and runtime-env agents lived on
 for a minute and more, measured). Finding them by an environment variable alone is not enough

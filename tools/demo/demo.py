@@ -18,6 +18,7 @@ import time
 from pipelines.formats.registry import FORMATS
 from tools.demo import make_synthetic
 from tools.convert import verify_shards
+from tools.convert.reaper import reaped
 
 # Training variants: a name and the overrides it adds to configs/demo.yaml. The alip-* ones are
 # the cold-start and normalization options of the gates (the noise sweep reports them).
@@ -62,7 +63,8 @@ def convert(raw: str, out: str, fmt: str, workers: int) -> tuple[dict, dict]:
             "--synthetic-captions", os.path.join(raw, "train_syn.jsonl"),
             "--format", fmt, "--out", out, "--samples-per-shard", "500", "--tokenize",
             "--workers", str(workers), "--overwrite", "--quiet"]
-    subprocess.run(argv, check=True)
+    with reaped():  # make-shards and its workers die with the demo, however it ends
+        subprocess.run(argv, check=True)
     with open(os.path.join(out, fmt, "stats.json")) as f:
         stats = json.load(f)
     return stats, verify_shards.verify_folder(os.path.join(out, fmt), progress=False)
