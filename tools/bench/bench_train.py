@@ -31,11 +31,11 @@ import time
 import torch
 
 from pipelines.schema import Batch
-from tools.bench.bench_train_e2e import BenchError, compare_open_clip
+from tools.bench.bench_train_e2e import BenchError, bare_step, compare_open_clip
 from train.config import load_config
 from train.losses import ClipLoss
 from train.model import build_model
-from train.trainer import MAX_LOGIT_SCALE, autocast_for, seed_everything, train
+from train.trainer import autocast_for, seed_everything, train
 
 
 # The seed variants against full training, same model and batches (clip-raw loss).
@@ -144,15 +144,7 @@ def bare_time(args, batches, device: torch.device) -> float:
             sync(device)
             start = time.perf_counter()
         b = batches[i % len(batches)]
-        with autocast():
-            image, raw, _, scale = model(b.images, b.raw_tokens)
-        loss = loss_fn(image.float(), raw.float(), scale.float())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        bare_step(model, opt, loss_fn, b.images, b.raw_tokens, autocast)
     sync(device)
     return (time.perf_counter() - start) / (args.steps - args.warmup)
 

@@ -31,6 +31,7 @@ all that the trainer adds (records, checkpoints, export, plots, objective).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -45,7 +46,10 @@ from argparse import Namespace
 from importlib import metadata, util
 from pathlib import Path
 
+import torch
+
 from tools.convert.reaper import reaped
+from train.trainer import MAX_LOGIT_SCALE
 
 REPO = Path(__file__).resolve().parents[2]  # the runs' working directory: `python -m train.main` is this tree's
 TOOLS = ("lip-train", "lip-train torch", "open_clip_train")
@@ -224,16 +228,27 @@ def compare_open_clip(args: Namespace) -> dict:
     return report
 
 
+def bare_step(model, opt, loss_fn, images, tokens, autocast=contextlib.nullcontext, clip: float = 1.0) -> None:
+    """One step of the benchmarks' reference loop: forward, CLIP loss, backward, clip, AdamW step, clamp;
+    nothing else (`--bare` here; bench-train's bare loop over batches in memory)."""
+    with autocast():
+        image, raw, _, scale = model(images, tokens)
+    loss_fn(image.float(), raw.float(), scale.float()).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+
+
 def bare_loop(shards: str, batch_size: int, workers: int, image_size: int, model_name: str, out: str) -> None:
     """One epoch of `shards` through lip-train's default loader into a bare step; each step's end
     time (`time.time()`) goes to `out` as JSON."""
-    import torch
-
     from pipelines.loader import LoaderConfig, build_loader
     from train.losses import ClipLoss
     from train.model import build_model
     from train.optim import param_groups
-    from train.trainer import MAX_LOGIT_SCALE, seed_everything
+    from train.trainer import seed_everything
 
     seed_everything(0)
     model = build_model(model_name)
@@ -243,13 +258,7 @@ def bare_loop(shards: str, batch_size: int, workers: int, image_size: int, model
                                        image_size=image_size, workers=workers, seed=0))
     stamps = []
     for batch in loader:
-        image, raw, _, scale = model(batch.images, batch.raw_tokens)
-        loss_fn(image, raw, scale).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        bare_step(model, opt, loss_fn, batch.images, batch.raw_tokens, clip=CLIP)
         stamps.append(time.time())
     loader.close()
     with open(out, "w") as f:

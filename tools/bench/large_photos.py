@@ -55,7 +55,7 @@ def build(folder: Path, count: int, source_dirs: list[Path]) -> list[Path]:
                      if p.suffix.lower() in (".jpg", ".jpeg"))
     if not sources:
         raise FileNotFoundError(f"no JPEG files in {', '.join(map(str, source_dirs))} to build large photos "
-                                "from; pass --images with the COCO folders (shared/data/coco-mini)")
+                                "from; pass bench-convert --large-from with the COCO folders (shared/data/coco-mini)")
     recipe = {"version": RECIPE_VERSION, "canvases": CANVASES, "cell": CELL, "quality": QUALITY,
               "sources": [p.name for p in sources]}
     recipe = json.loads(json.dumps(recipe))  # tuples as lists, as they read back
