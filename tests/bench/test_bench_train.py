@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from argparse import Namespace
 
 import pytest
 
@@ -23,3 +24,25 @@ def test_bench_train_quick(tmp_path, capsys, compare, extra, rows):
     assert all(p is None or p > 0 for p in report["peak_bytes"].values())
     table = capsys.readouterr().out
     assert all(f"| {r} |" in table for r in rows)
+
+
+def test_timed_window_holds_no_checkpoint(monkeypatch):
+    """The trainer checkpoints at each epoch's end: bench-train's in-memory epochs are longer than the
+    run, so its timed window holds training steps only, as the bare loop's does (with 16-batch epochs
+    two checkpoints fell into a 30-step window and added 11 % to every trainer row)."""
+    import torch
+
+    from train import checkpoint
+
+    saved = []
+    real = checkpoint.save
+    monkeypatch.setattr(checkpoint, "save", lambda folder, step, *a: saved.append(step) or real(folder, step, *a))
+    args = Namespace(batch_size=4, image_size=64, model="lip-tiny", steps=6, warmup=2, precision="auto", overrides=[])
+    batches = bench_train.make_batches(3, args.batch_size, args.image_size, torch.device("cpu"))
+    seconds, _ = bench_train.trainer_time("clip-raw", args, batches, torch.device("cpu"))
+    assert seconds > 0
+    assert saved == [args.steps + 1]  # the run's last step only, outside the window
+
+    loader = bench_train.MemoryLoader(batches, per_epoch=7)
+    assert len(loader) == 7 and [b.keys[0] for b in loader] == ["0-0", "1-0", "2-0"] * 2 + ["0-0"]
+    assert loader.epoch == 1 and len(loader) == 7
