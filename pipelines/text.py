@@ -54,6 +54,18 @@ def choose_caption(n_syn: int, seed: int, epoch: int, gid: int) -> int:
     return mix(seed, epoch, gid) % n_syn if n_syn > 1 else 0
 
 
+def choose_captions(n_syn: np.ndarray, seed: int, epoch: int, gids: np.ndarray) -> np.ndarray:
+    """`choose_caption` for a batch (int64 [B]), in one vectorised hash: equal element by element."""
+    from pipelines.plan.epoch_plan import mix_array
+
+    n_syn, gids = np.asarray(n_syn, np.int64), np.asarray(gids, np.int64)
+    out = np.zeros(len(n_syn), np.int64)
+    several = n_syn > 1
+    if several.any():
+        out[several] = (mix_array(seed, epoch, gids[several]) % n_syn[several].astype(np.uint64)).astype(np.int64)
+    return out
+
+
 def sample_tokens(samples, gids, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(raw int64 [B,77], syn int64 [B,77], has_syn bool [B]) for Samples, using their stored
     tokens where they cover the chosen caption and tokenizing the rest in one call."""

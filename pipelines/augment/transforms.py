@@ -63,7 +63,7 @@ def crop_windows(spec: AugmentSpec, seed: int, epoch: int, ids, sizes) -> np.nda
     lo_log, hi_log = math.log(spec.aspect[0]), math.log(spec.aspect[1])
     share = lo_area + (hi_area - lo_area) * _uniform(seed, epoch, ids[:, None], _CROP, tries, 0)
     log_ratio = lo_log + (hi_log - lo_log) * _uniform(seed, epoch, ids[:, None], _CROP, tries, 1)
-    ratio = np.array([math.exp(x) for x in log_ratio.ravel().tolist()]).reshape(log_ratio.shape)
+    ratio = np.fromiter(map(math.exp, log_ratio.ravel().tolist()), np.float64, log_ratio.size).reshape(log_ratio.shape)
     target = width * height * share
     w = np.rint(np.sqrt(target * ratio))  # rint: half to even, as Python's round in torchvision
     h = np.rint(np.sqrt(target / ratio))

@@ -198,16 +198,17 @@ def index_piece(rec_path: str, name: str | None = None, size: int | None = None)
     return Piece(name or os.path.basename(rec_path), size, samples, keys, problems)
 
 
-def _text_row(text: np.ndarray, rec) -> dict:
-    start = int(rec["text"])
-    return json.loads(text[start:start + int(rec["text_size"])].tobytes())
+def _text_row(text: np.ndarray, rec: tuple) -> dict:
+    start, size = rec[2:4]
+    return json.loads(text[start:start + size].tobytes())
 
 
-def read_sample(buf: np.ndarray, text: np.ndarray, rec, path: str, key: str) -> tuple[np.ndarray, np.ndarray, int]:
-    """The loader's hot path for one record of a mapped .rec (`text`: its mapped .jsonl, read only
-    for token rows beyond the two in the record): image bytes as a uint8 view, tokens int32
-    [R, 77], number of synthetic captions."""
-    offset, span = int(rec["start"]), int(rec["span"])
+def read_sample(buf: np.ndarray, text: np.ndarray, rec: tuple, path: str, key: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """The loader's hot path for one record of a mapped .rec (`rec`: its index record as a tuple,
+    `SAMPLE_DTYPES["rec"]`'s fields in order; `text`: its mapped .jsonl, read only for token rows
+    beyond the two in the record): image bytes as a uint8 view, tokens int32 [R, 77], number of
+    synthetic captions."""
+    offset, span, _, _, n_syn, n_tok = rec
     magic, lrecord = struct.unpack_from("<II", buf, offset) if offset + 8 <= len(buf) else (None, 0)
     length = lrecord & _LENGTH_MASK
     if magic != MAGIC or lrecord >> 29 or offset + 8 + length > len(buf) or not 0 <= span - 8 - length < 4:
@@ -215,13 +216,13 @@ def read_sample(buf: np.ndarray, text: np.ndarray, rec, path: str, key: str) -> 
                          "reconvert this shard")
     start = offset + 8 + _IR_HEADER.size
     flag = _IR_HEADER.unpack_from(buf, offset + 8)[0]
-    extra = _text_row(text, rec).get("extra_tokens") if int(rec["n_tok"]) > 2 else None
+    extra = _text_row(text, rec).get("extra_tokens") if n_tok > 2 else None
     tokens = label_tokens(np.frombuffer(buf, "<f4", flag, start), extra)
     image = buf[start + 4 * flag:offset + 8 + length]
-    return image, tokens, int(rec["n_syn"])
+    return image, tokens, n_syn
 
 
-def get_sample(buf: np.ndarray, text: np.ndarray, rec, path: str, key: str) -> Sample:
+def get_sample(buf: np.ndarray, text: np.ndarray, rec: tuple, path: str, key: str) -> Sample:
     """One whole sample: the record's image and tokens, its sidecar line's strings (copied)."""
     image, tokens, _ = read_sample(buf, text, rec, path, key)
     row = _text_row(text, rec)

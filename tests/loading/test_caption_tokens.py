@@ -91,3 +91,16 @@ def test_verify_checks_every_token_row():
     bad[2] = tokenize(["a bird"])[0]
     with pytest.raises(ShardError, match="sample 'k'"):
         _check_tokens("x.tar", [("k", bad, [txt, *syn])])
+
+
+def test_caption_choice_batched_equals_per_sample():
+    """read_batch draws a batch's captions in one vectorised hash; the torch backend and sample_tokens
+    draw one at a time: both must pick the same caption for every (seed, epoch, id, count)."""
+    from pipelines.text import choose_caption, choose_captions
+
+    rng = np.random.default_rng(0)
+    gids = np.concatenate([rng.integers(0, 2**62, 500), np.arange(200)])
+    counts = rng.integers(0, 7, len(gids))
+    for seed, epoch in [(0, 0), (5, 3), (2**40 + 1, 999)]:
+        got = choose_captions(counts, seed, epoch, gids)
+        assert got.tolist() == [choose_caption(int(n), seed, epoch, int(g)) for n, g in zip(counts, gids)]
