@@ -69,6 +69,9 @@ class ModelConfig:
     pretrained: str | None = None  # an open_clip checkpoint file; None = random init
     grad_checkpointing: bool = False  # recompute activations in the backward pass: less memory, slower
     compile: bool = False  # torch.compile the model
+    # run the text tower up to each batch's longest text, not the whole context (the same features
+    # to float rounding; open_clip CLIP models with a causal mask, others run as they are)
+    trim_text: bool = True
     # none (all trains) | lit (image tower locked but its projection) | lilt (norms, projections, adapters)
     # | elip (ELIP: every loaded weight frozen, adapters on each block's attention and MLP outputs)
     tuning: str = "none"

@@ -66,7 +66,8 @@ def evaluate_run(cfg: TrainConfig, model, device, run_dir: str, evals: dict | No
 def build_run_model(cfg: TrainConfig, env: DistEnv, objective: Objective) -> tuple[DualPathCLIP, dict]:
     """(the model as this run trains it, its trainable summary): built, tuned, changed by the
     objective and the variants, all before DDP and the optimizer (they take what trains)."""
-    model = build_model(cfg.model.name, cfg.model.pretrained, cfg.model.grad_checkpointing).to(env.device)
+    model = build_model(cfg.model.name, cfg.model.pretrained, cfg.model.grad_checkpointing,
+                        cfg.model.trim_text).to(env.device)
     apply_tuning(model, cfg.model.tuning, cfg.model.adapter_init)
     objective.prepare(model)
     if cfg.model.token_pruning.enabled:
