@@ -265,13 +265,14 @@ def measure(open_backend: Callable[[], tuple[Epochs, Callable[[], None]]], secon
         close()
 
 
-def machine() -> dict:
+def machine(packages: Sequence[str] = PACKAGES) -> dict:
+    """CPU, cores, GPU, Python and the versions of `packages`: what every benchmark report names."""
     cpu = platform.processor()
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     installed = {d.metadata["Name"].lower(): d.version for d in metadata.distributions()}
-    versions = {pkg: installed.get(pkg.lower()) for pkg in PACKAGES}
+    versions = {pkg: installed.get(pkg.lower()) for pkg in packages}
     return {"cpu": cpu, "nproc": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "python": platform.python_version(), "platform": platform.platform(), "versions": versions}

@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -43,7 +42,7 @@ import sys
 import tempfile
 import time
 from argparse import Namespace
-from importlib import metadata, util
+from importlib import util
 from pathlib import Path
 
 import torch
@@ -172,19 +171,10 @@ def model_config_dir(model: str, work: str) -> str:
     return folder
 
 
-def versions() -> dict:
-    out = {}
-    for p in PACKAGES:
-        try:
-            out[p] = metadata.version(p)
-        except metadata.PackageNotFoundError:
-            out[p] = None
-    return out
-
-
 def compare_open_clip(args: Namespace) -> dict:
     """Run every tool `args.repeats` times (order rotating), print the table → the report."""
     from pipelines.shardset import ShardSet
+    from tools.bench.bench_loader import machine
 
     check(args)
     shardset = ShardSet(args.shards, "wds")
@@ -211,8 +201,7 @@ def compare_open_clip(args: Namespace) -> dict:
         "compare": "open-clip", "shards": os.path.abspath(args.shards), "samples": samples, "model": args.model,
         "image_size": args.image_size, "batch_size": args.batch_size, "workers": args.workers,
         "loss_mode": args.loss_mode, "warmup_steps_excluded": args.warmup, "log_every": args.log_every,
-        "repeats": args.repeats, "device": platform.processor() or "cpu", "cpus": os.cpu_count(),
-        "load_avg_after_repeat": loads, "versions": versions(),
+        "repeats": args.repeats, "machine": machine(PACKAGES), "load_avg_after_repeat": loads,
         "samples_per_s": rates, "wall_s": walls, "median_samples_per_s": med_rate, "median_wall_s": med_wall,
         "speedup_steady": {t: med_rate[t] / med_rate[PEER] for t in tools},
         "speedup_wall": {t: med_wall[PEER] / med_wall[t] for t in tools},
