@@ -269,9 +269,10 @@ class ShardSet:
             held.close()
             raise
 
-    def _read_group(self, p: int, members, position: int, whole: bool):
+    def _read_group(self, p: int, members, position: int, whole: bool, views: bool = False):
         """Read `members` [(slot, row)] of shard position p: Samples (`whole`) or the hot path's
-        (image, tokens, n_syn). From a remote shard everything is copied out before it is let go."""
+        (image, tokens, n_syn), images as views into the map with `views` (see `read_batch`). From a
+        remote shard everything is copied out before it is let go."""
         if p not in self._repaired and not self.index.verified(int(self.numbers[p])):  # once per shard
             self._repaired[p] = self._reindex(p)
         handle, held = self._handle(p, position)
@@ -283,7 +284,7 @@ class ShardSet:
             out = []
             for (slot, row), key, rec in zip(members, keys, recs):
                 try:
-                    out.append((slot, self._read_one(handle, p, row, key, rec, whole, remote)))
+                    out.append((slot, self._read_one(handle, p, row, key, rec, whole, remote, views)))
                 except ValueError as e:
                     raise SampleReadError(str(e), slot) from e
             return out
@@ -292,7 +293,7 @@ class ShardSet:
                 handle.close()
                 held.close()
 
-    def _read_one(self, handle, p: int, row: int, key, rec, whole: bool, copy: bool):
+    def _read_one(self, handle, p: int, row: int, key, rec, whole: bool, copy: bool, views: bool = False):
         path, fmt = self.paths[p], self.format
         if fmt == "arrow":
             local = row - int(self._row0[p])
@@ -307,20 +308,22 @@ class ShardSet:
             if whole:
                 return recordio.get_sample(handle.buf, handle.text, rec, path, key)
             image, tokens, n_syn = recordio.read_sample(handle.buf, handle.text, rec, path, key)
-        # Images leave the map as copies, always: a batch is held for a while (a DALI prefetch
-        # queue, the trainer's step), and a view keeps its whole shard mapped after OpenShards has
-        # closed it, so a global-shuffle batch of 32 kept ~21 shards mapped with max_open=4.
-        image = np.array(image)
+        # Images leave the map as copies unless the caller copies them at once (`views`): a batch is
+        # held for a while (a DALI prefetch queue, the trainer's step), and a view keeps its whole
+        # shard mapped after OpenShards has closed it, so a global-shuffle batch of 32 kept ~21
+        # shards mapped with max_open=4.
+        if copy or not views:
+            image = np.array(image)
         if copy:  # nothing may map a cached file once its lock is gone
             tokens = None if tokens is None else np.array(tokens)
         return image, tokens, n_syn
 
-    def _read(self, ids: np.ndarray, position: int, whole: bool) -> list:
+    def _read(self, ids: np.ndarray, position: int, whole: bool, views: bool = False) -> list:
         """Per id, in order: a Sample (`whole`) or the hot path's (image, tokens, n_syn)."""
         out: list = [None] * len(ids)
         try:
             for p, members in self._grouped(ids):
-                for slot, value in self._read_group(p, members, position, whole):
+                for slot, value in self._read_group(p, members, position, whole, views):
                     out[slot] = value
         except SampleReadError as e:
             e.gid = int(ids[e.gid])  # from the slot in `ids` to the sample id
@@ -335,17 +338,19 @@ class ShardSet:
         return self._read(np.asarray(ids, np.int64), position, whole=True)
 
     def read_batch(self, ids, seed: int, epoch: int, position: int | None = None,
-                   caption_ids=None) -> tuple[list[np.ndarray], np.ndarray]:
+                   caption_ids=None, views: bool = False) -> tuple[list[np.ndarray], np.ndarray]:
         """The loader's hot path: encoded images (uint8 copies out of the map, no decode) and one int32
         [B, TEXT_WIDTH] array of text (raw tokens | synthetic tokens | has_syn), the synthetic
         caption chosen per (seed, epoch, id); tokenized here for shards stored without tokens.
         `position`: the batch's place in the plan (`position_of`), for a remote cache.
         `caption_ids`: the ids the caption choice is keyed by, when they are not `ids` (a
-        mixture's global ids: pipelines/sources.py)."""
+        mixture's global ids: pipelines/sources.py). `views`: images as read-only views into the
+        mapped shards (a remote set's are copies all the same), for a caller that copies them before
+        it lets go of the batch (the DALI source: one copy a byte instead of two)."""
         position = position_of(epoch, 0) if position is None else position
         ids = np.asarray(ids, np.int64)
         keyed = ids if caption_ids is None else np.asarray(caption_ids, np.int64)
-        read = self._read(ids, position, whole=False)
+        read = self._read(ids, position, whole=False, views=views)
         images = [image for image, _, _ in read]
         text = np.empty((len(ids), TEXT_WIDTH), np.int32)
         n_syn = np.fromiter((n for _, _, n in read), np.int64, len(read))

@@ -208,12 +208,12 @@ class Mixture:
 
     # --- ShardSet's interface ---
 
-    def read_batch(self, ids, seed: int, epoch: int, position: int | None = None):
+    def read_batch(self, ids, seed: int, epoch: int, position: int | None = None, views: bool = False):
         ids = np.asarray(ids, np.int64)
         images: list = [None] * len(ids)
         text = None
         for s, at, local in self._split(ids):
-            part_images, part_text = self.sets[s].read_batch(local, seed, epoch, position, caption_ids=ids[at])
+            part_images, part_text = self.sets[s].read_batch(local, seed, epoch, position, caption_ids=ids[at], views=views)
             if text is None:
                 text = np.empty((len(ids), part_text.shape[1]), part_text.dtype)
             text[at] = part_text

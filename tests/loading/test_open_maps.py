@@ -54,3 +54,46 @@ def test_held_batches_keep_at_most_max_open_shards_mapped(folder, fmt):
         again.close()
     finally:
         shards.close()
+
+
+@pytest.mark.parametrize("fmt", ["wds", "arrow", "rec"])
+def test_views_hold_the_copies_bytes(folder, fmt):
+    """`read_batch(views=True)` (the DALI source's read): the bytes of the copies, as views into the map."""
+    shards = ShardSet(str(folder / fmt), fmt)
+    try:
+        ids = np.random.default_rng(1).permutation(len(shards))[:32]
+        views, text = shards.read_batch(ids, seed=0, epoch=2, views=True)
+        copies, want = shards.read_batch(ids, seed=0, epoch=2)
+        assert np.array_equal(text, want) and [bytes(v) for v in views] == [bytes(c) for c in copies]
+        assert not any(v.flags.owndata for v in views) and all(c.flags.owndata for c in copies)
+    finally:
+        shards.close()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux /proc")
+@pytest.mark.parametrize("fmt", ["wds", "arrow", "rec"])
+def test_dali_source_batches_hold_no_map(folder, fmt):
+    """The in-process DALI source reads views and hands DALI one TensorListCPU, a copy: the batches
+    DALI holds keep no shard mapped, and hold the bytes read_batch's copies hold."""
+    pytest.importorskip("nvidia.dali")
+    from nvidia.dali.tensors import TensorListCPU
+
+    from pipelines.augment.transforms import AugmentSpec
+    from pipelines.backends.dali import PlanSource
+    from pipelines.faults import BadSamples
+    from pipelines.plan.epoch_plan import EpochPlan
+
+    shards = ShardSet(str(folder / fmt), fmt, max_open=4)
+    plan = EpochPlan(len(shards), 32, seed=0)
+    source = PlanSource(shards, plan, 0, 0, BadSamples(len(shards)), AugmentSpec(size=32), in_process=True)
+    try:
+        held = [source(type("Info", (), {"iteration": i})()) for i in range(2)]  # a prefetch queue's worth
+        assert len(mapped_shards(str(folder / fmt), SUFFIX[fmt])) <= 4
+        again = ShardSet(str(folder / fmt), fmt)
+        for i, (images, text, *_draws) in enumerate(held):
+            want_images, want_text = again.read_batch(plan.batch(i), seed=0, epoch=0)
+            assert isinstance(images, TensorListCPU) and np.array_equal(text, want_text)
+            assert [bytes(np.asarray(images[k])) for k in range(len(images))] == [bytes(w) for w in want_images]
+        again.close()
+    finally:
+        shards.close()

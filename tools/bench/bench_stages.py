@@ -86,7 +86,7 @@ def host_rate(args: Namespace, shards, fmt: str, seconds: float = 3.0) -> dict:
                        image_size=args.image_size, workers=1)
     loader = build_loader(cfg)  # its plan and shard set; DALI's backend starts nothing until iterated
     shardset = loader.shardset
-    source = PlanSource(shardset, loader.plan(), 0, cfg.seed, loader.bad, cfg.augment())
+    source = PlanSource(shardset, loader.plan(), 0, cfg.seed, loader.bad, cfg.augment(), in_process=True)
     torch.set_num_threads(1)
 
     @pipeline_def(batch_size=args.batch_size, num_threads=1, device_id=None, seed=0, prefetch_queue_depth=1,
