@@ -92,7 +92,7 @@ def host_rate(args: Namespace, shards, fmt: str, seconds: float = 3.0) -> dict:
     @pipeline_def(batch_size=args.batch_size, num_threads=1, device_id=None, seed=0, prefetch_queue_depth=1,
                   exec_dynamic=True)
     def pipe():
-        return tuple(fn.external_source(source, num_outputs=5, batch=True, batch_info=True))
+        return tuple(fn.external_source(source, num_outputs=5, batch=True, batch_info=True, no_copy=False))
 
     p = pipe()
     p.build()
