@@ -237,15 +237,17 @@ class ShardSet:
         keys, recs = self._rows(p, [row])
         return keys[0], recs[0]
 
-    def _rows(self, p: int, rows: list[int]) -> tuple[list[str], list]:
-        """(keys, index records as tuples or Nones) of index rows `rows` of the shard at position p:
-        two numpy calls for a batch (a record's fields read one by one cost ~0.5 µs each)."""
+    def _rows(self, p: int, rows: list[int], keys: bool = True) -> tuple[list, list]:
+        """(keys, or Nones without `keys`; index records as tuples or Nones) of index rows `rows` of
+        the shard at position p: two numpy calls for a batch (a record's fields read one by one cost
+        ~0.5 µs each)."""
         fixed = self._repaired.get(p)
         if fixed is None:
             samples = self.index.samples
-            return self.index.keys(rows), [None] * len(rows) if samples is None else samples[rows].tolist()
+            names = self.index.keys(rows) if keys else [None] * len(rows)
+            return names, [None] * len(rows) if samples is None else samples[rows].tolist()
         local = [row - int(self._row0[p]) for row in rows]
-        return ([fixed.keys[i] for i in local],
+        return ([fixed.keys[i] for i in local] if keys else [None] * len(rows),
                 [None] * len(rows) if fixed.samples is None else fixed.samples[local].tolist())
 
     def _grouped(self, ids):
@@ -278,14 +280,20 @@ class ShardSet:
         handle, held = self._handle(p, position)
         remote = held is not None
         rows = [row for _, row in members]
-        # arrow rows are read by position alone: no keys, no records
-        keys, recs = self._rows(p, rows) if self.format != "arrow" else ([None] * len(rows), [None] * len(rows))
+        # arrow rows are read by position alone: no keys, no records. The hot path looks a key up
+        # only to name a sample that fails (the Batch's keys come later, in one call for the batch).
+        keys, recs = self._rows(p, rows, keys=whole) if self.format != "arrow" else ([None] * len(rows),) * 2
         try:
             out = []
             for (slot, row), key, rec in zip(members, keys, recs):
                 try:
                     out.append((slot, self._read_one(handle, p, row, key, rec, whole, remote, views)))
                 except ValueError as e:
+                    if key is None and self.format != "arrow":  # read it again, named, for the message
+                        try:
+                            self._read_one(handle, p, row, self._row(p, row)[0], rec, whole, remote, views)
+                        except ValueError as named:
+                            e = named
                     raise SampleReadError(str(e), slot) from e
             return out
         finally:

@@ -261,11 +261,12 @@ _NPY_HEADERS: dict[bytes, tuple[tuple[int, ...], np.dtype, int]] = {}
 def npy_view(buf: np.ndarray, offset: int, size: int) -> np.ndarray:
     """A `.npy` member as an array view into `buf` (uint8): its header parsed once per distinct
     header (all token members of a shard share one), instead of `np.load` per sample."""
-    head = buf[offset:offset + 10].tobytes()
+    head = buf[offset:offset + 128].tobytes()  # one read: numpy pads v1 headers to 64 bytes (ours: 128)
     if head[:6] != b"\x93NUMPY" or head[6] != 1:
         return np.load(io.BytesIO(buf[offset:offset + size].tobytes()), allow_pickle=False)
-    end = offset + 10 + int.from_bytes(head[8:10], "little")
-    header = buf[offset:end].tobytes()
+    length = 10 + int.from_bytes(head[8:10], "little")
+    header = head[:length] if length <= len(head) else buf[offset:offset + length].tobytes()
+    end = offset + length
     spec = _NPY_HEADERS.get(header)
     if spec is None:
         shape, fortran, dtype = np.lib.format.read_array_header_1_0(io.BytesIO(header[8:]))

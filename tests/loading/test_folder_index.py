@@ -91,6 +91,28 @@ def test_a_changed_shard_is_indexed_again_into_the_cache(local, tmp_path):
     assert 0 < shards.skipped["truncated"] < 8 and len(shards) == 40 - shards.skipped["truncated"]
 
 
+@pytest.mark.parametrize("fmt", ["wds", "rec"])
+def test_a_shard_cut_short_after_opening_names_its_sample(local, tmp_path, fmt):
+    """A shard truncated under an open set: the batch read fails naming the shard and the sample's
+    key (the hot path looks keys up only for such a message)."""
+    from pipelines.errors import SampleReadError
+
+    folder = tmp_path / fmt
+    folder.mkdir()
+    for p in (local / fmt).iterdir():
+        if p.is_file():
+            (folder / p.name).write_bytes(p.read_bytes())
+    shards = ShardSet(str(folder), fmt)
+    last = len(shards) - 1
+    pos, _ = shards.locate(last)
+    os.truncate(shards.paths[pos], int(shards.index.samples["start"][-1]) + 16)  # into the last sample
+    with pytest.raises(SampleReadError) as caught:
+        shards.read_batch([0, last], seed=0, epoch=0, views=True)
+    assert caught.value.gid == last
+    assert shards.paths[pos] in str(caught.value) and shards.key(last) in str(caught.value)
+    shards.close()
+
+
 def _tiny_jpeg() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (16, 16), (200, 40, 40)).save(buf, "JPEG")
