@@ -353,8 +353,9 @@ class ShardSet:
         `position`: the batch's place in the plan (`position_of`), for a remote cache.
         `caption_ids`: the ids the caption choice is keyed by, when they are not `ids` (a
         mixture's global ids: pipelines/sources.py). `views`: images as read-only views into the
-        mapped shards (a remote set's are copies all the same), for a caller that copies them before
-        it lets go of the batch (the DALI source: one copy a byte instead of two)."""
+        mapped shards (a remote set's are copies all the same), for a caller that copies them at once
+        and holds only the copy (the DALI source: DALI copies as the batch is fed, or into a worker's
+        shared memory; one copy a byte instead of two)."""
         position = position_of(epoch, 0) if position is None else position
         ids = np.asarray(ids, np.int64)
         keyed = ids if caption_ids is None else np.asarray(caption_ids, np.int64)
