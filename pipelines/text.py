@@ -10,6 +10,7 @@ import sys
 import ftfy
 import numpy as np
 
+from pipelines.plan.permutation import mix, mix_array
 from pipelines.schema import CONTEXT_LENGTH
 
 TOKENIZER_NAME = "openai-clip-bpe-49408"  # open_clip's SimpleTokenizer, vocabulary shipped in the wheel
@@ -49,15 +50,11 @@ def tokenize(texts: list[str]) -> np.ndarray:
 
 def choose_caption(n_syn: int, seed: int, epoch: int, gid: int) -> int:
     """Which synthetic caption sample `gid` uses this epoch: the same in every backend and worker."""
-    from pipelines.plan.epoch_plan import mix
-
     return mix(seed, epoch, gid) % n_syn if n_syn > 1 else 0
 
 
 def choose_captions(n_syn: np.ndarray, seed: int, epoch: int, gids: np.ndarray) -> np.ndarray:
     """`choose_caption` for a batch (int64 [B]), in one vectorised hash: equal element by element."""
-    from pipelines.plan.epoch_plan import mix_array
-
     n_syn, gids = np.asarray(n_syn, np.int64), np.asarray(gids, np.int64)
     out = np.zeros(len(n_syn), np.int64)
     several = n_syn > 1
