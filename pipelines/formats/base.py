@@ -68,6 +68,28 @@ class MappedFile:
         self.buf = None
 
 
+class ShardFile:
+    """A shard read by offset: one `pread` per sample into memory this process owns, no mapping.
+    What a shard read for one or two samples and let go gets (a global shuffle over more shards than
+    `OpenShards` keeps: at 1,000 shards and 64 kept, ~94 % of reads). Mapping it for them cost about
+    30 µs a sample (the map, its page faults, the unmap when it left the set); a `pread` costs one
+    call and a copy of the sample's bytes. The descriptor lives until `close()`, which the reader
+    calls once the batch's samples from this shard are read."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+
+    def read(self, offset: int, size: int) -> np.ndarray:
+        """uint8 [≤ size]: the bytes at `offset` (fewer where the file ends first)."""
+        return np.frombuffer(os.pread(self.fd, size, offset), np.uint8)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 class OpenShards:
     """The shard files one process has open (mapped), at most `capacity` of them: the least
     recently used is closed when another opens, and `close()` closes them all. A forked process
@@ -91,6 +113,10 @@ class OpenShards:
         while len(self._open) > self.capacity:
             self._open.popitem(last=False)[1].close()
         return handle
+
+    def holds(self, key) -> bool:
+        """Whether `key` is open in this process (its place in the order unchanged)."""
+        return self._pid == os.getpid() and key in self._open
 
     def close(self) -> None:
         if self._pid == os.getpid():

@@ -24,7 +24,7 @@ from typing import Iterator
 
 import numpy as np
 
-from pipelines.formats.base import MappedFile, ShardWriter, write_atomic
+from pipelines.formats.base import MappedFile, ShardFile, ShardWriter, write_atomic
 from pipelines.formats.index import SAMPLE_DTYPES, Piece
 from pipelines.schema import CONTEXT_LENGTH, TOKENS_PER_SAMPLE, Sample
 
@@ -203,16 +203,18 @@ def _text_row(text: np.ndarray, rec: tuple) -> dict:
     return json.loads(text[start:start + size].tobytes())
 
 
-def read_sample(buf: np.ndarray, text: np.ndarray, rec: tuple, path: str, key: str) -> tuple[np.ndarray, np.ndarray, int]:
+def read_sample(buf: np.ndarray, text: np.ndarray, rec: tuple, path: str, key: str,
+                at: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
     """The loader's hot path for one record of a mapped .rec (`rec`: its index record as a tuple,
     `SAMPLE_DTYPES["rec"]`'s fields in order; `text`: its mapped .jsonl, read only for token rows
     beyond the two in the record): image bytes as a uint8 view, tokens int32 [R, 77], number of
-    synthetic captions."""
+    synthetic captions. `at`: where `buf` starts in the file (a record read by offset: `buf` holds
+    it alone and `rec` starts at 0), for the error message."""
     offset, span, _, _, n_syn, n_tok = rec
     magic, lrecord = struct.unpack_from("<II", buf, offset) if offset + 8 <= len(buf) else (None, 0)
     length = lrecord & _LENGTH_MASK
     if magic != MAGIC or lrecord >> 29 or offset + 8 + length > len(buf) or not 0 <= span - 8 - length < 4:
-        raise ValueError(f"{path}: bad or truncated record at offset {offset} (sample {key}); "
+        raise ValueError(f"{path}: bad or truncated record at offset {at + offset} (sample {key}); "
                          "reconvert this shard")
     start = offset + 8 + _IR_HEADER.size
     flag = _IR_HEADER.unpack_from(buf, offset + 8)[0]
@@ -222,21 +224,32 @@ def read_sample(buf: np.ndarray, text: np.ndarray, rec: tuple, path: str, key: s
     return image, tokens, n_syn
 
 
-def get_sample(buf: np.ndarray, text: np.ndarray, rec: tuple, path: str, key: str) -> Sample:
+def get_sample(buf: np.ndarray, text: np.ndarray, rec: tuple, path: str, key: str, at: int = 0) -> Sample:
     """One whole sample: the record's image and tokens, its sidecar line's strings (copied)."""
-    image, tokens, _ = read_sample(buf, text, rec, path, key)
+    image, tokens, _ = read_sample(buf, text, rec, path, key, at)
     row = _text_row(text, rec)
     return Sample(key=row["key"], image=image.tobytes(), txt=row["txt"], syn=row["syn"], meta=row["meta"],
                   tokens=np.array(tokens), image_ext=row["meta"].get("image_format", "jpg"))
 
 
 class RecFiles:
-    """The loader's open handle on a RecordIO shard: the .rec and its .jsonl sidecar, mapped."""
+    """The loader's open handle on a RecordIO shard: the .rec mapped (`buf`), or read by offset
+    (`file`, a `ShardFile`, with `mapped=False`), and its .jsonl sidecar, mapped when first needed:
+    the hot path reads it only for token rows beyond the record's two (`n_tok > 2`)."""
 
-    def __init__(self, rec_path: str):
+    def __init__(self, rec_path: str, mapped: bool = True):
         self.path = rec_path
-        self.buf = MappedFile(rec_path).buf
-        self.text = MappedFile(rec_path[: -len(".rec")] + ".jsonl").buf
+        self.buf = MappedFile(rec_path).buf if mapped else None
+        self.file = None if mapped else ShardFile(rec_path)
+        self._text = None
+
+    @property
+    def text(self) -> np.ndarray:
+        if self._text is None:
+            self._text = MappedFile(self.path[: -len(".rec")] + ".jsonl").buf
+        return self._text
 
     def close(self) -> None:
-        self.buf = self.text = None
+        self.buf = self._text = None
+        if self.file is not None:
+            self.file.close()

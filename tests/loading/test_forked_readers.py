@@ -30,10 +30,16 @@ class ShardDataset:
 
 
 @pytest.mark.parametrize("fmt", ["rec", "wds", "arrow"])
-def test_forked_workers_read_their_own_handles(tmp_path, fmt):
+def test_forked_workers_read_their_own_handles(tmp_path, fmt, monkeypatch):
     """The parent reads a sample first (so its handles are open), then fork workers read every
-    sample several times: each must equal a fresh reader's, read through the worker's own handle."""
+    sample several times: each must equal a fresh reader's, read through the worker's own handle.
+    Every read maps its shard here (`MAP_FROM` 1): a shard a batch reads once is otherwise read by
+    offset through a descriptor opened for that read, which no other process can hold."""
     import torch.utils.data
+
+    import pipelines.shardset
+
+    monkeypatch.setattr(pipelines.shardset, "MAP_FROM", 1)
 
     path = write_shard(tmp_path, fmt, make_samples(64, image_bytes=20_000))
     fresh = open_shard(fmt, path)
