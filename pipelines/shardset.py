@@ -45,10 +45,10 @@ log = logging.getLogger("pipelines")
 TEXT_WIDTH = 2 * CONTEXT_LENGTH + 1
 
 ERROR_POLICIES = ("raise", "skip")
-_OPENERS = {"wds": MappedFile, "arrow": arrow.ColumnViews, "rec": recordio.RecFiles}
+_OPENERS = {"wds": MappedFile, "arrow": MappedFile, "rec": recordio.RecFiles}
 # Handles that read by offset instead (`ShardFile`): for a shard a batch reads fewer than
-# MAP_FROM samples of and no one holds mapped. Arrow has no per-sample offsets in the index: mapped.
-_READERS = {"wds": ShardFile, "rec": functools.partial(recordio.RecFiles, mapped=False)}
+# MAP_FROM samples of and no one holds mapped.
+_READERS = {"wds": ShardFile, "arrow": ShardFile, "rec": functools.partial(recordio.RecFiles, mapped=False)}
 MAP_FROM = 2
 
 
@@ -263,19 +263,22 @@ class ShardSet:
         groups.sort(key=lambda g: int(g[0]))
         return [(int(pos[g[0]]), [(int(i), int(rows[i])) for i in g]) for g in groups]
 
-    def _handle(self, p: int, position: int, reads: int):
+    def _handle(self, p: int, position: int, reads: int, table: bool = False):
         """(handle on shard position p, its cache hold or None, whether the caller closes it after
         `reads` samples). Local shards stay mapped in this process's bounded set, but one this batch
         reads once and nobody holds mapped is read by offset (`_READERS`): under a global shuffle over
         many shards most reads are such, and a map costs more than it saves for one sample. A cached
-        remote shard is held (locked) only while it is read."""
+        remote shard is held (locked) only while it is read. `table`: an Arrow shard's table
+        (`ColumnViews`: whole samples, and a folder indexed without per-sample offsets)."""
+        opener = arrow.ColumnViews if table else _OPENERS[self.format]
         if self.cache is None:
-            if reads < MAP_FROM and self.format in _READERS and not self._open.holds(p):
+            if not table and reads < MAP_FROM and not self._open.holds(p):
                 return _READERS[self.format](self.paths[p]), None, True
-            return self._open.get(p, functools.partial(_OPENERS[self.format], self.paths[p])), None, False
+            key = ("table", p) if table else p
+            return self._open.get(key, functools.partial(opener, self.paths[p])), None, False
         held = self.cache.acquire(int(self.numbers[p]), position)
         try:
-            return _OPENERS[self.format](held.path), held, True
+            return opener(held.path), held, True
         except BaseException:
             held.close()
             raise
@@ -286,12 +289,12 @@ class ShardSet:
         remote shard everything is copied out before it is let go."""
         if p not in self._repaired and not self.index.verified(int(self.numbers[p])):  # once per shard
             self._repaired[p] = self._reindex(p)
-        handle, held, owned = self._handle(p, position, len(members))
-        remote = held is not None
         rows = [row for _, row in members]
-        # arrow rows are read by position alone: no keys, no records. The hot path looks a key up
-        # only to name a sample that fails (the Batch's keys come later, in one call for the batch).
-        keys, recs = self._rows(p, rows, keys=whole) if self.format != "arrow" else ([None] * len(rows),) * 2
+        # The hot path looks a key up only to name a sample that fails (the Batch's keys come
+        # later, in one call for the batch).
+        keys, recs = self._rows(p, rows, keys=whole)
+        handle, held, owned = self._handle(p, position, len(members), self._table(whole, recs[0]))
+        remote = held is not None
         try:
             return [(slot, self._read_named(handle, p, row, key, rec, whole, remote, views, slot))
                     for (slot, row), key, rec in zip(members, keys, recs)]
@@ -306,7 +309,7 @@ class ShardSet:
         try:
             return self._read_one(handle, p, row, key, rec, whole, copy, views)
         except ValueError as e:
-            if key is None and self.format != "arrow":  # read it again, named, for the message
+            if key is None and rec is not None:  # read it again, named, for the message
                 try:
                     self._read_one(handle, p, row, self._row(p, row)[0], rec, whole, copy, views)
                 except ValueError as named:
@@ -328,31 +331,40 @@ class ShardSet:
             for q in reads:
                 if not self.index.verified(int(self.numbers[q])):
                     return False
-        if self.format == "arrow":
-            keys = recs = [None] * len(plist)
-        else:
-            keys = self.index.keys(rows) if whole else [None] * len(plist)
-            recs = self.index.samples[rows].tolist()
+        samples = self.index.samples
+        keys = self.index.keys(rows) if whole and samples is not None else [None] * len(plist)
+        recs = [None] * len(plist) if samples is None else samples[rows].tolist()
         at, handle, owned = None, None, False
         try:
             for slot, p, row, key, rec in zip(order.tolist(), plist, rows.tolist(), keys, recs):
                 if p != at:
                     if owned:
                         handle.close()
-                    at, (handle, _, owned) = p, self._handle(p, 0, reads[p])
+                    at, (handle, _, owned) = p, self._handle(p, 0, reads[p], self._table(whole, rec))
                 out[slot] = self._read_named(handle, p, row, key, rec, whole, False, views, slot)
         finally:
             if owned:
                 handle.close()
         return True
 
+    def _table(self, whole: bool, rec) -> bool:
+        """Whether a read goes through an Arrow shard's table: whole samples, and rows without a
+        direct index record (a folder indexed before they existed, a compressed foreign file)."""
+        return self.format == "arrow" and (whole or rec is None or not rec[-1])
+
     def _read_one(self, handle, p: int, row: int, key, rec, whole: bool, copy: bool, views: bool = False):
         path, fmt = self.paths[p], self.format
-        if fmt == "arrow":
+        if self._table(whole, rec):
             local = row - int(self._row0[p])
             if whole:
                 return handle.get(local)
             image, tokens, n_syn = handle.read(local)
+        elif fmt == "arrow":
+            if isinstance(handle, ShardFile):  # read by offset: the bytes are this process's own
+                image, tokens, n_syn = arrow.read_sample(handle.read, rec, path, key)
+                copy, views = False, True
+            else:
+                image, tokens, n_syn = arrow.read_sample(lambda at, size: handle.buf[at:at + size], rec, path, key)
         else:
             buf, at = _sample_bytes(handle, rec)
             if at is not None:  # read by offset: `buf` holds this sample alone, in memory of its own

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines.formats.base import ShardWriter
-from pipelines.formats.index import Piece
+from pipelines.formats.index import SAMPLE_DTYPES, Piece
 from pipelines.schema import CONTEXT_LENGTH, SCHEMA_VERSION, TOKENS_PER_SAMPLE, Sample
 
 # Small record batches bound the writer's memory; readers index rows, not batches.
@@ -96,12 +96,21 @@ def open_table(path: str) -> pa.Table:
     """Memory-map a shard: zero-copy, rows addressable by index. Reads the IPC stream format
     and, for shards written before it, the IPC file format. No descriptor stays open: the
     mapping lives as long as the table (or a view of its buffers) does."""
+    return _mapped_table(path)[0]
+
+
+def _mapped_table(path: str) -> tuple[pa.Table, int, int]:
+    """(table, address of the file's mapping, file bytes): a buffer of the table at address a lies
+    at byte a - base of the file, when it lies in the mapping at all (not decompressed elsewhere)."""
     source = pa.memory_map(path, "r")
     try:
-        if source.read(len(_FILE_MAGIC)) == _FILE_MAGIC:
-            return pa.ipc.open_file(source).read_all()
+        size = source.size()
+        base = source.read_buffer(size).address if size else 0  # zero-copy: the mapping itself
         source.seek(0)
-        return pa.ipc.open_stream(source).read_all()
+        if source.read(len(_FILE_MAGIC)) == _FILE_MAGIC:
+            return pa.ipc.open_file(source).read_all(), base, size
+        source.seek(0)
+        return pa.ipc.open_stream(source).read_all(), base, size
     finally:
         source.close()
 
@@ -126,10 +135,60 @@ def iter_samples(path: str) -> Iterator[Sample]:
 
 
 def index_piece(path: str, name: str | None = None) -> Piece:
-    """Shard `path`'s part of the folder index: its row count and keys (rows are read through
-    the table itself, so no per-sample offsets are stored)."""
-    keys = open_table(path).column("key").to_pylist()
-    return Piece(name or os.path.basename(path), os.path.getsize(path), None, keys)
+    """Shard `path`'s part of the folder index: its keys and, per row, where its image bytes, token
+    rows and extra token rows lie in the file (`SAMPLE_DTYPES["arrow"]`), so the hot path reads a
+    sample as it reads a tar's, from a map or by offset, without parsing the IPC stream: opening a
+    table cost ~110 µs, which a global shuffle over many shards paid for almost every sample."""
+    table, base, size = _mapped_table(path)
+    keys = table.column("key").to_pylist()
+    rows = np.zeros(len(keys), SAMPLE_DTYPES["arrow"])
+    r0 = 0
+    for batch in table.to_batches():
+        out = rows[r0:r0 + batch.num_rows]
+        r0 += batch.num_rows
+        views = ColumnViews.batch_views(batch)
+        offsets, data, out["n_syn"], tokens, extra = views
+        places = [_place(data, base, size)]
+        out["image"] = places[0] + offsets[:-1]
+        out["image_size"] = np.diff(offsets)
+        if tokens is not None:
+            places.append(_place(tokens, base, size))
+            out["tok"] = places[-1] + np.arange(len(out)) * tokens[0].nbytes if len(out) else 0
+        if extra is not None:
+            ext_off, ext_rows = extra
+            places.append(_place(ext_rows, base, size))
+            out["extra"] = places[-1] + ext_off[:-1].astype(np.int64) * CONTEXT_LENGTH * 4
+            out["n_extra"] = np.diff(ext_off)
+        out["direct"] = all(p >= 0 for p in places)
+    return Piece(name or os.path.basename(path), size, rows, keys)
+
+
+def _place(array: np.ndarray, base: int, size: int) -> int:
+    """Where `array`'s first byte lies in the mapped file, or -1 where it does not lie in it (0 for
+    an empty one: nothing of it is ever read)."""
+    if not array.nbytes:
+        return 0
+    at = array.__array_interface__["data"][0] - base
+    return at if 0 <= at and at + array.nbytes <= size else -1
+
+
+def read_sample(read, rec: tuple, path: str, key: str) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """The hot path for one row by its index record (`SAMPLE_DTYPES["arrow"]`'s fields in order, a
+    `direct` one): image bytes (uint8), tokens int32 [R, 77] or None, number of synthetic captions.
+    `read(offset, size)`: the file's bytes there, from its map or by `pread` (fewer past its end)."""
+    image, image_size, tok, extra, n_extra, n_syn, _ = rec
+    parts = [read(image, image_size)]
+    if tok:
+        parts.append(read(tok, TOKENS_PER_SAMPLE * 4))
+    if n_extra:
+        parts.append(read(extra, n_extra * CONTEXT_LENGTH * 4))
+    if any(len(part) < want for part, want in zip(parts, (image_size, TOKENS_PER_SAMPLE * 4, n_extra * CONTEXT_LENGTH * 4))):
+        raise ValueError(f"{path}: sample {key} lies past the end of the file (truncated); reconvert or drop this shard")
+    tokens = None
+    if tok:
+        tokens = np.concatenate(parts[1:]).view("<i4") if n_extra else parts[1].view("<i4")
+        tokens = tokens.reshape(-1, CONTEXT_LENGTH)
+    return parts[0], tokens, n_syn
 
 
 class ColumnViews:
@@ -140,25 +199,29 @@ class ColumnViews:
         table = open_table(path)
         self.path, self.table = path, table
         self.starts = np.cumsum([0] + [b.num_rows for b in table.to_batches()])
-        self.chunks = []
-        for batch in table.to_batches():
-            jpg = batch.column(batch.schema.get_field_index("jpg"))
-            syn = batch.column(batch.schema.get_field_index("syn"))
-            _, jpg_off, jpg_data = jpg.buffers()
-            offsets = np.frombuffer(jpg_off, np.int32)[jpg.offset:jpg.offset + len(jpg) + 1]
-            data = np.frombuffer(jpg_data, np.uint8)
-            syn_off = np.frombuffer(syn.buffers()[1], np.int32)[syn.offset:syn.offset + len(syn) + 1]
-            tokens = None
-            if "tokens" in batch.schema.names:
-                tok = batch.column(batch.schema.get_field_index("tokens"))
-                tokens = tok.flatten().to_numpy(zero_copy_only=True).reshape(len(tok), -1, 77)
-            extra = None
-            if "extra_tokens" in batch.schema.names:  # rows 2.. of Sample.tokens
-                ext = batch.column(batch.schema.get_field_index("extra_tokens"))
-                ext_off = np.frombuffer(ext.buffers()[1], np.int32)[ext.offset:ext.offset + len(ext) + 1]
-                rows = ext.values.flatten().to_numpy(zero_copy_only=True).reshape(-1, CONTEXT_LENGTH)
-                extra = (ext_off, rows)
-            self.chunks.append((offsets, data, np.diff(syn_off), tokens, extra))
+        self.chunks = [self.batch_views(batch) for batch in table.to_batches()]
+
+    @staticmethod
+    def batch_views(batch: pa.RecordBatch) -> tuple:
+        """(jpg offsets int32 [n + 1], jpg data uint8, n_syn [n], tokens int32 [n, 2, 77] or None,
+        (extra offsets int32 [n + 1], extra rows int32 [m, 77]) or None), views of the batch's buffers."""
+        jpg = batch.column(batch.schema.get_field_index("jpg"))
+        syn = batch.column(batch.schema.get_field_index("syn"))
+        _, jpg_off, jpg_data = jpg.buffers()
+        offsets = np.frombuffer(jpg_off, np.int32)[jpg.offset:jpg.offset + len(jpg) + 1]
+        data = np.frombuffer(jpg_data, np.uint8)
+        syn_off = np.frombuffer(syn.buffers()[1], np.int32)[syn.offset:syn.offset + len(syn) + 1]
+        tokens = None
+        if "tokens" in batch.schema.names:
+            tok = batch.column(batch.schema.get_field_index("tokens"))
+            tokens = tok.flatten().to_numpy(zero_copy_only=True).reshape(len(tok), -1, CONTEXT_LENGTH)
+        extra = None
+        if "extra_tokens" in batch.schema.names:  # rows 2.. of Sample.tokens
+            ext = batch.column(batch.schema.get_field_index("extra_tokens"))
+            ext_off = np.frombuffer(ext.buffers()[1], np.int32)[ext.offset:ext.offset + len(ext) + 1]
+            rows = ext.values.flatten().to_numpy(zero_copy_only=True).reshape(-1, CONTEXT_LENGTH)
+            extra = (ext_off, rows)
+        return offsets, data, np.diff(syn_off), tokens, extra
 
     def read(self, i: int) -> tuple[np.ndarray, np.ndarray | None, int]:
         c = int(np.searchsorted(self.starts, i, side="right")) - 1

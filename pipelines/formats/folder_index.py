@@ -158,6 +158,8 @@ def _kept_piece(path: str) -> Piece | None:
     """A converter's piece of one shard, or None when it is damaged (the shard is indexed again)."""
     try:
         index = FolderIndex(path)
+        if index.samples is None and SAMPLE_DTYPES[index.format] is not None:
+            return None  # an Arrow piece written before per-sample records: indexed again
         return index.piece(0) if len(index.names) == 1 and index.verified(0) else None
     except FolderIndexError as e:
         log.warning("%s; indexing the shard again", e)
@@ -263,7 +265,8 @@ def local_index(folder: str, fmt: str, cache_dir: str) -> tuple[FolderIndex, lis
                     return cached, missing
         log.info("indexing %s (%d %s shards) into %s", folder, len(names), fmt, target)
         reuse = {}
-        if base is not None:
+        # An Arrow index written before per-sample records has none to give its unchanged shards.
+        if base is not None and (base.samples is not None or SAMPLE_DTYPES[fmt] is None):
             changed, _ = _stale(base, folder, with_mtime=False)
             reuse = {n: s for s, n in enumerate(base.names) if s not in changed}
 

@@ -12,7 +12,8 @@ shards left out, with the reason), where each array lies and the file's length. 
     shards    [S]  per shard: first row, readable samples, data-file bytes and sha256, and for
                    RecordIO its text sidecar's bytes and sha256 (what a cache needs to fetch it)
     samples   [N]  per sample, in the format's own record layout (`SAMPLE_DTYPES`): byte offsets
-                   and sizes of what the loader's hot path reads (wds, rec; Arrow needs none)
+                   and sizes of what the loader's hot path reads (absent from an Arrow folder's index
+                   written before they were: such a folder is read through its tables)
     key_ends  [N]  uint64: end of each sample's key in `keys`
     keys      [K]  uint8: every key, UTF-8, end to end
     checks    [S]  uint32: per shard, CRC-32 of its rows in samples, key_ends and keys
@@ -63,7 +64,12 @@ SAMPLE_DTYPES = {
     # synthetic captions; n_tok: token rows (2 in the record, the rest in the sidecar line).
     "rec": np.dtype([("start", "<u8"), ("span", "<u4"), ("text", "<u8"), ("text_size", "<u4"),
                      ("n_syn", "<u2"), ("n_tok", "<u2")]),
-    "arrow": None,
+    # image/image_size: the jpg bytes in the file; tok: the sample's 2 token rows (int32 [2, 77]),
+    # 0: no tokens column; extra/n_extra: its rows beyond two (extra_tokens); n_syn: synthetic
+    # captions. direct: 1 where every buffer lies in the file as stored (an uncompressed IPC stream,
+    # what make-shards writes); 0 (a compressed foreign file): read through the table instead.
+    "arrow": np.dtype([("image", "<u8"), ("image_size", "<u4"), ("tok", "<u8"), ("extra", "<u8"),
+                       ("n_extra", "<u2"), ("n_syn", "<u2"), ("direct", "u1")]),
 }
 SHARD_DTYPE = np.dtype([("row0", "<u8"), ("count", "<u8"), ("bytes", "<u8"), ("sha256", "u1", 32),
                         ("text_bytes", "<u8"), ("text_sha256", "u1", 32), ("mtime_ns", "<i8")])

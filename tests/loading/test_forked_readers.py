@@ -24,7 +24,8 @@ class ShardDataset:
         sample = self.shard.get(i)
         image, tokens = self.shard.read(i)[:2]
         # The worker maps the shard itself: what it inherited from its parent is not its to use.
-        own = self.shard.set._open._pid == os.getpid() and len(self.shard.set._open) == 1
+        # (Arrow: two handles, the table whole samples come from and the map the hot path reads)
+        own = self.shard.set._open._pid == os.getpid() and 1 <= len(self.shard.set._open) <= 2
         # pickled: the DataLoader's collate would turn tuples into lists
         return i, pickle.dumps(as_tuple(sample)), bytes(image), np.asarray(tokens).tobytes(), own
 

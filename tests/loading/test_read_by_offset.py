@@ -24,8 +24,8 @@ def folder(tmp_path_factory):
     return build_synthetic_shards(tmp_path_factory.mktemp("offset"), 96, "wds,arrow,rec", 2)
 
 
-def open_files(suffixes: tuple[str, ...]) -> list[str]:
-    """Shard files this process holds a descriptor for or maps."""
+def open_files(folder, suffixes: tuple[str, ...]) -> list[str]:
+    """Shard files under `folder` this process holds a descriptor for or maps."""
     held = []
     for fd in os.listdir("/proc/self/fd"):
         try:
@@ -34,7 +34,7 @@ def open_files(suffixes: tuple[str, ...]) -> list[str]:
             continue
     with open("/proc/self/maps") as f:
         held += [line.split(maxsplit=5)[-1].strip() for line in f if len(line.split()) >= 6]
-    return [p for p in held if p.endswith(suffixes)]
+    return [p for p in held if p.startswith(str(folder)) and p.endswith(suffixes)]
 
 
 @pytest.mark.parametrize("fmt", ["wds", "rec", "arrow"])
@@ -60,21 +60,21 @@ def test_read_by_offset_reads_what_the_maps_hold(folder, fmt, monkeypatch):
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux /proc")
-@pytest.mark.parametrize("fmt", ["wds", "rec"])
+@pytest.mark.parametrize("fmt", ["wds", "rec", "arrow"])
 def test_shards_read_by_offset_keep_no_descriptor_and_no_map(folder, fmt):
     shards = ShardSet(str(folder / fmt), fmt, max_open=64)
     try:
         ids = np.arange(0, 96, 2)  # one sample from each of the 48 shards
         images, _ = shards.read_batch(ids, seed=0, epoch=0, views=True)
         assert len(images) == 48 and len(shards._open) == 0
-        assert open_files(tuple(SUFFIX.values()) + (".jsonl",)) == []
+        assert open_files(folder / fmt, tuple(SUFFIX.values()) + (".jsonl",)) == []
         pair = shards.read_batch([4, 5], seed=0, epoch=0)  # two from one shard: mapped and kept
         assert len(shards._open) == 1 and len(pair[0]) == 2
     finally:
         shards.close()
 
 
-@pytest.mark.parametrize("fmt", ["wds", "rec"])
+@pytest.mark.parametrize("fmt", ["wds", "rec", "arrow"])
 def test_a_sample_read_by_offset_past_the_end_names_the_file_and_sample(folder, tmp_path, fmt):
     copy = tmp_path / fmt
     copy.mkdir()
@@ -82,7 +82,7 @@ def test_a_sample_read_by_offset_past_the_end_names_the_file_and_sample(folder, 
         if p.is_file():
             (copy / p.name).write_bytes(p.read_bytes())
     shards = ShardSet(str(copy), fmt)
-    start = int(shards.index.samples["start"][-1])
+    start = int(shards.index.samples["start" if fmt != "arrow" else "image"][-1])
     os.truncate(shards.paths[-1], start + 16)  # into the last sample of the last shard
     with pytest.raises(SampleReadError) as caught:
         shards.read_batch([0, len(shards) - 1], seed=0, epoch=0, views=True)
