@@ -69,12 +69,12 @@ class MappedFile:
 
 
 class ShardFile:
-    """A shard read by offset: one `pread` per sample into memory this process owns, no mapping.
-    What a shard read for one or two samples and let go gets (a global shuffle over more shards than
-    `OpenShards` keeps: at 1,000 shards and 64 kept, ~94 % of reads). Mapping it for them cost about
-    30 µs a sample (the map, its page faults, the unmap when it left the set); a `pread` costs one
-    call and a copy of the sample's bytes. The descriptor lives until `close()`, which the reader
-    calls once the batch's samples from this shard are read."""
+    """A shard read by offset: one `pread` per sample (Arrow: per column) into memory this process
+    owns, no mapping. What a shard a batch reads a few samples of gets (`shardset.MAP_FROM`; under a
+    global shuffle over more shards than `OpenShards` keeps, most reads: at 1,000 shards and 64 kept,
+    ~94 % of them miss the kept set). Mapping a shard cost about 30 µs (the map, its page faults, the
+    unmap when it left the set); a `pread`, one call and a copy of the sample's bytes. The descriptor
+    lives until `close()`, which the reader calls once the batch's samples from this shard are read."""
 
     def __init__(self, path: str):
         self.path = path

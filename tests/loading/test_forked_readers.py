@@ -34,8 +34,8 @@ class ShardDataset:
 def test_forked_workers_read_their_own_handles(tmp_path, fmt, monkeypatch):
     """The parent reads a sample first (so its handles are open), then fork workers read every
     sample several times: each must equal a fresh reader's, read through the worker's own handle.
-    Every read maps its shard here (`MAP_FROM` 1): a shard a batch reads once is otherwise read by
-    offset through a descriptor opened for that read, which no other process can hold."""
+    Every read maps its shard here (`MAP_FROM` 1): a shard a batch reads a few samples of is
+    otherwise read by offset through a descriptor opened for that read, which no other process holds."""
     import torch.utils.data
 
     import pipelines.shardset

@@ -1,7 +1,7 @@
-"""A shard a batch reads once and no one holds mapped is read by offset (`ShardFile`: one `pread` a
-sample, no map): under a global shuffle over more shards than `max_open_shards` that is most reads,
-and mapping a shard for one sample cost more than the sample. Both ways must read the same bytes,
-keep nothing open, and name a sample they cannot read."""
+"""A shard a batch reads a few samples of and no one holds mapped is read by offset (`ShardFile`: one
+`pread` a sample, no map): under a global shuffle over more shards than `max_open_shards` that is
+most reads, and mapping a shard for a few samples cost more than reading them. Both ways must read
+the same bytes, keep nothing open, and name a sample they cannot read."""
 from __future__ import annotations
 
 import os
@@ -68,8 +68,8 @@ def test_shards_read_by_offset_keep_no_descriptor_and_no_map(folder, fmt):
         images, _ = shards.read_batch(ids, seed=0, epoch=0, views=True)
         assert len(images) == 48 and len(shards._open) == 0
         assert open_files(folder / fmt, tuple(SUFFIX.values()) + (".jsonl",)) == []
-        pair = shards.read_batch([4, 5], seed=0, epoch=0)  # two from one shard: mapped and kept
-        assert len(shards._open) == 1 and len(pair[0]) == 2
+        four = shards.read_batch([4, 5, 4, 5], seed=0, epoch=0)  # MAP_FROM reads of one shard: mapped, kept
+        assert len(shards._open) == 1 and len(four[0]) == 4
     finally:
         shards.close()
 
