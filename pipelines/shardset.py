@@ -376,10 +376,11 @@ class ShardSet:
                 if whole:
                     return wds.get_sample(buf, rec, path, key)
                 image, tokens, n_syn = wds.read_sample(buf, rec, path, key)
-            else:
+            else:  # the sidecar only for whole samples and token rows beyond the record's two
+                text, rec = handle.text_of(rec) if whole or rec[5] > 2 else (None, rec)
                 if whole:
-                    return recordio.get_sample(buf, handle.text, rec, path, key, at or 0)
-                image, tokens, n_syn = recordio.read_sample(buf, handle.text, rec, path, key, at or 0)
+                    return recordio.get_sample(buf, text, rec, path, key, at or 0)
+                image, tokens, n_syn = recordio.read_sample(buf, text, rec, path, key, at or 0)
         # Images leave the map as copies unless the caller copies them at once (`views`): a batch is
         # held for a while (a DALI prefetch queue, the trainer's step), and a view keeps its whole
         # shard mapped after OpenShards has closed it, so a global-shuffle batch of 32 kept ~21

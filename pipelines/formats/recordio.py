@@ -241,15 +241,23 @@ class RecFiles:
         self.path = rec_path
         self.buf = MappedFile(rec_path).buf if mapped else None
         self.file = None if mapped else ShardFile(rec_path)
-        self._text = None
+        self._text = None  # the sidecar: mapped (`mapped`), else a ShardFile, opened when first needed
 
-    @property
-    def text(self) -> np.ndarray:
+    def text_of(self, rec: tuple) -> tuple[np.ndarray, tuple]:
+        """(sidecar bytes holding `rec`'s line, `rec` addressing its line in them): the mapped
+        sidecar and `rec` itself, or (read by offset) the line alone and `rec` with its text at 0."""
+        sidecar = self.path[: -len(".rec")] + ".jsonl"
+        if self.file is None:
+            if self._text is None:
+                self._text = MappedFile(sidecar).buf
+            return self._text, rec
         if self._text is None:
-            self._text = MappedFile(self.path[: -len(".rec")] + ".jsonl").buf
-        return self._text
+            self._text = ShardFile(sidecar)
+        return self._text.read(rec[2], rec[3]), (*rec[:2], 0, *rec[3:])
 
     def close(self) -> None:
+        if isinstance(self._text, ShardFile):
+            self._text.close()
         self.buf = self._text = None
         if self.file is not None:
             self.file.close()

@@ -101,6 +101,12 @@ def test_mix_rows_and_the_host_side(shards, tmp_path, capsys):
                                                         ("rec", "one folder")]  # the halves hold no rec
     assert all(r["per_cpu_s"] > 1000 for r in rows)
     assert "| wds | mix of 2 |" in capsys.readouterr().out
+    # --host-workers: the GPU graph's way as well, the source in a DALI worker process
+    assert bench_loader.main(["--shards", str(shards), "--format", "wds", "--host", "--host-workers", "1", *QUICK,
+                              "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["host"]
+    assert row["workers_per_cpu_s"] > 500 and row["workers_main_per_cpu_s"] >= row["workers_per_cpu_s"]
+    assert "source in 1 DALI worker(s)" in capsys.readouterr().out
 
 
 @pytest.mark.slow  # the peers' exports, four loader starts and measurements, three resume checks: ~6 s

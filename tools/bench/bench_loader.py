@@ -379,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "dali-cpu and torch also run over them as one mixture (weights 1), beside the one folder")
     p.add_argument("--host", action="store_true", help="only the host side per format (and of --mix): "
                    "samples per CPU-second with decoding removed, on one core (tools/bench/bench_stages.py)")
+    p.add_argument("--host-workers", type=int, default=0, metavar="N",
+                   help="with --host: also the GPU graph's way, the source in N DALI worker processes "
+                   "(samples per CPU-second of all processes, and of the training process alone)")
     p.add_argument("--quick", action="store_true", help="2 s, 1 repeat, batch 32, 64 px: for tests")
     return p
 

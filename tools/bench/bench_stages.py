@@ -70,14 +70,16 @@ def graph_cpu(args: Namespace, held: list[tuple], images: int) -> float:
     return used / n * 1e6
 
 
-def host_rate(args: Namespace, shards, fmt: str, seconds: float = 3.0, depth: int | None = None) -> dict:
+def host_rate(args: Namespace, shards, fmt: str, seconds: float = 3.0, depth: int | None = None,
+              workers: int = 0) -> dict:
     """The host side of one rank with decoding and augmentation removed, on one core: the DALI
     backend's own source (`PlanSource`: plan, index, reads, tokens, header sizes, crop windows and
     flips), the hand-off to DALI (an external source and no decode: DALI copies what the source gives
     into its buffers and hands it out) and the Batch's keys, ids and sources. What a GPU run meets
     once nvJPEG takes the decode. `shards`: a folder or a list of sources; `depth`: DALI's prefetch
     queue (default the loader's, `PREFETCH`). Samples per CPU-second of this process (one thread:
-    DALI's too) and per wall-second."""
+    DALI's too) and per wall-second. `workers` > 0: the source in that many DALI worker processes
+    (forked), as the GPU graph runs it; per CPU-second of all processes and of this one alone."""
     import torch
     from nvidia.dali import fn, pipeline_def
 
@@ -87,21 +89,24 @@ def host_rate(args: Namespace, shards, fmt: str, seconds: float = 3.0, depth: in
                        image_size=args.image_size, workers=1)
     loader = build_loader(cfg)  # its plan and shard set; DALI's backend starts nothing until iterated
     shardset = loader.shardset
-    source = PlanSource(shardset, loader.plan(), 0, cfg.seed, loader.bad, cfg.augment(), in_process=True)
+    source = PlanSource(shardset, loader.plan(), 0, cfg.seed, loader.bad, cfg.augment(), in_process=not workers)
     torch.set_num_threads(1)
     depth = PREFETCH if depth is None else depth
+    feed = {"parallel": True} if workers else {"no_copy": False}
+    pool = {"py_num_workers": workers, "py_start_method": "fork"} if workers else {}
 
     # The loader's queue depth: DALI's executor costs more per sample at depth 1 (~25 against ~19 µs a
     # sample with the loader's five outputs), so a shallower queue understates what the host sustains.
     @pipeline_def(batch_size=args.batch_size, num_threads=1, device_id=None, seed=0, prefetch_queue_depth=depth,
-                  exec_dynamic=True)
+                  exec_dynamic=True, **pool)
     def pipe():
-        return tuple(fn.external_source(source, num_outputs=5, batch=True, batch_info=True, no_copy=False))
+        return tuple(fn.external_source(source, num_outputs=5, batch=True, batch_info=True, **feed))
 
     p = pipe()
     p.build()
     p.run()
-    n, i, cpu, t0 = 0, 1, time.process_time(), time.perf_counter()
+    n, i, t0 = 0, 1, time.perf_counter()
+    cpu, tree = time.process_time(), _tree_cpu()
     while time.perf_counter() - t0 < seconds:
         jpegs, text, *_ = p.run()
         text = torch.from_numpy(np.asarray(text.as_tensor()))
@@ -109,10 +114,28 @@ def host_rate(args: Namespace, shards, fmt: str, seconds: float = 3.0, depth: in
         keys, raw, syn = shardset.keys(ids), text[:, :CONTEXT_LENGTH].long(), text[:, CONTEXT_LENGTH:-1].long()
         sources = torch.from_numpy(shardset.source_of(ids)) if hasattr(shardset, "source_of") else None
         n, i = n + len(jpegs), i + 1
-    cpu, wall = time.process_time() - cpu, time.perf_counter() - t0
+    cpu, wall, tree = time.process_time() - cpu, time.perf_counter() - t0, _tree_cpu() - tree
     del p
     loader.close()
+    if workers:
+        return {"host_per_cpu_s": n / tree, "host_per_s": n / wall, "main_per_cpu_s": n / cpu}
     return {"host_per_cpu_s": n / cpu, "host_per_s": n / wall}
+
+
+def _tree_cpu() -> float:
+    """CPU seconds of this process and its children alive now (DALI's workers), from /proc."""
+    tick, me, total = os.sysconf("SC_CLK_TCK"), os.getpid(), time.process_time()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == me:
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == me:  # a child: utime + stime in clock ticks
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
 
 
 def mix_folders(args: Namespace, fmt: str) -> list[str]:
@@ -133,9 +156,19 @@ def host_only(args: Namespace, formats: list[str], folders: dict[str, str], mach
             rows.append({"format": fmt, "data": label, "per_cpu_s": statistics.median(r["host_per_cpu_s"] for r in runs),
                          "per_s": statistics.median(r["host_per_s"] for r in runs)})
             print(f"[bench-loader] host {fmt} {label}: {rows[-1]['per_cpu_s']:,.0f} samples per CPU-second")
-    print("\n| format | data | host side: samples per CPU-second (one core) | samples per second |\n|---|---|---:|---:|")
+            if args.host_workers:
+                runs = [host_rate(args, shards, fmt, args.seconds, workers=args.host_workers) for _ in range(args.repeats)]
+                rows[-1].update({"workers_per_cpu_s": statistics.median(r["host_per_cpu_s"] for r in runs),
+                                 "workers_main_per_cpu_s": statistics.median(r["main_per_cpu_s"] for r in runs)})
+                print(f"[bench-loader] host {fmt} {label}, source in {args.host_workers} worker(s): "
+                      f"{rows[-1]['workers_per_cpu_s']:,.0f} samples per CPU-second of all processes")
+    extra = (f" source in {args.host_workers} DALI worker(s): per CPU-second of all processes | "
+             "of the training process |") if args.host_workers else ""
+    print(f"\n| format | data | host side: samples per CPU-second (one core) | samples per second |{extra}\n"
+          f"|---|---|---:|---:|{'---:|---:|' if extra else ''}")
     for r in rows:
-        print(f"| {r['format']} | {r['data']} | {r['per_cpu_s']:,.0f} | {r['per_s']:,.0f} |")
+        more = f" {r['workers_per_cpu_s']:,.0f} | {r['workers_main_per_cpu_s']:,.0f} |" if extra else ""
+        print(f"| {r['format']} | {r['data']} | {r['per_cpu_s']:,.0f} | {r['per_s']:,.0f} |{more}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"machine": machine, "args": {k: v for k, v in vars(args).items() if k != "peer_locations"},
