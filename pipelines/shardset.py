@@ -26,16 +26,16 @@ from collections import Counter
 
 import numpy as np
 
-from pipelines.errors import SampleReadError, ShardError, StorageError
-from pipelines.formats.folder_index import COMPANIONS, SUFFIX, IndexLock, indexes, local_index, piece, pieces, shard_names
+from pipelines.errors import SampleReadError, ShardError
+from pipelines.formats.folder_index import SUFFIX, indexes, local_index, piece, shard_names
 from pipelines.formats import arrow, recordio, wds
 from pipelines.formats.base import DEFAULT_OPEN_SHARDS, MappedFile, OpenShards, ShardFile
-from pipelines.formats.index import INDEX_NAME, FolderIndex, Piece, write_index
+from pipelines.formats.index import INDEX_NAME, FolderIndex, Piece
 from pipelines.schema import CONTEXT_LENGTH, Sample
 from pipelines.storage.cached_files import cache_folder, content_version, fetch_once, identity_of
 from pipelines.storage.shard_cache import ShardCache
-from pipelines.storage.remote import (DEFAULT_CACHE_DIR, DEFAULT_CACHE_LIMIT, is_remote, join, list_files, parse_size,
-                               read_json)
+from pipelines.storage.remote import DEFAULT_CACHE_DIR, DEFAULT_CACHE_LIMIT, is_remote, join, parse_size
+from pipelines.storage.remote_index import index_remote_folder, remote_manifest
 from pipelines.text import choose_captions, sample_tokens
 
 
@@ -129,7 +129,7 @@ class ShardSet:
     def _open_remote(self, url: str, fmt: str, cache_dir: str, cache_limit: int | str) -> tuple[str, FolderIndex, list[int]]:
         """Read manifest.json and the folder index (each fetched once per node), set up the
         cache: two requests for a folder written by make-shards, whatever its size."""
-        url, manifest = _remote_manifest(url, fmt)
+        url, manifest = remote_manifest(url, fmt)
         node = cache_folder(cache_dir, url)
         if manifest is not None and manifest.get("index"):
             node = cache_folder(cache_dir, url, content_version(manifest))  # its files, this version's only
@@ -138,7 +138,7 @@ class ShardSet:
                                            identity_of(info["sha256"]), info["sha256"]))
             etags = {}
         else:
-            index, etags, node = _index_remote_folder(url, fmt, manifest, node)
+            index, etags, node = index_remote_folder(url, fmt, manifest, node)
         files = []
         for s, name in enumerate(index.names):
             info = index.shard_info(s)
@@ -270,9 +270,9 @@ class ShardSet:
         `reads` samples). Local shards stay mapped in this process's bounded set, but one this batch
         reads fewer than MAP_FROM samples of and nobody holds mapped is read by offset (`_READERS`):
         under a global shuffle over many shards most reads are such, and a map costs more than it
-        saves for a few samples. A cached
-        remote shard is held (locked) only while it is read. `table`: an Arrow shard's table
-        (`ColumnViews`: whole samples, and a folder indexed without per-sample offsets)."""
+        saves for a few samples. A cached remote shard is held (locked) only while it is read.
+        `table`: an Arrow shard's table (`ColumnViews`: whole samples, and rows without a direct
+        index record)."""
         opener = arrow.ColumnViews if table else _OPENERS[self.format]
         if self.cache is None:
             if not table and reads < MAP_FROM and not self._open.holds(p):
@@ -455,72 +455,6 @@ def _sample_bytes(handle, rec: tuple) -> tuple[np.ndarray, int | None]:
         return handle.buf, None
     start, span = rec[0], rec[1]
     return reader.read(start, span), start
-
-
-def _remote_manifest(url: str, fmt: str) -> tuple[str, dict | None]:
-    """(format folder url, its manifest.json or None). The make-shards --out url itself is found
-    through its `fmt/` subfolder, as for a local folder. Which to ask first is a guess that costs
-    a 404 when wrong: make-shards names every format folder by its format, so a url ending in
-    `/<fmt>` is taken for the format folder and any other for the --out prefix."""
-    candidates = (url, join(url, fmt))
-    if url.rstrip("/").rsplit("/", 1)[-1] != fmt:
-        candidates = candidates[::-1]
-    for candidate in candidates:
-        try:
-            return candidate, read_json(join(candidate, "manifest.json"))
-        except StorageError as e:
-            if not isinstance(e.__cause__, FileNotFoundError):
-                raise
-    return url, None
-
-
-def _index_remote_folder(url: str, fmt: str, manifest: dict | None, node: str) -> tuple[FolderIndex, dict]:
-    """A remote folder without a folder index (converted before it existed, or foreign tars):
-    fetch its per-shard index files once per node and index it there. Returns the index, the
-    objects' ETags (how its files are recognised without digests) and the cache folder of this
-    version of the folder (named by the listing's sizes and ETags)."""
-    suffix = SUFFIX[fmt]
-    etags: dict[str, str] = {}
-    listing = list_files(url, etags)
-    if not any(n.endswith(suffix) for n in listing) and f"{fmt}/" in listing:
-        url = join(url, fmt)
-        listing = list_files(url, etags)
-    node = os.path.join(node, content_version(manifest, listing, etags))
-    if manifest is not None:
-        files = {e["name"]: e for e in manifest["files"]}
-    elif fmt == "arrow":
-        raise ShardError(f"{url}: no manifest.json; remote arrow shards need it for their sample counts "
-                         "(make-shards writes it)")
-    else:
-        files = {n: {"bytes": b} for n, b in sorted(listing.items())}
-    names = [n for n in files if n.endswith(suffix)]
-    if not names:
-        others = [f for f in SUFFIX if f"{f}/" in listing]
-        hint = f" (it holds {', '.join(others)}: set the format to match)" if others else ""
-        raise ShardError(f"{url}: no {fmt} shards found{hint}")
-    if fmt == "arrow":
-        raise ShardError(f"{url}: no {INDEX_NAME} in manifest.json (converted by an older make-shards); rerun "
-                         f"make-shards --resume --out {url.rsplit('/', 1)[0]} to write it")
-    meta = os.path.join(node, "meta")
-    target = os.path.join(node, f"{fmt}.legacy.{INDEX_NAME}")
-    small = [n[: -len(suffix)] + ext for n in names for ext in COMPANIONS[fmt]]
-    for name in small:  # each once per node, recognised again by its digest or ETag
-        if name in listing:
-            digest = files.get(name, {}).get("sha256")
-            fetch_once(join(url, name), os.path.join(meta, name), listing[name],
-                       identity_of(digest, etags.get(name)), digest)
-    sizes = {n: int(files[n]["bytes"]) for n in names}
-
-    def with_digests():
-        for p in pieces(fmt, meta, names, strict=manifest is not None, sizes=sizes):
-            p.sha256 = files[p.name].get("sha256")
-            if fmt == "rec":
-                text = files.get(p.name[: -len(".rec")] + ".jsonl", {"bytes": listing.get(p.name[:-4] + ".jsonl", 0)})
-                p.text_bytes, p.text_sha256 = int(text.get("bytes", 0)), text.get("sha256")
-            yield p
-    with IndexLock(target):
-        write_index(target, fmt, with_digests())
-        return FolderIndex(target), etags, node
 
 
 __all__ = ["ShardSet", "TEXT_WIDTH", "position_of"]

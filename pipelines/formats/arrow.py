@@ -146,8 +146,7 @@ def index_piece(path: str, name: str | None = None) -> Piece:
     for batch in table.to_batches():
         out = rows[r0:r0 + batch.num_rows]
         r0 += batch.num_rows
-        views = ColumnViews.batch_views(batch)
-        offsets, data, out["n_syn"], tokens, extra = views
+        offsets, data, out["n_syn"], tokens, extra = ColumnViews.batch_views(batch)
         places = [_place(data, base, size)]
         out["image"] = places[0] + offsets[:-1]
         out["image_size"] = np.diff(offsets)
@@ -177,13 +176,12 @@ def read_sample(read, rec: tuple, path: str, key: str) -> tuple[np.ndarray, np.n
     `direct` one): image bytes (uint8), tokens int32 [R, 77] or None, number of synthetic captions.
     `read(offset, size)`: the file's bytes there, from its map or by `pread` (fewer past its end)."""
     image, image_size, tok, extra, n_extra, n_syn, _ = rec
-    parts = [read(image, image_size)]
-    if tok:
-        parts.append(read(tok, TOKENS_PER_SAMPLE * 4))
-    if n_extra:
-        parts.append(read(extra, n_extra * CONTEXT_LENGTH * 4))
-    if any(len(part) < want for part, want in zip(parts, (image_size, TOKENS_PER_SAMPLE * 4, n_extra * CONTEXT_LENGTH * 4))):
-        raise ValueError(f"{path}: sample {key} lies past the end of the file (truncated); reconvert or drop this shard")
+    wants = [(image, image_size)] + [(tok, TOKENS_PER_SAMPLE * 4)] * bool(tok) + \
+        [(extra, n_extra * CONTEXT_LENGTH * 4)] * bool(n_extra)
+    parts = [read(at, size) for at, size in wants]
+    if any(len(part) < size for part, (_, size) in zip(parts, wants)):
+        raise ValueError(f"{path}: sample {key} lies past the end of the file (truncated); "
+                         "reconvert or drop this shard")
     tokens = None
     if tok:
         tokens = np.concatenate(parts[1:]).view("<i4") if n_extra else parts[1].view("<i4")

@@ -59,7 +59,8 @@ def test_held_batches_keep_at_most_max_open_shards_mapped(folder, fmt):
 @pytest.mark.parametrize("fmt", ["wds", "arrow", "rec"])
 def test_views_hold_the_copies_bytes(folder, fmt, monkeypatch):
     """`read_batch(views=True)` (the DALI source's read): the bytes of the copies, as views into the map
-    (every shard mapped here: one a batch reads a few samples of is read by offset, tests/loading/test_read_by_offset.py)."""
+    (every shard mapped here: one a batch reads a few samples of is read by offset,
+    tests/loading/test_read_by_offset.py)."""
     import pipelines.shardset
 
     monkeypatch.setattr(pipelines.shardset, "MAP_FROM", 1)

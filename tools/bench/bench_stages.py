@@ -157,7 +157,8 @@ def host_only(args: Namespace, formats: list[str], folders: dict[str, str], mach
                          "per_s": statistics.median(r["host_per_s"] for r in runs)})
             print(f"[bench-loader] host {fmt} {label}: {rows[-1]['per_cpu_s']:,.0f} samples per CPU-second")
             if args.host_workers:
-                runs = [host_rate(args, shards, fmt, args.seconds, workers=args.host_workers) for _ in range(args.repeats)]
+                runs = [host_rate(args, shards, fmt, args.seconds, workers=args.host_workers)
+                        for _ in range(args.repeats)]
                 rows[-1].update({"workers_per_cpu_s": statistics.median(r["host_per_cpu_s"] for r in runs),
                                  "workers_main_per_cpu_s": statistics.median(r["main_per_cpu_s"] for r in runs)})
                 print(f"[bench-loader] host {fmt} {label}, source in {args.host_workers} worker(s): "
