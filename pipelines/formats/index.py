@@ -261,8 +261,8 @@ class FolderIndex:
             mm.close()  # the mapping lives while `buf` (and views of it) do; no descriptor stays open
         raw = np.frombuffer(buf, np.uint8)
         if len(raw) < len(MAGIC) + 8 or bytes(raw[:len(MAGIC)]) != MAGIC:
-            raise FolderIndexError(f"{self.path}: not a folder index; delete it and rerun make-shards "
-                                   "(or index-shards)")
+            raise FolderIndexError(f"{self.path}: not a folder index; delete it (a loader then indexes the "
+                                   "folder into its cache) or rerun make-shards --resume to write it")
         header, arrays = self._parse(raw, buf)
         self.header = header
         self.format: str = header["format"]
@@ -286,7 +286,8 @@ class FolderIndex:
             header = json.loads(bytes(raw[len(MAGIC) + 8:head_end]))
             if header.get("version") != VERSION:
                 raise FolderIndexError(f"{self.path}: folder index version {header.get('version')}, this loader "
-                                       f"reads {VERSION}; rebuild it with index-shards")
+                                       f"reads {VERSION}; rerun make-shards --resume to write it again, or "
+                                       "delete it (a loader then indexes the folder into its cache)")
             arrays = {}
             for name, spec in header["arrays"].items():
                 dtype = _dtype(spec["dtype"])

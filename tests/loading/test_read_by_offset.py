@@ -92,3 +92,27 @@ def test_a_sample_read_by_offset_past_the_end_names_the_file_and_sample(folder, 
     if fmt == "rec":  # the record's offset in the file, not in the bytes read
         assert f"at offset {start}" in message
     shards.close()
+
+
+def test_an_arrow_index_written_before_row_records_reads_through_the_tables(folder, tmp_path, monkeypatch):
+    """A folder whose index.bin predates Arrow's per-row records (no `samples` array) still reads, through
+    its tables, the same batches and Samples as one indexed with them."""
+    import pipelines.formats.index
+    from pipelines.formats.folder_index import write_folder_index
+
+    copy = tmp_path / "arrow"
+    copy.mkdir()
+    for p in (folder / "arrow").iterdir():
+        if p.is_file():
+            (copy / p.name).write_bytes(p.read_bytes())
+    with monkeypatch.context() as m:  # the index as written before: no per-row records for Arrow
+        m.setattr(pipelines.formats.index, "SAMPLE_DTYPES", {**pipelines.formats.index.SAMPLE_DTYPES, "arrow": None})
+        write_folder_index(str(copy), "arrow")
+    old, new = ShardSet(str(copy), "arrow"), ShardSet(str(folder / "arrow"), "arrow")
+    assert old.index.samples is None and new.index.samples is not None
+    ids = np.random.default_rng(2).permutation(96)[:24]
+    (images_o, text_o), (images_n, text_n) = (s.read_batch(ids, seed=1, epoch=1, views=True) for s in (old, new))
+    assert [bytes(a) for a in images_o] == [bytes(b) for b in images_n] and np.array_equal(text_o, text_n)
+    assert [s.key for s in old.samples(ids[:8])] == [s.key for s in new.samples(ids[:8])]
+    old.close()
+    new.close()
