@@ -8,7 +8,8 @@ Opening costs what grows with the shards, not the samples: the folder index (`in
 page cache and nothing in Python until a batch reads it; a local open checks each shard file's
 size (one `stat` each); a remote one reads manifest.json and the index, two requests whatever the
 number of shards. Shard files are opened when a batch needs them, and a process keeps at most
-`max_open` of them mapped (none holding a descriptor).
+`max_open` of them mapped (none holding a descriptor); a shard a batch reads fewer than `MAP_FROM`
+samples of, and that is not mapped, is read by offset (`pread`) and closed after the batch's reads.
 
 Problems are found here, before an epoch is planned, so that a bad shard can never make one rank
 yield fewer batches than another (a DDP hang): with `on_error="raise"` the first problem is an
