@@ -357,22 +357,19 @@ class ShardSet:
         return self.format == "arrow" and (whole or rec is None or not rec[-1])
 
     def _read_one(self, handle, p: int, row: int, key, rec, whole: bool, copy: bool, views: bool = False):
-        path, fmt = self.paths[p], self.format
-        if self._table(whole, rec):
+        path, fmt, table = self.paths[p], self.format, self._table(whole, rec)
+        if not table and handle.copies:  # read by offset: the bytes are this process's own, no map behind them
+            copy, views = False, True
+        if table:
             local = row - int(self._row0[p])
             if whole:
                 return handle.get(local)
             image, tokens, n_syn = handle.read(local)
         elif fmt == "arrow":
-            if isinstance(handle, ShardFile):  # read by offset: the bytes are this process's own
-                image, tokens, n_syn = arrow.read_sample(handle.read, rec, path, key)
-                copy, views = False, True
-            else:
-                image, tokens, n_syn = arrow.read_sample(lambda at, size: handle.buf[at:at + size], rec, path, key)
+            image, tokens, n_syn = arrow.read_sample(handle.read, rec, path, key)
         else:
-            buf, at = _sample_bytes(handle, rec)
-            if at is not None:  # read by offset: `buf` holds this sample alone, in memory of its own
-                rec, copy, views = (0, *rec[1:]), False, True
+            # the sample's span (wds) or record (rec), and its index record addressing it from 0
+            at, buf, rec = rec[0], handle.read(rec[0], rec[1]), (0, *rec[1:])
             if fmt == "wds":
                 if whole:
                     return wds.get_sample(buf, rec, path, key)
@@ -380,8 +377,8 @@ class ShardSet:
             else:  # the sidecar only for whole samples and token rows beyond the record's two
                 text, rec = handle.text_of(rec) if whole or rec[5] > 2 else (None, rec)
                 if whole:
-                    return recordio.get_sample(buf, text, rec, path, key, at or 0)
-                image, tokens, n_syn = recordio.read_sample(buf, text, rec, path, key, at or 0)
+                    return recordio.get_sample(buf, text, rec, path, key, at)
+                image, tokens, n_syn = recordio.read_sample(buf, text, rec, path, key, at)
         # Images leave the map as copies unless the caller copies them at once (`views`): a batch is
         # held for a while (a DALI prefetch queue, the trainer's step), and a view keeps its whole
         # shard mapped after OpenShards has closed it, so a global-shuffle batch of 32 kept ~21
@@ -446,16 +443,6 @@ class ShardSet:
             raw, syn, has_syn = sample_tokens(samples, [keyed[r] for r in slow], seed, epoch)
             text[slow, :CONTEXT_LENGTH], text[slow, CONTEXT_LENGTH:-1], text[slow, -1] = raw, syn, has_syn
         return images, text
-
-
-def _sample_bytes(handle, rec: tuple) -> tuple[np.ndarray, int | None]:
-    """(buffer, None): a mapped shard (wds `MappedFile`, rec `RecFiles`), which index records address
-    as they are; or (the sample's own bytes, their offset in the file): a shard read by offset."""
-    reader = handle if isinstance(handle, ShardFile) else getattr(handle, "file", None)
-    if reader is None:
-        return handle.buf, None
-    start, span = rec[0], rec[1]
-    return reader.read(start, span), start
 
 
 __all__ = ["ShardSet", "TEXT_WIDTH", "position_of"]

@@ -64,6 +64,12 @@ class MappedFile:
         finally:
             mm.close()
 
+    copies = False  # `read` gives views into the map: a caller that holds them copies them
+
+    def read(self, offset: int, size: int) -> np.ndarray:
+        """uint8 [≤ size]: a view of the bytes at `offset` (fewer where the file ends first)."""
+        return self.buf[offset:offset + size]
+
     def close(self) -> None:
         self.buf = None
 
@@ -75,6 +81,8 @@ class ShardFile:
     ~94 % of them miss the kept set). Mapping a shard cost about 30 µs (the map, its page faults, the
     unmap when it left the set); a `pread`, one call and a copy of the sample's bytes. The descriptor
     lives until `close()`, which the reader calls once the batch's samples from this shard are read."""
+
+    copies = True  # `read` gives bytes of this process's own: nothing to copy, nothing held open
 
     def __init__(self, path: str):
         self.path = path

@@ -233,31 +233,28 @@ def get_sample(buf: np.ndarray, text: np.ndarray, rec: tuple, path: str, key: st
 
 
 class RecFiles:
-    """The loader's open handle on a RecordIO shard: the .rec mapped (`buf`), or read by offset
-    (`file`, a `ShardFile`, with `mapped=False`), and its .jsonl sidecar, mapped when first needed:
-    the hot path reads it only for token rows beyond the record's two (`n_tok > 2`)."""
+    """The loader's open handle on a RecordIO shard: the .rec mapped, or read by offset (a
+    `ShardFile`, with `mapped=False`), read as either is (`read`, `copies`), and its .jsonl sidecar,
+    opened the same way when first needed: the hot path reads it only for token rows beyond the
+    record's two (`n_tok > 2`)."""
 
     def __init__(self, rec_path: str, mapped: bool = True):
         self.path = rec_path
-        self.buf = MappedFile(rec_path).buf if mapped else None
-        self.file = None if mapped else ShardFile(rec_path)
-        self._text = None  # the sidecar: mapped (`mapped`), else a ShardFile, opened when first needed
+        self.file = MappedFile(rec_path) if mapped else ShardFile(rec_path)
+        self.read, self.copies = self.file.read, self.file.copies
+        self._text = None  # the sidecar's handle, of the .rec's kind
 
     def text_of(self, rec: tuple) -> tuple[np.ndarray, tuple]:
         """(sidecar bytes holding `rec`'s line, `rec` addressing its line in them): the mapped
         sidecar and `rec` itself, or (read by offset) the line alone and `rec` with its text at 0."""
-        sidecar = self.path[: -len(".rec")] + ".jsonl"
-        if self.file is None:
-            if self._text is None:
-                self._text = MappedFile(sidecar).buf
-            return self._text, rec
         if self._text is None:
-            self._text = ShardFile(sidecar)
+            self._text = type(self.file)(self.path[: -len(".rec")] + ".jsonl")
+        if isinstance(self._text, MappedFile):
+            return self._text.buf, rec
         return self._text.read(rec[2], rec[3]), (*rec[:2], 0, *rec[3:])
 
     def close(self) -> None:
-        if isinstance(self._text, ShardFile):
-            self._text.close()
-        self.buf = self._text = None
-        if self.file is not None:
-            self.file.close()
+        for handle in (self.file, self._text):
+            if handle is not None:
+                handle.close()
+        self._text = None

@@ -32,6 +32,7 @@ from pipelines.schema import CONTEXT_LENGTH
 from pipelines.plan.epoch_plan import EpochPlan
 from pipelines.shardset import ShardSet
 from pipelines.augment.transforms import AugmentSpec
+from tools.convert.reaper import descendants, process_table, stat_fields
 
 
 def cpu_seconds() -> float:
@@ -123,18 +124,11 @@ def host_rate(args: Namespace, shards, fmt: str, seconds: float = 3.0, depth: in
 
 
 def _tree_cpu() -> float:
-    """CPU seconds of this process and its children alive now (DALI's workers), from /proc."""
-    tick, me, total = os.sysconf("SC_CLK_TCK"), os.getpid(), time.process_time()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == me:
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == me:  # a child: utime + stime in clock ticks
-            total += (int(fields[11]) + int(fields[12])) / tick
+    """CPU seconds of this process and of the processes below it alive now (DALI's workers)."""
+    me, total = os.getpid(), time.process_time()
+    for pid in descendants(process_table(), {me}, set()) - {me}:
+        if (fields := stat_fields(pid)) is not None:  # utime + stime, in clock ticks
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
 
 

@@ -31,6 +31,17 @@ ROUNDS = 50  # stop, look again: until no new process shows up
 Table = dict[int, tuple[int, int, bytes]]  # pid -> (parent pid, start time in ticks, state)
 
 
+def stat_fields(pid: int | str) -> list[bytes] | None:
+    """/proc/<pid>/stat's fields from the state on (field 3: [0] state, [1] parent, [11] utime,
+    [12] stime, [19] start time), or None when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:  # gone meanwhile
+        return None
+    return stat[stat.rindex(b")") + 2:].split()  # the command name may hold spaces and ')'
+
+
 def process_table() -> Table:
     table: Table = {}
     try:
@@ -38,15 +49,8 @@ def process_table() -> Table:
     except FileNotFoundError:
         return table
     for name in names:
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:  # gone meanwhile
-            continue
-        fields = stat[stat.rindex(b")") + 2:].split()  # the command name may hold spaces and ')'
-        table[int(name)] = (int(fields[1]), int(fields[19]), fields[0])
+        if name.isdigit() and (fields := stat_fields(name)) is not None:
+            table[int(name)] = (int(fields[1]), int(fields[19]), fields[0])
     return table
 
 
