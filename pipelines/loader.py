@@ -244,4 +244,18 @@ def build_loader(cfg: LoaderConfig) -> Loader:
     return Loader(cfg)
 
 
-__all__ = ["LoaderConfig", "Loader", "build_loader"]
+def decode_threads(cfg: LoaderConfig) -> int:
+    """The CPU threads or processes a loader built from `cfg` decodes images in, beside the thread
+    that iterates it: DALI's CPU graph its thread pool, the torch backend its worker processes (none
+    with `workers` 0: the calling thread decodes); the GPU graph none (nvJPEG decodes). What a
+    trainer on the CPU leaves these cores for (train/cpu_threads.py)."""
+    if cfg.backend == "torch":
+        return cfg.workers
+    if cfg.device == "gpu":
+        return 0
+    from pipelines.backends.dali import decode_threads as dali_threads
+
+    return dali_threads(cfg)
+
+
+__all__ = ["LoaderConfig", "Loader", "build_loader", "decode_threads"]

@@ -137,6 +137,9 @@ class RunConfig:
     keep_checkpoints: int = 2  # checkpoints kept; older ones are deleted
     resume: str | None = None  # latest | a checkpoint path
     plots: bool = True  # plots/*.png at the end of the run
+    # torch's CPU (intra-op) threads; 0: lip-train picks (train/cpu_threads.py): on a CPU the cores the
+    # loader's decoding leaves (at least half of them), on a GPU torch's default; OMP_NUM_THREADS wins when set
+    threads: int = 0
     # alip: the gates' per-sample record holds every sample up to this many, else this many fixed
     # ids (train/sample_weights.py): 20-28 B each per rank and per checkpoint
     sample_record_max: int = 1_000_000
@@ -204,6 +207,8 @@ class TrainConfig:
             raise ConfigError("optim.accum_steps: must be ≥ 1")
         if self.run.sample_record_max < 1:
             raise ConfigError("run.sample_record_max: must be ≥ 1")
+        if self.run.threads < 0:
+            raise ConfigError("run.threads: must be ≥ 0 (0: lip-train picks)")
         return self
 
 

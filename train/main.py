@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
             except ConfigError as e:
                 print(f"lip-train: note: a run with this config would stop: config error: {e}", file=sys.stderr)
         return 0
+    from train.cpu_threads import resolve_threads
     from train.distributed import cleanup
     from train.eval.evaluate import INPUT_ERRORS, RetrievalEvalConfig, one_line
     from train.trainer import train
@@ -41,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.eval.retrieval_json:  # checked now: the evaluation only runs once training is over
             RetrievalEvalConfig("eval", karpathy_json=cfg.eval.retrieval_json,
                                 images_root=cfg.eval.images_root).karpathy_images()
-        result = train(cfg)
+        cfg, threads_note = resolve_threads(cfg)  # the process's threads: this entry point picks them
+        result = train(cfg, threads_note=threads_note)
     except ConfigError as e:  # found once the model is built (e.g. token pruning deeper than the tower)
         print(f"lip-train: config error: {e}", file=sys.stderr)
         return 2

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from train import checkpoint
 from train.config import ConfigError, TrainConfig, to_dict
+from train.cpu_threads import torch_threads
 from train.data import train_loader
 from train.distributed import DistEnv, init_distributed
 from train.model import DualPathCLIP, build_model, export_open_clip
@@ -177,11 +178,11 @@ def start_run(cfg: TrainConfig, env: DistEnv, run_dir: str, model: DualPathCLIP,
                torch.compile(ddp) if cfg.model.compile else ddp, opt, sched, scaler, autocast, total_steps)
 
 
-def note_sources(run: Run, backend_note: str | None) -> None:
-    """Why data.backend holds what it does, the sources as resolved (comments: config.yaml stays a
-    --config); a mixed run's sources on the console."""
+def note_sources(run: Run, notes: list[str | None]) -> None:
+    """Why data.backend (and run.threads, where lip-train picked them) hold what they do, the sources
+    as resolved (comments: config.yaml stays a --config); a mixed run's sources on the console."""
     with open(os.path.join(run.dir, "config.yaml"), "a") as f:
-        f.write(f"# {backend_note}\n" if backend_note else "")
+        f.writelines(f"# {note}\n" for note in notes if note)
         f.write(run.seen.describe())
     for src in run.seen.sources if len(run.seen.sources) > 1 else []:
         print(f"{run.cfg.run.name}: source {src['name']} ({src['format']}, {src['shards']}): {src['samples']} samples "
@@ -205,19 +206,28 @@ def finish_run(run: Run, step: int, last: dict, step_times: list[float]) -> dict
     return result
 
 
-def train(cfg: TrainConfig, loader=None) -> dict:
+def train(cfg: TrainConfig, loader=None, threads_note: str | None = None) -> dict:
     """Run the configured training. `loader` replaces the shard loader (benchmarks feed batches
-    from memory); it needs the `pipelines.loader.Loader` interface."""
+    from memory); it needs the `pipelines.loader.Loader` interface. torch's CPU threads are
+    `run.threads` meanwhile (0: as the caller has them; lip-train picks them, train/cpu_threads.py,
+    and says why in `threads_note`, logged with the backend's line once the data opens)."""
+    with torch_threads(cfg.run.threads):
+        return _train(cfg, loader, threads_note)
+
+
+def _train(cfg: TrainConfig, loader=None, threads_note: str | None = None) -> dict:
     env = init_distributed(cfg.data.device)
     seed_everything(cfg.run.seed)  # identical init on every rank (DDP also broadcasts it)
     objective = build_objective(cfg, env)  # loss.mode: the loss, the texts it pairs, its records
     model, trainable = build_run_model(cfg, env, objective)
     cfg, loader, backend_note = train_loader(cfg, env, loader)
+    if threads_note and env.is_main:
+        print(f"{cfg.run.name}: {threads_note}", file=sys.stderr)
     run = start_run(cfg, env, os.path.join(cfg.run.out_dir, cfg.run.name), model, trainable, objective, loader)
     step = run.resume()
     recorder = RunRecorder(run.dir, to_dict(cfg), env.is_main, run.total_steps, step)
     if env.is_main:
-        note_sources(run, backend_note)
+        note_sources(run, [backend_note, threads_note])
     model.train()
     accum = cfg.optim.accum_steps
     global_batch = cfg.data.batch_size * env.world_size * accum

@@ -52,3 +52,29 @@ def test_bench_train_open_clip_quick(shards, tmp_path, capsys):
     assert report["speedup_steady"]["open_clip_train"] == 1.0
     table = capsys.readouterr().out
     assert all(f"| {t} |" in table for t in bench_train_e2e.TOOLS)
+
+
+def test_peer_threads_row_runs_open_clip_train_under_omp_num_threads(tmp_path, monkeypatch):
+    """`--peer-threads N`: one more row, open_clip_train started with OMP_NUM_THREADS=N (the plain row's
+    environment untouched), named in the table and its run folder named without spaces or '='."""
+    from argparse import Namespace
+
+    calls = []
+
+    def fake_timed(command, log_path, env=None):
+        calls.append((command, env))
+        with open(log_path, "w") as f:
+            f.writelines(f"Train Epoch: 0 [{50 * k}/500 (1%)] Data (t): 0.001 Batch (t): 0.100, 500/s\n"
+                         for k in range(1, 11))
+        return 1.0
+
+    monkeypatch.setattr(bench_train_e2e, "timed", fake_timed)
+    args = Namespace(peer_threads=1, batch_size=50, warmup=2, workers=2, model="lip-tiny", log_every=1)
+    row = bench_train_e2e.peer_threads(args)
+    assert row == "open_clip_train, OMP_NUM_THREADS=1"
+    for tool in ("open_clip_train", row):
+        rate, wall = bench_train_e2e.run_tool(tool, args, str(tmp_path), 0, "cfg", ["a.tar"], 500)
+        assert rate == pytest.approx(500) and wall == 1.0
+    (plain, plain_env), (threaded, env) = calls
+    assert plain_env is None and env["OMP_NUM_THREADS"] == "1"
+    assert "open_clip_train-OMP_NUM_THREADS-1-0" in threaded and "open_clip_train-0" in plain

@@ -178,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     e2e.add_argument("--log-every", type=int, default=10, help="steps per log line, both tools")
     e2e.add_argument("--bare", action="store_true",
                      help="add a bare loop (forward, loss, backward, AdamW) over lip-train's default loader")
+    e2e.add_argument("--peer-threads", type=int, default=0, metavar="N",
+                     help="add open_clip_train with OMP_NUM_THREADS=N: its figure under a thread count "
+                          "like the one lip-train picks on a CPU (run.threads)")
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.warmup, args.repeats = 6, 2, 1

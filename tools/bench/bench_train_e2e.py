@@ -26,8 +26,13 @@ a warm page cache favour none of them.
 `--bare` adds the row `bare loop (DALI)`: `python -m tools.bench.bench_train_e2e` in a subprocess,
 lip-train's own default loader (`pipelines.build_loader`, same settings and seed) feeding a loop with
 nothing but forward, CLIP loss, backward, clip, AdamW (the trainer's groups, fused) and the scale's
-clamp: what the model and the loader cost together on these cores, so lip-train's distance to it is
+clamp, under the torch threads lip-train picks (train/cpu_threads.py): what the model and the loader
+cost together on these cores, so lip-train's distance to it is
 all that the trainer adds (records, checkpoints, export, plots, objective).
+
+`--peer-threads N` adds the row `open_clip_train, OMP_NUM_THREADS=N`: open_clip's trainer under a
+thread count like the one lip-train picks on a CPU, so what that choice alone buys is visible on its
+side too (the plain row stays open_clip_train as it comes).
 """
 from __future__ import annotations
 
@@ -122,11 +127,16 @@ def open_clip_windows(log_text: str, batch_size: int) -> list[tuple[int, int, fl
     return out
 
 
-def timed(command: list[str], log_path: str) -> float:
+def peer_threads(args: Namespace) -> str:
+    """`--peer-threads`' row: open_clip_train with torch's threads set by OMP_NUM_THREADS."""
+    return f"{PEER}, OMP_NUM_THREADS={args.peer_threads}"
+
+
+def timed(command: list[str], log_path: str, env: dict | None = None) -> float:
     """Run one tool to its exit → wall seconds; its stdout and stderr go to `log_path`."""
     start = time.perf_counter()
     with open(log_path, "w") as log, reaped():
-        rc = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     wall = time.perf_counter() - start
     if rc != 0:
         with open(log_path) as f:
@@ -138,7 +148,7 @@ def timed(command: list[str], log_path: str) -> float:
 def run_tool(tool: str, args: Namespace, work: str, r: int, config_dir: str, tars: list[str],
              samples: int) -> tuple[float, float]:
     """(steady samples/s, wall seconds) of one run of `tool`."""
-    name = f"{tool.replace(' ', '-')}-{r}"
+    name = "-".join((*re.findall(r"[\w.]+", tool), str(r)))  # a folder name: no spaces, commas or "="
     log_path = os.path.join(work, f"{name}.log")
     if tool == BARE:
         times = os.path.join(work, f"{name}.json")
@@ -147,8 +157,9 @@ def run_tool(tool: str, args: Namespace, work: str, r: int, config_dir: str, tar
         with open(times) as f:
             stamps = json.load(f)
         windows = [(step, step, stamps[step - 1] - stamps[step - 2]) for step in range(2, len(stamps) + 1)]
-    elif tool == PEER:
-        wall = timed(open_clip_command(args, work, name, config_dir, tars, samples), log_path)
+    elif tool.startswith(PEER):
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.peer_threads)} if tool != PEER else None
+        wall = timed(open_clip_command(args, work, name, config_dir, tars, samples), log_path, env)
         with open(log_path) as f:
             windows = open_clip_windows(f.read(), args.batch_size)
     else:
@@ -182,7 +193,7 @@ def compare_open_clip(args: Namespace) -> dict:
     if len(tars) < args.workers:
         raise BenchError(f"open_clip needs at least one shard per worker: {len(tars)} shards in {args.shards}, "
                          f"{args.workers} workers (make-shards --samples-per-shard lower)")
-    tools = TOOLS + ((BARE,) if args.bare else ())
+    tools = TOOLS + ((BARE,) if args.bare else ()) + ((peer_threads(args),) if args.peer_threads else ())
     rates = {t: [] for t in tools}
     walls = {t: [] for t in tools}
     loads = []
@@ -234,22 +245,25 @@ def bare_loop(shards: str, batch_size: int, workers: int, image_size: int, model
     """One epoch of `shards` through lip-train's default loader into a bare step; each step's end
     time (`time.time()`) goes to `out` as JSON."""
     from pipelines.loader import LoaderConfig, build_loader
+    from train.cpu_threads import cpu_threads, torch_threads
     from train.losses import ClipLoss
     from train.model import build_model
     from train.optim import param_groups
     from train.trainer import seed_everything
 
-    seed_everything(0)
-    model = build_model(model_name)
-    opt = torch.optim.AdamW(param_groups(model, WD, False), lr=LR, betas=BETAS, eps=EPS, fused=True)
-    loss_fn = ClipLoss()
-    loader = build_loader(LoaderConfig(shards=shards, format="wds", device="cpu", batch_size=batch_size,
-                                       image_size=image_size, workers=workers, seed=0))
+    cfg = LoaderConfig(shards=shards, format="wds", device="cpu", batch_size=batch_size, image_size=image_size,
+                       workers=workers, seed=0)
     stamps = []
-    for batch in loader:
-        bare_step(model, opt, loss_fn, batch.images, batch.raw_tokens, clip=CLIP)
-        stamps.append(time.time())
-    loader.close()
+    with torch_threads(0 if os.environ.get("OMP_NUM_THREADS") else cpu_threads(cfg)):  # lip-train's pick
+        seed_everything(0)
+        model = build_model(model_name)
+        opt = torch.optim.AdamW(param_groups(model, WD, False), lr=LR, betas=BETAS, eps=EPS, fused=True)
+        loss_fn = ClipLoss()
+        loader = build_loader(cfg)
+        for batch in loader:
+            bare_step(model, opt, loss_fn, batch.images, batch.raw_tokens, clip=CLIP)
+            stamps.append(time.time())
+        loader.close()
     with open(out, "w") as f:
         json.dump(stamps, f)
 
