@@ -27,8 +27,8 @@ a warm page cache favour none of them.
 lip-train's own default loader (`pipelines.build_loader`, same settings and seed) feeding a loop with
 nothing but forward, CLIP loss, backward, clip, AdamW (the trainer's groups, fused) and the scale's
 clamp, under the torch threads lip-train picks (train/cpu_threads.py): what the model and the loader
-cost together on these cores, so lip-train's distance to it is
-all that the trainer adds (records, checkpoints, export, plots, objective).
+cost together on these cores, so lip-train's distance to it is all that the trainer adds (records,
+checkpoints, export, plots, objective).
 
 `--peer-threads N` adds the row `open_clip_train, OMP_NUM_THREADS=N`: open_clip's trainer under a
 thread count like the one lip-train picks on a CPU, so what that choice alone buys is visible on its
