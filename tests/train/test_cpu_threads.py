@@ -98,6 +98,7 @@ def test_train_holds_its_threads_then_restores_the_callers(monkeypatch):
 
 def test_lip_train_logs_and_records_its_pick(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     shards = str(build_synthetic_shards(tmp_path, 16, "wds", 16) / "wds")
     before = torch.get_num_threads()
     summary = run_main(overrides(shards, tmp_path, "threads", optim__max_steps=1))

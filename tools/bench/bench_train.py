@@ -204,8 +204,12 @@ def main(argv: list[str] | None = None) -> int:
                 for name, extra in COMPARISONS[args.compare].items()}
     results = {k: [] for k in runs}
     peaks = {k: [] for k in runs}
-    for r in range(args.repeats):  # interleaved, so drift in machine load hits every loop alike
-        for name, fn in runs.items():
+    names = list(runs)
+    for r in range(args.repeats):
+        # interleaved, the order rotating by one per repeat: drift in machine load hits every loop
+        # alike, and no loop always runs last in a repeat
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn = runs[name]
             print(f"bench-train: repeat {r + 1}/{args.repeats}: {name} ...", file=sys.stderr, flush=True)
             seconds, peak = fn()
             results[name].append(seconds)
