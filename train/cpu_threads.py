@@ -22,7 +22,6 @@ import os
 import torch
 
 from pipelines.loader import LoaderConfig, decode_threads
-from pipelines.loader_settings import resolve_device
 from train.config import TrainConfig
 
 
@@ -33,21 +32,31 @@ def usable_cores() -> int:
 
 
 def cpu_threads(loader: LoaderConfig) -> int:
-    """torch's threads beside a loader built from `loader`, on this process's cores."""
-    cores = usable_cores()
-    return min(torch.get_num_threads(), max(1, cores // 2, cores - decode_threads(loader)))
+    """torch's threads beside a loader built from `loader`, on this process's cores; 0 (torch's own
+    setting stays) where OMP_NUM_THREADS is set or the loader runs on a GPU."""
+    return _pick(loader)[0]
+
+
+def _pick(loader: LoaderConfig) -> tuple[int, int, int]:
+    """(torch's threads or 0, the usable cores, the loader's decode threads)."""
+    if os.environ.get("OMP_NUM_THREADS") or loader.device != "cpu":
+        return 0, 0, 0
+    cores, decoders = usable_cores(), decode_threads(loader)
+    return min(torch.get_num_threads(), max(1, cores // 2, cores - decoders)), cores, decoders
 
 
 def resolve_threads(cfg: TrainConfig) -> tuple[TrainConfig, str | None]:
     """(cfg with `run.threads` set where lip-train picks it, the line the run logs; None where it
     leaves torch's default: a GPU, OMP_NUM_THREADS set, or `run.threads` given)."""
-    if cfg.run.threads or os.environ.get("OMP_NUM_THREADS") or resolve_device(cfg.data.device) != "cpu":
+    if cfg.run.threads:
         return cfg, None
-    loader = LoaderConfig.from_settings(cfg.data, shards=cfg.data.train_shards, device="cpu")
-    threads = cpu_threads(loader)
+    loader = LoaderConfig.from_settings(cfg.data, shards=cfg.data.train_shards)
+    threads, cores, decoders = _pick(loader)
+    if not threads:
+        return cfg, None
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, threads=threads))
-    return cfg, (f"run.threads=0 -> {threads} (torch's CPU threads: {usable_cores()} cores, the loader "
-                 f"({loader.backend}) decodes in {decode_threads(loader)})")
+    return cfg, (f"run.threads=0 -> {threads} (torch's CPU threads: {cores} cores, the loader "
+                 f"({loader.backend}) decodes in {decoders})")
 
 
 @contextlib.contextmanager

@@ -29,7 +29,8 @@ def remote_manifest(url: str, fmt: str) -> tuple[str, dict | None]:
     return url, None
 
 
-def index_remote_folder(url: str, fmt: str, manifest: dict | None, node: str) -> tuple[FolderIndex, dict]:
+def index_remote_folder(url: str, fmt: str, manifest: dict | None,
+                        node: str) -> tuple[FolderIndex, dict, str]:
     """A remote folder without a folder index (converted before it existed, or foreign tars):
     fetch its per-shard index files once per node and index it there. Returns the index, the
     objects' ETags (how its files are recognised without digests) and the cache folder of this

@@ -254,7 +254,7 @@ def bare_loop(shards: str, batch_size: int, workers: int, image_size: int, model
     cfg = LoaderConfig(shards=shards, format="wds", device="cpu", batch_size=batch_size, image_size=image_size,
                        workers=workers, seed=0)
     stamps = []
-    with torch_threads(0 if os.environ.get("OMP_NUM_THREADS") else cpu_threads(cfg)):  # lip-train's pick
+    with torch_threads(cpu_threads(cfg)):  # the threads lip-train picks (run.threads=0)
         seed_everything(0)
         model = build_model(model_name)
         opt = torch.optim.AdamW(param_groups(model, WD, False), lr=LR, betas=BETAS, eps=EPS, fused=True)
