@@ -28,6 +28,7 @@ from pipelines.faults import BadSamples
 from pipelines.loader_settings import CHOICES, LoaderSettings, resolve_backend, resolve_device
 from pipelines.plan.mixing import Mix, per_epoch
 from pipelines.plan.epoch_plan import PLAN_VERSION, EpochPlan, shuffle_mode
+from pipelines.priority import resolve_nice
 from pipelines.schema import Batch
 from pipelines.shardset import ShardSet
 from pipelines.sources import Mixture, differences, fingerprint, open_sources, parse_sources
@@ -71,6 +72,7 @@ class LoaderConfig(LoaderSettings):
         if self.shuffle_block_shards < 1:
             raise ValueError(f"loader shuffle_block_shards must be ≥ 1, not {self.shuffle_block_shards}")
         self.cache_limit = parse_size(self.cache_limit)
+        self.decode_nice = resolve_nice(self.decode_nice, self.device)
         parse_sources(self.shards, self.format)  # malformed sources fail here, naming the entry
 
     def augment(self) -> AugmentSpec:

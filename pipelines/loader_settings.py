@@ -34,6 +34,9 @@ class LoaderSettings:
     batch_size: int = 256  # per rank
     image_size: int = 224  # pixels, square: the images' side (train: the random crop's)
     workers: int = 2  # loader worker processes per rank
+    # how far below the iterating (training) thread the decoders run, as Unix nice 0..19; default: 10 on
+    # a CPU, 0 on the GPU (pipelines/priority.py)
+    decode_nice: int | None = None
     flip: bool = True  # random horizontal flips (off when captions say left/right)
     hw_decoder_load: float = 0.65  # DALI on GPU: share of JPEGs sent to the hardware decoder
     shuffle: bool | str | None = None  # global (True) | block | none (False); default: global for train, none for eval

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from pipelines.loader_settings import CHOICES, LoaderSettings
+from pipelines.priority import resolve_nice
 from pipelines.sources import parse_sources
 from pipelines.storage.remote import parse_size
 from train import objectives
@@ -182,6 +183,10 @@ class TrainConfig:
             parse_size(self.data.cache_limit)
         except ValueError as e:
             raise ConfigError(f"data.cache_limit: {e}") from None
+        try:
+            resolve_nice(self.data.decode_nice, "cpu")
+        except ValueError as e:
+            raise ConfigError(f"data.decode_nice: {e}") from None
         try:
             evidential_scale(self.loss.evidential_scale)
         except ValueError as e:

@@ -35,6 +35,7 @@ from pipelines.faults import BadSamples
 from pipelines.augment.images import decode_rgb, oriented_size
 from pipelines.parent_watch import watch_in_child, watch_parent
 from pipelines.plan.epoch_plan import EpochPlan
+from pipelines.priority import DALI_THREADS, lower_named_threads, lower_thread
 from pipelines.schema import CONTEXT_LENGTH, Batch
 from pipelines.shardset import ShardSet, position_of
 from pipelines.augment.transforms import CLIP_MEAN, CLIP_STD, AugmentSpec, crop_windows, flips
@@ -88,9 +89,9 @@ class PlanSource:
     multiprocessing's after-fork hook, spawned ones when they unpickle it."""
 
     def __init__(self, shardset: ShardSet, plan: EpochPlan, start: int, seed: int, bad: BadSamples,
-                 spec: AugmentSpec = AugmentSpec(train=False), in_process: bool = False):
+                 spec: AugmentSpec = AugmentSpec(train=False), in_process: bool = False, nice: int = 0):
         self.shardset, self.plan, self.start, self.seed, self.bad = shardset, plan, start, seed, bad
-        self.spec, self.in_process = spec, in_process
+        self.spec, self.in_process, self.nice = spec, in_process, nice  # nice: a worker's, below its parent
         self.first = plan.num_batches - start  # batches left in the first epoch
         self.per_epoch = dataclasses.replace(plan, offset=0).num_batches
         self._later: EpochPlan | None = None  # the plan of the latest later epoch asked for
@@ -136,6 +137,7 @@ class PlanSource:
                 # forked worker entering an OpenMP region its parent had started deadlocks (libgomp).
                 torch.set_num_threads(1)
                 watch_parent()  # (already, from the hooks above; idempotent)
+                lower_thread(self.nice)  # the reading thread, below the training thread it forked from
         epoch, ids = self.planned(info.iteration)
         try:
             ids = self.bad.apply(ids)
@@ -273,6 +275,7 @@ class DaliBackend:
         self.pipe = self.source = None
         self.next = 0  # the source iteration the pipeline's next output holds
         self.known_bad = 0  # len(bad) when the pipeline was built: its workers know those
+        self.lowered = False  # whether this pipeline's threads run `decode_nice` below the caller yet
 
     def close(self) -> None:
         self.pipe = self.source = None  # DALI stops its workers when the pipeline goes
@@ -286,8 +289,9 @@ class DaliBackend:
     def _build(self, plan: EpochPlan, start: int) -> None:
         self.close()
         self.source = PlanSource(self.shardset, plan, start, self.cfg.seed, self.bad, self.cfg.augment(),
-                                 reads_in_process(self.cfg))
+                                 reads_in_process(self.cfg), self.cfg.decode_nice)
         self.pipe, self.next, self.known_bad = build_pipeline(self.cfg, self.source), 0, len(self.bad)
+        self.lowered = False
 
     def iterate(self, plan: EpochPlan, start: int) -> Iterator[Batch]:
         for b in range(start, plan.num_batches):
@@ -300,6 +304,9 @@ class DaliBackend:
                 except Exception as e:  # noqa: BLE001 - DALI reports decode errors as RuntimeError
                     self._recover(e)  # marks ≥ 1 sample bad or raises
                     self._build(plan, b)
+            if not self.lowered:  # DALI starts the last of its threads in the first run()
+                lower_named_threads(DALI_THREADS, self.cfg.decode_nice)
+                self.lowered = True
             _, planned = self.source.planned(self.next)
             self.next += 1
             ids = self.bad.apply(planned)

@@ -24,6 +24,7 @@ from pipelines.faults import BadSamples
 from pipelines.augment.images import decode_rgb
 from pipelines.parent_watch import watch_in_child
 from pipelines.plan.epoch_plan import EpochPlan, mix
+from pipelines.priority import lower_thread
 from pipelines.schema import Batch
 from pipelines.shardset import ShardSet, position_of
 from pipelines.text import sample_tokens
@@ -117,6 +118,13 @@ def tokenize_batch(src, seed: int, epoch: int):
                [s.key for s in samples], torch.from_numpy(np.asarray(ids, np.int64)), news)
 
 
+def start_worker(nice: int, worker_id: int) -> None:
+    """A DataLoader worker's start: gone within 0.5 s of a killed trainer (`watch_in_child`), and
+    decoding `nice` below the training thread (pipelines/priority.py)."""
+    watch_in_child(worker_id)
+    lower_thread(nice)
+
+
 class TorchBackend:
     """A DataLoader per epoch, as open_clip's loader: workers start with each iteration."""
 
@@ -141,7 +149,7 @@ class TorchBackend:
         loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=workers,
                                              persistent_workers=False, pin_memory=cfg.device == "gpu",
                                              prefetch_factor=4 if workers else None,
-                                             worker_init_fn=watch_in_child,  # gone within 0.5 s of a killed trainer
+                                             worker_init_fn=functools.partial(start_worker, cfg.decode_nice),
                                              generator=torch.Generator().manual_seed(mix(cfg.seed, plan.epoch)))
         device = torch.device("cuda" if cfg.device == "gpu" else "cpu")
         for j, (images, raw, syn, has_syn, keys, ids, news) in enumerate(loader):

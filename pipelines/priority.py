@@ -1,0 +1,62 @@
+"""The loader's decoding runs below the thread that iterates it (`decode_nice`, Unix nice values).
+
+On a CPU the thread that iterates the loader also runs the model's step, and the loader's decoders
+(DALI's thread pool and executor threads, the torch backend's worker processes) share its cores. The
+scheduler splits a core evenly among the threads that want it, so while the decoders fill their
+prefetch queue the step runs at a fraction of a core, and once the queue is full the decoders wait
+while the step runs alone: neither keeps the cores busy. With the decoders `decode_nice` below, the
+step takes its core whenever it can run and the decoders take every cycle it leaves; a step waiting
+for data sleeps, so a loader that is the bottleneck still gets the cores. On 2 cores (lip-tiny,
+batch 50, 64 px, DALI's CPU graph, one torch thread) +8-9 % samples/s at nice 5 or 10 against 0
+(docs/benchmarks.md, "lip-train vs open_clip_train", sixth pass).
+
+The nice value is per thread on Linux (and inherited by the threads and processes a thread starts):
+DALI's threads are found by the names DALI gives them, the torch backend's workers lower their own
+main thread as they start. Raising a thread's nice needs no privilege; nothing here lowers one.
+Elsewhere than Linux (no /proc/self/task) the threads are left as they are.
+"""
+from __future__ import annotations
+
+import os
+
+NICE_MAX = 19
+CPU_DEFAULT = 10  # the loader's decoders on a CPU (5 and 19 measured the same on 2 cores)
+DALI_THREADS = "[DALI]"  # the prefix of every thread name DALI gives (thread pool, executor, input feeders)
+
+
+def resolve_nice(nice: int | None, device: str) -> int:
+    """`decode_nice` as a loader uses it: None → CPU_DEFAULT on a CPU, 0 on the GPU (its decoders
+    are nvJPEG and the step mostly launches kernels: not measured, so left as it is)."""
+    if nice is None:
+        return CPU_DEFAULT if device == "cpu" else 0
+    if not 0 <= nice <= NICE_MAX:
+        raise ValueError(f"loader decode_nice must be 0..{NICE_MAX} (how far below the training thread the "
+                         f"decoders run; 0: beside it), not {nice}")
+    return nice
+
+
+def lower_thread(nice: int, tid: int = 0) -> None:
+    """Thread `tid` (0: the calling one) `nice` below the calling thread's own value, at most 19."""
+    if nice > 0:
+        base = os.getpriority(os.PRIO_PROCESS, 0)
+        os.setpriority(os.PRIO_PROCESS, tid, min(NICE_MAX, base + nice))
+
+
+def lower_named_threads(prefix: str, nice: int) -> int:
+    """Every thread of this process whose name starts with `prefix`, `nice` below the calling
+    thread; the number of threads it found (0 where /proc is missing or `nice` is 0)."""
+    if nice <= 0 or not os.path.isdir("/proc/self/task"):
+        return 0
+    found = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if not f.read().startswith(prefix):
+                    continue
+            lower_thread(nice, int(tid))
+            found += 1
+        except (FileNotFoundError, ProcessLookupError):  # the thread ended meanwhile
+            continue
+        except PermissionError:  # already further below than asked (set by hand): leave it
+            continue
+    return found
