@@ -7,13 +7,14 @@ prefetch queue the step runs at a fraction of a core, and once the queue is full
 while the step runs alone: neither keeps the cores busy. With the decoders `decode_nice` below, the
 step takes its core whenever it can run and the decoders take every cycle it leaves; a step waiting
 for data sleeps, so a loader that is the bottleneck still gets the cores. On 2 cores (lip-tiny,
-batch 50, 64 px, DALI's CPU graph, one torch thread) +8-9 % samples/s at nice 5 or 10 against 0
-(docs/benchmarks.md, "lip-train vs open_clip_train", sixth pass).
+batch 50, 64 px, DALI's CPU graph, one torch thread) lip-train ran +8 % samples/s at nice 10 against
+0, 5 and 19 the same within the spread (docs/benchmarks.md, "lip-train vs open_clip_train", sixth pass).
 
 The nice value is per thread on Linux (and inherited by the threads and processes a thread starts):
-DALI's threads are found by the names DALI gives them, the torch backend's workers lower their own
-main thread as they start. Raising a thread's nice needs no privilege; nothing here lowers one.
-Elsewhere than Linux (no /proc/self/task) the threads are left as they are.
+DALI's threads are found by the names DALI gives them (those its pipeline started: another loader's
+in the process keep theirs); a loader's worker processes (the torch backend's, DALI's reading ones)
+lower every thread of theirs as they start. Raising a thread's nice needs no privilege; nothing here
+lowers one. Elsewhere than Linux (no /proc/self/task) DALI's threads are left as they are.
 """
 from __future__ import annotations
 
@@ -35,28 +36,49 @@ def resolve_nice(nice: int | None, device: str) -> int:
     return nice
 
 
-def lower_thread(nice: int, tid: int = 0) -> None:
-    """Thread `tid` (0: the calling one) `nice` below the calling thread's own value, at most 19."""
-    if nice > 0:
-        base = os.getpriority(os.PRIO_PROCESS, 0)
-        os.setpriority(os.PRIO_PROCESS, tid, min(NICE_MAX, base + nice))
+def thread_ids() -> set[str]:
+    """This process's threads now (empty where /proc is missing)."""
+    return set(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else set()
 
 
-def lower_named_threads(prefix: str, nice: int) -> int:
-    """Every thread of this process whose name starts with `prefix`, `nice` below the calling
-    thread; the number of threads it found (0 where /proc is missing or `nice` is 0)."""
-    if nice <= 0 or not os.path.isdir("/proc/self/task"):
+def _below_caller(nice: int) -> int:
+    """The nice value `nice` below the calling thread's own, at most 19."""
+    return min(NICE_MAX, os.getpriority(os.PRIO_PROCESS, 0) + nice)
+
+
+def _set(tid: str, value: int) -> bool:
+    try:
+        os.setpriority(os.PRIO_PROCESS, int(tid), value)
+        return True
+    except ProcessLookupError:  # the thread ended meanwhile
+        return False
+    except PermissionError:  # already further below than asked (set by hand): leave it
+        return False
+
+
+def lower_process(nice: int) -> None:
+    """Every thread of this process (a loader's worker, as it starts) `nice` below where the calling
+    thread runs now; without /proc, the process (0: the whole process elsewhere than Linux)."""
+    if nice > 0 and hasattr(os, "setpriority"):  # (not on Windows)
+        value = _below_caller(nice)
+        for tid in thread_ids() or {"0"}:
+            _set(tid, value)
+
+
+def lower_named_threads(prefix: str, nice: int, besides: set[str] = frozenset()) -> int:
+    """Every thread of this process whose name starts with `prefix`, except those in `besides`
+    (`thread_ids()` taken before the loader started its own: another loader's keep their value),
+    `nice` below the calling thread; the number of threads it lowered (0 where /proc is missing or
+    `nice` is 0)."""
+    if nice <= 0:
         return 0
-    found = 0
-    for tid in os.listdir("/proc/self/task"):
+    value, found = _below_caller(nice), 0
+    for tid in thread_ids() - besides:
         try:
             with open(f"/proc/self/task/{tid}/comm") as f:
                 if not f.read().startswith(prefix):
                     continue
-            lower_thread(nice, int(tid))
-            found += 1
-        except (FileNotFoundError, ProcessLookupError):  # the thread ended meanwhile
+        except FileNotFoundError:  # the thread ended meanwhile
             continue
-        except PermissionError:  # already further below than asked (set by hand): leave it
-            continue
+        found += _set(tid, value)
     return found

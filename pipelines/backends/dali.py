@@ -35,7 +35,7 @@ from pipelines.faults import BadSamples
 from pipelines.augment.images import decode_rgb, oriented_size
 from pipelines.parent_watch import watch_in_child, watch_parent
 from pipelines.plan.epoch_plan import EpochPlan
-from pipelines.priority import DALI_THREADS, lower_named_threads, lower_thread
+from pipelines.priority import DALI_THREADS, lower_named_threads, lower_process, thread_ids
 from pipelines.schema import CONTEXT_LENGTH, Batch
 from pipelines.shardset import ShardSet, position_of
 from pipelines.augment.transforms import CLIP_MEAN, CLIP_STD, AugmentSpec, crop_windows, flips
@@ -137,7 +137,7 @@ class PlanSource:
                 # forked worker entering an OpenMP region its parent had started deadlocks (libgomp).
                 torch.set_num_threads(1)
                 watch_parent()  # (already, from the hooks above; idempotent)
-                lower_thread(self.nice)  # the reading thread, below the training thread it forked from
+                lower_process(self.nice)  # the worker, below the training thread that started it
         epoch, ids = self.planned(info.iteration)
         try:
             ids = self.bad.apply(ids)
@@ -276,6 +276,7 @@ class DaliBackend:
         self.next = 0  # the source iteration the pipeline's next output holds
         self.known_bad = 0  # len(bad) when the pipeline was built: its workers know those
         self.lowered = False  # whether this pipeline's threads run `decode_nice` below the caller yet
+        self.others: set[str] = set()  # the process's threads before this pipeline's: not its to lower
 
     def close(self) -> None:
         self.pipe = self.source = None  # DALI stops its workers when the pipeline goes
@@ -290,8 +291,8 @@ class DaliBackend:
         self.close()
         self.source = PlanSource(self.shardset, plan, start, self.cfg.seed, self.bad, self.cfg.augment(),
                                  reads_in_process(self.cfg), self.cfg.decode_nice)
+        self.others, self.lowered = thread_ids(), False
         self.pipe, self.next, self.known_bad = build_pipeline(self.cfg, self.source), 0, len(self.bad)
-        self.lowered = False
 
     def iterate(self, plan: EpochPlan, start: int) -> Iterator[Batch]:
         for b in range(start, plan.num_batches):
@@ -305,7 +306,7 @@ class DaliBackend:
                     self._recover(e)  # marks ≥ 1 sample bad or raises
                     self._build(plan, b)
             if not self.lowered:  # DALI starts the last of its threads in the first run()
-                lower_named_threads(DALI_THREADS, self.cfg.decode_nice)
+                lower_named_threads(DALI_THREADS, self.cfg.decode_nice, self.others)
                 self.lowered = True
             _, planned = self.source.planned(self.next)
             self.next += 1

@@ -24,7 +24,7 @@ from pipelines.faults import BadSamples
 from pipelines.augment.images import decode_rgb
 from pipelines.parent_watch import watch_in_child
 from pipelines.plan.epoch_plan import EpochPlan, mix
-from pipelines.priority import lower_thread
+from pipelines.priority import lower_process
 from pipelines.schema import Batch
 from pipelines.shardset import ShardSet, position_of
 from pipelines.text import sample_tokens
@@ -122,7 +122,7 @@ def start_worker(nice: int, worker_id: int) -> None:
     """A DataLoader worker's start: gone within 0.5 s of a killed trainer (`watch_in_child`), and
     decoding `nice` below the training thread (pipelines/priority.py)."""
     watch_in_child(worker_id)
-    lower_thread(nice)
+    lower_process(nice)
 
 
 class TorchBackend:

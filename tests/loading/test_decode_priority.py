@@ -76,24 +76,45 @@ def test_dali_threads_run_below_the_iterating_thread(shards, nice):
     data.close()
 
 
+def test_a_loader_lowers_its_own_threads_only(shards):
+    """Two DALI loaders in one process (a training and an eval loader, say): the second's setting
+    leaves the first's threads as the first set them."""
+    pytest.importorskip("nvidia.dali")
+    needs_room(3)
+    first = loader(shards, backend="dali", decode_nice=0)
+    it = iter(first)
+    next(it)
+    mine = {tid for tid, (name, _) in threads().items() if name.startswith(DALI_THREADS)}
+    second = loader(shards, backend="dali", decode_nice=3)
+    it2 = iter(second)
+    next(it2)
+    now = threads()
+    theirs = {tid for tid, (name, _) in now.items() if name.startswith(DALI_THREADS)} - mine
+    assert mine and theirs
+    assert {now[t][1] for t in mine if t in now} == {BASE}
+    assert {now[t][1] for t in theirs} == {BASE + 3}
+    first.close(), second.close()
+
+
 @pytest.mark.parametrize("backend", ["torch", "dali"])
 def test_worker_processes_read_below_the_training_thread(shards, backend, monkeypatch):
     """The torch backend's DataLoader workers, and DALI's reading workers (the GPU graph's way; here
-    forced on the CPU graph): the thread that reads and decodes in each runs 3 below the trainer."""
+    forced on the CPU graph) run 3 below the trainer, every thread of them."""
     if backend == "dali":
         dali = pytest.importorskip("pipelines.backends.dali")
         monkeypatch.setattr(dali, "IN_PROCESS", False)
         monkeypatch.setattr(dali, "START_METHOD", "fork")
     needs_room(3)
+    me = os.getpid()
+    before = descendants(process_table(), {me}, set())  # (an earlier test's server, say: not the loader's)
     data = loader(shards, backend=backend, decode_nice=3)
     it = iter(data)
     next(it)
     next(it)
-    me = os.getpid()
-    kids = descendants(process_table(), {me}, set()) - {me}
+    kids = descendants(process_table(), {me}, set()) - before
     assert len(kids) >= 2, "the loader started no worker"
-    for pid in kids:
-        assert BASE + 3 in {v for _, v in threads(pid).values()}, (pid, threads(pid))
+    for pid in kids:  # every thread of each: the one that reads and decodes, and its helpers
+        assert {v for _, v in threads(pid).values()} == {BASE + 3}, (pid, threads(pid))
     assert os.getpriority(os.PRIO_PROCESS, 0) == BASE
     data.close()
     del it
