@@ -50,10 +50,8 @@ def _set(tid: str, value: int) -> bool:
     try:
         os.setpriority(os.PRIO_PROCESS, int(tid), value)
         return True
-    except ProcessLookupError:  # the thread ended meanwhile
-        return False
-    except PermissionError:  # already further below than asked (set by hand): leave it
-        return False
+    except OSError:  # ended meanwhile, or already further below than asked (set by hand): leave it; a
+        return False  # priority is worth a few per cent, never a failed run
 
 
 def lower_process(nice: int) -> None:
@@ -78,7 +76,7 @@ def lower_named_threads(prefix: str, nice: int, besides: set[str] = frozenset())
             with open(f"/proc/self/task/{tid}/comm") as f:
                 if not f.read().startswith(prefix):
                     continue
-        except FileNotFoundError:  # the thread ended meanwhile
+        except OSError:  # the thread ended meanwhile (FileNotFoundError or ProcessLookupError, by timing)
             continue
         found += _set(tid, value)
     return found
