@@ -7,7 +7,7 @@ prefetch queue the step runs at a fraction of a core, and once the queue is full
 while the step runs alone: neither keeps the cores busy. With the decoders `decode_nice` below, the
 step takes its core whenever it can run and the decoders take every cycle it leaves; a step waiting
 for data sleeps, so a loader that is the bottleneck still gets the cores. On 2 cores (lip-tiny,
-batch 50, 64 px, DALI's CPU graph, one torch thread) lip-train ran +8 % samples/s at nice 10 against
+batch 50, 64 px, DALI's CPU graph, one torch thread) lip-train ran +7-8 % samples/s at nice 10 against
 0, 5 and 19 the same within the spread (docs/benchmarks.md, "lip-train vs open_clip_train", sixth pass).
 
 The nice value is per thread on Linux (and inherited by the threads and processes a thread starts):
