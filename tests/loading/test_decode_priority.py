@@ -67,8 +67,8 @@ def test_dali_threads_run_below_the_iterating_thread(shards, nice):
     it = iter(data)
     next(it)
     next(it)
-    now = threads()
-    dali = {tid: v for tid, (name, v) in now.items() if name.startswith(DALI_THREADS)}
+    now = threads()  # this loader's DALI threads (another test's pipeline may still be about)
+    dali = {tid: v for tid, (name, v) in now.items() if name.startswith(DALI_THREADS) and tid not in before}
     assert len(dali) >= 3, now  # its thread pool, executor and input threads
     assert set(dali.values()) == {BASE + want}
     assert {tid: now[tid] for tid in before if tid in now} == {tid: before[tid] for tid in before if tid in now}
@@ -81,15 +81,16 @@ def test_a_loader_lowers_its_own_threads_only(shards):
     leaves the first's threads as the first set them."""
     pytest.importorskip("nvidia.dali")
     needs_room(3)
+    before = set(threads())
     first = loader(shards, backend="dali", decode_nice=0)
     it = iter(first)
     next(it)
-    mine = {tid for tid, (name, _) in threads().items() if name.startswith(DALI_THREADS)}
+    mine = {tid for tid, (name, _) in threads().items() if name.startswith(DALI_THREADS)} - before
     second = loader(shards, backend="dali", decode_nice=3)
     it2 = iter(second)
     next(it2)
     now = threads()
-    theirs = {tid for tid, (name, _) in now.items() if name.startswith(DALI_THREADS)} - mine
+    theirs = {tid for tid, (name, _) in now.items() if name.startswith(DALI_THREADS)} - mine - before
     assert mine and theirs
     assert {now[t][1] for t in mine if t in now} == {BASE}
     assert {now[t][1] for t in theirs} == {BASE + 3}
