@@ -275,7 +275,6 @@ class DaliBackend:
         self.pipe = self.source = None
         self.next = 0  # the source iteration the pipeline's next output holds
         self.known_bad = 0  # len(bad) when the pipeline was built: its workers know those
-        self.lowered = False  # whether this pipeline's threads run `decode_nice` below the caller yet
         self.others: set[str] = set()  # the process's threads before this pipeline's: not its to lower
 
     def close(self) -> None:
@@ -291,7 +290,7 @@ class DaliBackend:
         self.close()
         self.source = PlanSource(self.shardset, plan, start, self.cfg.seed, self.bad, self.cfg.augment(),
                                  reads_in_process(self.cfg), self.cfg.decode_nice)
-        self.others, self.lowered = thread_ids(), False
+        self.others = thread_ids()
         self.pipe, self.next, self.known_bad = build_pipeline(self.cfg, self.source), 0, len(self.bad)
 
     def iterate(self, plan: EpochPlan, start: int) -> Iterator[Batch]:
@@ -305,9 +304,8 @@ class DaliBackend:
                 except Exception as e:  # noqa: BLE001 - DALI reports decode errors as RuntimeError
                     self._recover(e)  # marks ≥ 1 sample bad or raises
                     self._build(plan, b)
-            if not self.lowered:  # DALI starts the last of its threads in the first run()
+            if self.next == 0:  # this pipeline's first run(), in which DALI starts the last of its threads
                 lower_named_threads(DALI_THREADS, self.cfg.decode_nice, self.others)
-                self.lowered = True
             _, planned = self.source.planned(self.next)
             self.next += 1
             ids = self.bad.apply(planned)
